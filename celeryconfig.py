@@ -1,0 +1,108 @@
+"""Celery configuration for the sFOX token tasks, read from the environment.
+
+Every setting a careful operator would pin is here with the reason for it.
+The ``sfox_*`` names are this package's own; :class:`tasks._settings.Settings`
+validates them when a worker starts. See the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tasks._backend import backend_url
+from tasks._settings import (
+    DEFAULT_API_URL,
+    DEFAULT_RATE_LIMIT,
+    DEFAULT_RATE_LIMIT_PENALTY,
+    DEFAULT_RESULT_TTL,
+)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _redis_url(*urls: str | None) -> str | None:
+    for url in urls:
+        if url and url.startswith(("redis://", "rediss://", "unix://")):
+            return url
+    return None
+
+
+# -- broker and results ------------------------------------------------------------
+
+broker_url = _env("CELERY_BROKER_URL", "redis://localhost:6379/0")
+_backend = _env("CELERY_RESULT_BACKEND", broker_url)
+# Redis URLs get the backend that gives mint results their own short TTL.
+result_backend = backend_url(_backend or "")
+
+#: Seconds a message may stay unacknowledged before Redis hands it to another worker.
+#: It bounds recovery after a worker dies; it must exceed the longest task run and countdown.
+_visibility_timeout = int(_env("SFOX_VISIBILITY_TIMEOUT", "1800") or 1800)
+# Redis redelivers unacked messages after this; must outlast deadlines and countdowns.
+broker_transport_options = {"visibility_timeout": _visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": _visibility_timeout}
+# Retry the broker connection at start-up instead of dying while Redis comes up.
+broker_connection_retry_on_startup = True
+
+# -- serialisation -----------------------------------------------------------------
+
+# JSON only: no pickle, so no code execution from a forged message.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# -- delivery guarantees -----------------------------------------------------------
+
+# Ack after the task ran, so a crash mid-task redelivers it instead of losing it.
+task_acks_late = True
+# A worker killed mid-task (OOM, SIGKILL) must not ack: the message goes back.
+task_reject_on_worker_lost = True
+# Take one message at a time, so long tasks don't hoard work other workers could do.
+worker_prefetch_multiplier = 1
+# Results of other tasks (the nightly summary) live a day; mint results far less (below).
+result_expires = 86400
+# Store the task's name and args with its result, so Flower and callers can tell runs apart.
+result_extended = True
+# Record STARTED so an operator can tell queued from running.
+task_track_started = True
+# A task that hangs past this is killed; minting has its own, shorter deadline.
+task_time_limit = 3600
+# Recycle pool processes now and then to cap slow leaks in long-running workers.
+worker_max_tasks_per_child = 1000
+
+# -- monitoring --------------------------------------------------------------------
+
+# Send task events so Flower sees every state change, including "sent".
+worker_send_task_events = True
+task_send_sent_event = True
+
+# -- time --------------------------------------------------------------------------
+
+# One clock for schedules and expiry everywhere: UTC.
+timezone = "UTC"
+enable_utc = True
+
+# -- sFOX --------------------------------------------------------------------------
+
+sfox_api_url = _env("SFOX_API_URL", DEFAULT_API_URL)
+# The key name sFOX's documentation uses is honoured when ours is unset.
+sfox_enterprise_api_key = _env("SFOX_ENTERPRISE_API_KEY") or _env("ENTERPRISE_API_KEY")
+sfox_token_result_ttl = int(_env("SFOX_TOKEN_RESULT_TTL", str(DEFAULT_RESULT_TTL)) or 0)
+sfox_token_batch_size = _env("SFOX_TOKEN_BATCH_SIZE")
+sfox_max_user_ids = _env("SFOX_MAX_USER_IDS")
+sfox_rate_limit = _env("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT)
+sfox_rate_limit_penalty = _env("SFOX_RATE_LIMIT_PENALTY", str(DEFAULT_RATE_LIMIT_PENALTY))
+# The limiter needs Redis; by default the broker's, else the result backend's.
+sfox_limiter_url = _env("SFOX_LIMITER_URL") or _redis_url(broker_url, _backend)
+sfox_token_seal_key = _env("SFOX_TOKEN_SEAL_KEY")
+sfox_connect_timeout = _env("SFOX_CONNECT_TIMEOUT")
+sfox_read_timeout = _env("SFOX_READ_TIMEOUT")
+sfox_retry_attempts = _env("SFOX_RETRY_ATTEMPTS")
+sfox_retry_deadline = _env("SFOX_RETRY_DEADLINE")
+sfox_retry_wait_initial = _env("SFOX_RETRY_WAIT_INITIAL")
+sfox_retry_wait_max = _env("SFOX_RETRY_WAIT_MAX")
+sfox_retry_inprocess_wait_max = _env("SFOX_RETRY_INPROCESS_WAIT_MAX")
+sfox_retry_after_max = _env("SFOX_RETRY_AFTER_MAX")

@@ -1,0 +1,54 @@
+"""Celery tasks that mint sFOX user auth tokens in batches and hand them, sealed, to jobs.
+
+The public surface is this module: :data:`app`, :func:`unseal`, and the
+exception tree. Tasks are registered under the names ``sfox.*``.
+"""
+
+from __future__ import annotations
+
+from tasks._app import app
+from tasks._exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    InvalidUserIds,
+    MalformedResponse,
+    PermanentError,
+    RateLimited,
+    RequestRefused,
+    RetriesExhausted,
+    SealError,
+    ServerError,
+    SfoxError,
+    TransientError,
+    TransportError,
+)
+from tasks._runtime import get_runtime
+from tasks._tasks import mint_user_tokens
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigurationError",
+    "InvalidUserIds",
+    "MalformedResponse",
+    "PermanentError",
+    "RateLimited",
+    "RequestRefused",
+    "RetriesExhausted",
+    "SealError",
+    "ServerError",
+    "SfoxError",
+    "TransientError",
+    "TransportError",
+    "app",
+    "mint_user_tokens",
+    "unseal",
+]
+
+
+def unseal(sealed: str) -> str:
+    """The plaintext user auth token inside ``sealed``.
+
+    Raises :class:`SealError` when it is older than ``SFOX_TOKEN_RESULT_TTL`` or
+    was sealed under another key. Use the plaintext at once; do not store it.
+    """
+    return get_runtime(app.conf).sealer.unseal(sealed)

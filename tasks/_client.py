@@ -1,0 +1,296 @@
+"""The sFOX HTTP client: one request in, one classified outcome out.
+
+It knows the endpoints, the wire format and the meaning of each status, and
+nothing of Celery, retries or rate limits: every failure becomes one of the
+exceptions in :mod:`tasks._exceptions`, and the layers above decide what to
+do. One :class:`requests.Session` per client keeps connections pooled.
+
+Secrets: the enterprise key lives only in the session's headers; bodies of
+successful answers (which hold tokens) are never echoed into a message, and
+error texts from sFOX are scrubbed of the key before they go anywhere.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from tasks._exceptions import (
+    AuthenticationError,
+    MalformedResponse,
+    PermanentError,
+    RateLimited,
+    RequestRefused,
+    ServerError,
+    TransportError,
+)
+from tasks._settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, check_api_url
+
+__all__ = ["IssuedToken", "SfoxClient", "Timeouts", "normalise_expires", "parse_retry_after"]
+
+logger = logging.getLogger("tasks.client")
+
+#: Statuses worth another try later.
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+#: Statuses that, for a user-token request, may mean one refused user.
+REFUSAL_STATUSES = frozenset({400, 404, 422})
+#: Longest error text from sFOX kept in a message.
+_MAX_ERROR_TEXT = 200
+
+USER_AGENT = "sfox-tokens/0.1 (+celery)"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect and read timeouts for every request, in seconds."""
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT
+    read: float = DEFAULT_READ_TIMEOUT
+
+    def as_requests(self) -> tuple[float, float]:
+        return (self.connect, self.read)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """One token as sFOX issued it. ``token`` is plaintext: seal it before it travels."""
+
+    partner_user_id: str
+    token: str = ""
+    expires: str = ""
+
+    def __repr__(self) -> str:  # keep the token out of any accidental log or traceback
+        return f"IssuedToken(partner_user_id={self.partner_user_id!r}, expires={self.expires!r})"
+
+
+class SfoxClient:
+    """Talks to one sFOX base URL with one enterprise key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeouts: Timeouts | None = None,
+        session: requests.Session | None = None,
+        pool_size: int = 10,
+    ) -> None:
+        check_api_url(base_url)
+        self.base_url = base_url.rstrip("/")
+        self.timeouts = timeouts or Timeouts()
+        self._api_key = api_key
+        self._session = session or requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+        # Never let a proxy setting or .netrc swap our Authorization header.
+        self._session.trust_env = False
+        self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- endpoints -----------------------------------------------------------------
+
+    def create_user_tokens(self, user_ids: Sequence[str]) -> dict[str, IssuedToken]:
+        """``POST /v1/enterprise/user-tokens``: tokens keyed by ``partner_user_id``.
+
+        Only requested IDs are returned; entries for others are dropped and
+        logged (without their token). A requested ID may be absent: the caller
+        decides what to do about it.
+        """
+        body = self._post(
+            "/v1/enterprise/user-tokens", self._api_key, {"data": list(user_ids)}, "user tokens"
+        )
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise MalformedResponse(
+                "sFOX answered 201 to a user-token request without a 'data' list", status=201
+            )
+        wanted = set(user_ids)
+        issued: dict[str, IssuedToken] = {}
+        unexpected = []
+        for entry in data:
+            token = _parse_token(entry)
+            if token.partner_user_id in wanted:
+                issued[token.partner_user_id] = token
+            else:
+                unexpected.append(token.partner_user_id)
+        if unexpected:
+            logger.warning(
+                "sFOX returned %d token(s) for user IDs that were not requested; dropped: %s",
+                len(unexpected),
+                ", ".join(unexpected[:20]),
+            )
+        return issued
+
+    def create_user_token(self, user_id: str) -> IssuedToken:
+        """``POST /v1/enterprise/user-tokens/{user_id}``: one user's token."""
+        path = "/v1/enterprise/user-tokens/" + quote(user_id, safe="")
+        body = self._post(path, self._api_key, None, "user token")
+        token = _parse_token(body.get("data"))
+        if token.partner_user_id != user_id:
+            raise MalformedResponse(
+                "sFOX answered a single-user token request with another user's token", status=201
+            )
+        return token
+
+    def create_order(self, user_token: str, side: str, order: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/orders/{side}`` with the user's token; sFOX's order as a dict."""
+        if side not in ("buy", "sell"):
+            raise ValueError(f"side must be 'buy' or 'sell', not {side!r}")
+        return self._post(f"/v1/orders/{side}", user_token, dict(order), "order")
+
+    # -- wire ----------------------------------------------------------------------
+
+    def _post(self, path: str, bearer: str, payload: Any, what: str) -> dict[str, Any]:
+        url = self.base_url + path
+        started = time.monotonic()
+        try:
+            response = self._session.post(
+                url,
+                json=payload,
+                headers={"Authorization": f"Bearer {bearer}"},
+                timeout=self.timeouts.as_requests(),
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            raise TransportError(
+                f"sFOX {what} request timed out ({type(exc).__name__}) after "
+                f"{time.monotonic() - started:.1f} s"
+            ) from None
+        except requests.RequestException as exc:
+            raise TransportError(
+                f"sFOX {what} request failed in transport: {type(exc).__name__}"
+            ) from None
+        try:
+            return self._classify(response, what)
+        finally:
+            response.close()
+
+    def _classify(self, response: requests.Response, what: str) -> dict[str, Any]:
+        status = response.status_code
+        if 200 <= status < 300:
+            try:
+                body = response.json()
+            except (ValueError, requests.RequestException):
+                raise MalformedResponse(
+                    f"sFOX answered {status} to a {what} request with a body that is not JSON",
+                    status=status,
+                ) from None
+            if not isinstance(body, dict):
+                raise MalformedResponse(
+                    f"sFOX answered {status} to a {what} request with a non-object body",
+                    status=status,
+                )
+            return body
+        error = self._error_text(response)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        where = f"sFOX answered {status} to a {what} request"
+        if status == 429:
+            raise RateLimited(
+                f"{where}: rate limited ({error})", status=429, retry_after=retry_after
+            )
+        if status in TRANSIENT_STATUSES:
+            raise ServerError(f"{where}: {error}", status=status, retry_after=retry_after)
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"{where}: {error}. Check SFOX_ENTERPRISE_API_KEY: the key is wrong, "
+                "revoked, for another environment (production vs sandbox), or lacks "
+                "enterprise rights",
+                status=status,
+            )
+        if status in REFUSAL_STATUSES:
+            raise RequestRefused(f"{where}: {error}", status=status, error=error)
+        if 300 <= status < 400:
+            raise PermanentError(
+                f"{where}: a redirect; check SFOX_API_URL points at the API itself",
+                status=status,
+            )
+        raise PermanentError(f"{where}: {error}", status=status)
+
+    def _error_text(self, response: requests.Response) -> str:
+        """sFOX's ``error`` text, bounded, with the enterprise key scrubbed out."""
+        text = ""
+        try:
+            body = response.json()
+            if isinstance(body, dict) and isinstance(body.get("error"), str):
+                text = body["error"]
+        except ValueError:
+            text = ""
+        if not text:
+            text = response.reason or "no error message"
+        text = " ".join(text.split())[:_MAX_ERROR_TEXT]
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[enterprise key]")
+        return text
+
+
+def _parse_token(entry: Any) -> IssuedToken:
+    if not isinstance(entry, dict):
+        raise MalformedResponse("sFOX token entry is not an object", status=201)
+    user_id = entry.get("partner_user_id")
+    token = entry.get("token")
+    expires = entry.get("expires")
+    if not isinstance(user_id, str) or not user_id:
+        raise MalformedResponse("sFOX token entry has no partner_user_id", status=201)
+    if not isinstance(token, str) or not token:
+        raise MalformedResponse("sFOX token entry has no token", status=201)
+    if not isinstance(expires, str):
+        raise MalformedResponse("sFOX token entry has no expires", status=201)
+    return IssuedToken(partner_user_id=user_id, token=token, expires=normalise_expires(expires))
+
+
+def normalise_expires(text: str) -> str:
+    """ISO-8601 UTC with ``Z``, whole seconds: ``2022-02-08T03:28:56Z``.
+
+    Accepts sFOX's forms with and without fractional seconds, ``Z`` or an offset.
+    """
+    raw = text.strip()
+    if raw.endswith(("Z", "z")):
+        raw = raw[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        # Python < 3.11 parses only 3 or 6 fraction digits; trim any other count.
+        head, dot, tail = raw.partition(".")
+        if not dot:
+            raise MalformedResponse("sFOX token 'expires' is not an ISO-8601 time") from None
+        digits = "".join(ch for ch in tail if ch.isdigit())
+        zone = tail[len(digits) :]
+        try:
+            moment = datetime.fromisoformat(f"{head}.{(digits + '000000')[:6]}{zone}")
+        except ValueError:
+            raise MalformedResponse("sFOX token 'expires' is not an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), or ``None``."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)

@@ -1,0 +1,186 @@
+"""The request budget towards sFOX, shared by every worker process on every host.
+
+sFOX allows 250 requests per 10 s per IP and answers excess with 429 and a 60 s
+penalty. A token bucket or GCRA that allows a burst of N can let 2N requests
+through inside one window (a full burst at the end of one window, another at
+the start of the next), so the limit here is a *sliding log*: a Redis sorted
+set of the send times of the last window, checked and appended in one Lua
+script, timed by the Redis server's clock so that hosts with skewed clocks
+still agree. No window of ``period`` seconds, wherever it starts, holds more
+than ``limit`` acquisitions.
+
+A 429 seen by any worker sets a shared *pause* key; every acquire honours it,
+so all workers wait the penalty, not only the one that was punished.
+
+Waiting for the limiter is not a failure: :meth:`Limiter.acquire` either
+sleeps (up to ``max_wait``) or raises :class:`LimiterWait` with the time left,
+which the caller turns into a broker countdown without spending its retry
+budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import redis
+
+from tasks._settings import Rate
+
+__all__ = ["Limiter", "LimiterWait", "LocalLimiter", "RedisLimiter", "limiter_for"]
+
+logger = logging.getLogger("tasks.ratelimit")
+
+#: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
+KEY_PREFIX = "sfox:ratelimit"
+
+# KEYS[1] sliding log (zset), KEYS[2] shared pause.
+# ARGV[1] limit, ARGV[2] period in microseconds, ARGV[3] unique member.
+# Returns 0 when a slot was taken, else microseconds to wait: negative for a pause.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then
+  return -pause * 1000
+end
+local limit = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.floor(period / 1000) + 1000)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + period - now + 1)
+"""
+
+# KEYS[1] shared pause; ARGV[1] milliseconds. Extends, never shortens, a pause.
+_PAUSE = """
+local want = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < want then
+  redis.call('SET', KEYS[1], '1', 'PX', want)
+  return 1
+end
+return 0
+"""
+
+
+class LimiterWait(Exception):
+    """The limiter asks for a wait longer than the caller may sleep."""
+
+    def __init__(self, seconds: float, paused: bool) -> None:
+        super().__init__(f"rate limiter asks for a {seconds:.1f} s wait")
+        self.seconds = seconds
+        #: True when the wait is the shared pause after a 429, not a full window.
+        self.paused = paused
+
+
+class Limiter(Protocol):
+    """What the minting code needs from a limiter."""
+
+    rate: Rate
+
+    def try_acquire(self) -> tuple[float, bool]:
+        """Take a slot: ``(0, False)``, or ``(seconds to wait, paused?)``."""
+        ...
+
+    def pause(self, seconds: float) -> None:
+        """Make every user of this limiter wait at least ``seconds``."""
+        ...
+
+
+def acquire(
+    limiter: Limiter, *, max_wait: float, sleep: Callable[[float], None] = time.sleep
+) -> float:
+    """Take a slot, sleeping while each wait is at most ``max_wait``.
+
+    Returns the seconds spent waiting; raises :class:`LimiterWait` when the
+    next wait is longer than ``max_wait``.
+    """
+    waited = 0.0
+    while True:
+        wait, paused = limiter.try_acquire()
+        if wait <= 0:
+            return waited
+        if wait > max_wait:
+            raise LimiterWait(wait, paused)
+        if paused:
+            logger.info("sFOX rate-limit pause: waiting %.1f s before the next request", wait)
+        sleep(wait)
+        waited += wait
+
+
+class RedisLimiter:
+    """The shared limiter: one sliding log in Redis for all workers."""
+
+    def __init__(self, client: redis.Redis[bytes], rate: Rate, *, prefix: str = KEY_PREFIX) -> None:
+        self.rate = rate
+        self._client = client
+        self._log_key = f"{prefix}:{rate.limit}/{rate.period:g}:log"
+        self._pause_key = f"{prefix}:pause"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._pause = client.register_script(_PAUSE)
+
+    @classmethod
+    def from_url(cls, url: str, rate: Rate) -> RedisLimiter:
+        """A limiter on the Redis at ``url`` (its own connection pool)."""
+        client = redis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+        )
+        return cls(client, rate)
+
+    def try_acquire(self) -> tuple[float, bool]:
+        wait_us = int(
+            self._acquire(
+                keys=[self._log_key, self._pause_key],
+                args=[self.rate.limit, int(self.rate.period * 1_000_000), uuid.uuid4().hex],
+            )
+        )
+        if wait_us == 0:
+            return 0.0, False
+        return abs(wait_us) / 1_000_000, wait_us < 0
+
+    def pause(self, seconds: float) -> None:
+        if seconds > 0:
+            self._pause(keys=[self._pause_key], args=[max(1, int(seconds * 1000))])
+
+
+class LocalLimiter:
+    """The same sliding log in process memory, for the embedded (single-process) mode."""
+
+    def __init__(self, rate: Rate, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._log: deque[float] = deque()
+        self._paused_until = 0.0
+
+    def try_acquire(self) -> tuple[float, bool]:
+        with self._lock:
+            now = self._clock()
+            if self._paused_until > now:
+                return self._paused_until - now, True
+            while self._log and self._log[0] <= now - self.rate.period:
+                self._log.popleft()
+            if len(self._log) < self.rate.limit:
+                self._log.append(now)
+                return 0.0, False
+            return self._log[0] + self.rate.period - now + 1e-6, False
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+
+def limiter_for(url: str | None, rate: Rate) -> Limiter:
+    """A shared Redis limiter when a Redis URL is known, else an in-process one."""
+    if url:
+        return RedisLimiter.from_url(url, rate)
+    return LocalLimiter(rate)

@@ -1,0 +1,169 @@
+"""The retry policy: which failures to try again, how long to wait, and where.
+
+One layer retries one failure. Short waits are slept here, inside tenacity's
+loop; a wait longer than ``inprocess_wait_max`` is not slept by a worker slot
+but raised as :class:`Defer`, which the Celery glue turns into a broker
+countdown. The attempt count and the deadline live in a :class:`Budget` that
+travels with the task across such countdowns, so the budget is spent once,
+whichever way the wait is taken.
+
+Waits: ``Retry-After`` when sFOX sends one (seconds or an HTTP date, capped),
+otherwise exponential backoff with full jitter. A 429's wait is not slept
+here: the shared limiter's pause holds every worker back instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import tenacity
+
+from tasks._exceptions import RateLimited, RetriesExhausted, TransientError
+from tasks._settings import RetrySettings
+
+__all__ = ["Budget", "Defer", "RetryPolicy"]
+
+logger = logging.getLogger("tasks.retry")
+
+T = TypeVar("T")
+
+
+class Defer(Exception):
+    """Wait ``countdown`` seconds outside the worker slot, then resume."""
+
+    def __init__(self, countdown: float, reason: str) -> None:
+        super().__init__(f"deferring {countdown:.1f} s: {reason}")
+        self.countdown = countdown
+        self.reason = reason
+
+
+@dataclass
+class Budget:
+    """Retry accounting for one task, JSON-able so it survives a broker countdown."""
+
+    #: Wall-clock time (epoch seconds) the task first started.
+    started_at: float
+    #: Consecutive failed attempts of the request now being made.
+    failures: int = 0
+    #: What the last failure was, for the final error message.
+    last_failure: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, *, now: float) -> Budget:
+        if not data:
+            return cls(started_at=now)
+        return cls(
+            started_at=float(data.get("started_at", now)),
+            failures=int(data.get("failures", 0)),
+            last_failure=str(data.get("last_failure", "")),
+        )
+
+
+class RetryPolicy:
+    """Runs one sFOX request under the retry rules."""
+
+    def __init__(
+        self,
+        settings: RetrySettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.settings = settings
+        self._sleep = sleep
+        self._clock = clock
+        self._jitter = jitter
+
+    def remaining(self, budget: Budget) -> float:
+        """Seconds left before the deadline."""
+        return self.settings.deadline - (self._clock() - budget.started_at)
+
+    def check_deadline(self, budget: Budget, doing: str) -> None:
+        """Raise :class:`RetriesExhausted` once the deadline has passed."""
+        if self.remaining(budget) <= 0:
+            last = f"; last failure: {budget.last_failure}" if budget.last_failure else ""
+            raise RetriesExhausted(
+                f"gave up {doing}: the {self.settings.deadline:g} s deadline "
+                f"(SFOX_RETRY_DEADLINE) passed{last}"
+            )
+
+    def backoff(self, failures: int) -> float:
+        """Full-jitter exponential backoff for the ``failures``-th failure in a row."""
+        ceiling = min(self.settings.wait_max, self.settings.wait_initial * 2 ** (failures - 1))
+        return self._jitter(0.0, ceiling)
+
+    def delay_for(self, exc: TransientError, failures: int) -> float:
+        """Seconds to wait before trying again after ``exc``."""
+        if isinstance(exc, RateLimited):
+            return 0.0  # the shared limiter's pause does the waiting, for every worker
+        if exc.retry_after is not None:
+            return min(exc.retry_after, self.settings.retry_after_max)
+        return self.backoff(failures)
+
+    def call(self, send: Callable[[], T], budget: Budget, *, what: str) -> T:
+        """Run ``send`` until it succeeds, fails for good, or the budget runs out.
+
+        Raises the permanent error as is, :class:`Defer` for a long wait, and
+        :class:`RetriesExhausted` when attempts or time run out.
+        """
+
+        def attempt() -> T:
+            self.check_deadline(budget, what)
+            try:
+                return send()
+            except TransientError as exc:
+                budget.failures += 1
+                budget.last_failure = exc.message
+                raise
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            assert isinstance(exc, TransientError)
+            delay = self.delay_for(exc, budget.failures)
+            if delay > self.remaining(budget):
+                self.check_deadline(budget, what)
+                raise RetriesExhausted(
+                    f"gave up {what}: waiting {delay:.1f} s more would pass the "
+                    f"{self.settings.deadline:g} s deadline (SFOX_RETRY_DEADLINE); "
+                    f"last failure: {budget.last_failure}"
+                )
+            logger.warning(
+                "sFOX %s: attempt %d of %d failed (%s); retrying in %.2f s%s",
+                what,
+                budget.failures,
+                self.settings.attempts,
+                exc.message,
+                delay,
+                "" if delay <= self.settings.inprocess_wait_max else " from the broker",
+            )
+            if delay > self.settings.inprocess_wait_max:
+                raise Defer(delay, f"{what}: {exc.message}")
+            return delay
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientError),
+            stop=lambda _state: budget.failures >= self.settings.attempts,
+            wait=wait,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            result = retrying(attempt)
+        except TransientError as exc:
+            raise RetriesExhausted(
+                f"gave up {what} after {budget.failures} failed attempts "
+                f"(SFOX_RETRY_ATTEMPTS={self.settings.attempts}); last failure: {exc.message}",
+                status=exc.status,
+            ) from None
+        budget.failures = 0
+        budget.last_failure = ""
+        return result

@@ -1,0 +1,105 @@
+"""Per-process runtime: the objects a worker process builds once and reuses.
+
+The HTTP session, the limiter's Redis pool and the sealer are made lazily in
+each process (after the prefork pool forks, never before), from settings
+read once from the Celery configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tasks._client import SfoxClient, Timeouts
+from tasks._mint import Minter
+from tasks._ratelimit import Limiter, limiter_for
+from tasks._retry import RetryPolicy
+from tasks._seal import Sealer
+from tasks._settings import Settings
+
+__all__ = ["Runtime", "get_runtime", "reset_runtime"]
+
+
+class Runtime:
+    """Settings plus the long-lived objects built from them."""
+
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self.sleep = sleep
+        self._lock = threading.Lock()
+        self._client: SfoxClient | None = None
+        self._limiter: Limiter | None = None
+        self._sealer: Sealer | None = None
+
+    @property
+    def client(self) -> SfoxClient:
+        with self._lock:
+            if self._client is None:
+                s = self.settings
+                self._client = SfoxClient(
+                    s.api_url,
+                    s.require_api_key(),
+                    timeouts=Timeouts(connect=s.connect_timeout, read=s.read_timeout),
+                )
+            return self._client
+
+    @property
+    def limiter(self) -> Limiter:
+        with self._lock:
+            if self._limiter is None:
+                self._limiter = limiter_for(self.settings.limiter_url, self.settings.rate)
+            return self._limiter
+
+    @property
+    def sealer(self) -> Sealer:
+        with self._lock:
+            if self._sealer is None:
+                s = self.settings
+                self._sealer = Sealer.for_keys(s.seal_keys, s.api_key, s.result_ttl)
+            return self._sealer
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.settings.retry, sleep=self.sleep)
+
+    def minter(self) -> Minter:
+        return Minter(
+            self.client,
+            self.limiter,
+            self.policy(),
+            self.sealer,
+            batch_size=self.settings.batch_size,
+            rate_limit_penalty=self.settings.rate_limit_penalty,
+            sleep=self.sleep,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+            self._limiter = None
+
+
+_lock = threading.Lock()
+_current: tuple[int, Runtime] | None = None
+
+
+def get_runtime(conf: Mapping[str, Any]) -> Runtime:
+    """This process's runtime, built on first use (and again after a fork)."""
+    global _current
+    with _lock:
+        if _current is None or _current[0] != os.getpid():
+            _current = (os.getpid(), Runtime(Settings.from_conf(conf)))
+        return _current[1]
+
+
+def reset_runtime() -> None:
+    """Forget this process's runtime (configuration changed, or tests)."""
+    global _current
+    with _lock:
+        if _current is not None and _current[0] == os.getpid():
+            _current[1].close()
+        _current = None

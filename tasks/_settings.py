@@ -1,0 +1,222 @@
+"""Settings: one frozen object, read once at the edge and passed inward.
+
+``celeryconfig.py`` turns the environment into plain ``sfox_*`` Celery settings;
+:meth:`Settings.from_conf` validates them into this object. Nothing below this
+module reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from tasks._exceptions import ConfigurationError
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_USER_IDS",
+    "DEFAULT_RATE_LIMIT",
+    "DEFAULT_RATE_LIMIT_PENALTY",
+    "DEFAULT_READ_TIMEOUT",
+    "DEFAULT_RESULT_TTL",
+    "MAX_BATCH_SIZE",
+    "MAX_USER_ID_LENGTH",
+    "Rate",
+    "RetrySettings",
+    "Settings",
+    "check_api_url",
+]
+
+#: sFOX production.
+DEFAULT_API_URL = "https://api.sfox.com"
+#: Seconds a mint result (sealed tokens) may live in the result backend.
+DEFAULT_RESULT_TTL = 900
+#: User IDs per request; sFOX documents no maximum, 100 keeps bodies small.
+DEFAULT_BATCH_SIZE = 100
+#: Upper bound on ``SFOX_TOKEN_BATCH_SIZE``.
+MAX_BATCH_SIZE = 1000
+#: Requests per window shared by every worker: under sFOX's 250 / 10 s, with headroom.
+DEFAULT_RATE_LIMIT = "240/10s"
+#: Seconds sFOX makes a client wait after a 429 on its general limit.
+DEFAULT_RATE_LIMIT_PENALTY = 60.0
+#: Most user IDs one mint task accepts; more go through ``with_user_tokens``.
+DEFAULT_MAX_USER_IDS = 10_000
+#: Longest user ID accepted.
+MAX_USER_ID_LENGTH = 256
+#: Seconds to open a TCP+TLS connection (a little over a multiple of 3, per TCP retransmits).
+DEFAULT_CONNECT_TIMEOUT = 3.05
+#: Seconds to wait for sFOX's answer once connected.
+DEFAULT_READ_TIMEOUT = 30.0
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``limit`` requests in any window of ``period`` seconds."""
+
+    limit: int
+    period: float
+
+    _PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h)?\s*$")
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """Parse ``N/Ss`` (also ``N/s``, ``N/500ms``, ``N/1m``)."""
+        match = cls._PATTERN.match(text)
+        if not match:
+            raise ConfigurationError(
+                f"SFOX_RATE_LIMIT={text!r} is not of the form N/Ss (for example 240/10s)"
+            )
+        limit = int(match.group(1))
+        amount = float(match.group(2) or 1)
+        unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(3) or "s"]
+        if limit < 1 or amount <= 0:
+            raise ConfigurationError(f"SFOX_RATE_LIMIT={text!r} must allow at least 1 request")
+        return cls(limit=limit, period=amount * unit)
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.period:g}s"
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """Bounds on retrying one sFOX request. Every wait and count has a named default."""
+
+    #: Attempts for one request before giving up (the first try included).
+    attempts: int = 8
+    #: Seconds the whole mint may take, from its first start, retries and countdowns included.
+    deadline: float = 900.0
+    #: First backoff ceiling; doubles each attempt (full jitter picks within it).
+    wait_initial: float = 0.5
+    #: Largest backoff ceiling.
+    wait_max: float = 8.0
+    #: Longest wait spent asleep in the worker; longer ones go back to the broker.
+    inprocess_wait_max: float = 10.0
+    #: Largest ``Retry-After`` honoured, so one odd header cannot park work for hours.
+    retry_after_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the package needs, validated."""
+
+    api_url: str = DEFAULT_API_URL
+    api_key: str | None = field(default=None, repr=False)
+    result_ttl: int = DEFAULT_RESULT_TTL
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_user_ids: int = DEFAULT_MAX_USER_IDS
+    rate: Rate = field(default_factory=lambda: Rate.parse(DEFAULT_RATE_LIMIT))
+    rate_limit_penalty: float = DEFAULT_RATE_LIMIT_PENALTY
+    #: Redis URL of the shared limiter; ``None`` means an in-process limiter (embedded mode).
+    limiter_url: str | None = None
+    seal_keys: tuple[str, ...] = field(default=(), repr=False)
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    retry: RetrySettings = field(default_factory=RetrySettings)
+
+    def __post_init__(self) -> None:
+        check_api_url(self.api_url)
+        _positive("SFOX_TOKEN_RESULT_TTL", self.result_ttl)
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigurationError(
+                f"SFOX_TOKEN_BATCH_SIZE={self.batch_size} must be between 1 and {MAX_BATCH_SIZE}"
+            )
+        _positive("SFOX_MAX_USER_IDS", self.max_user_ids)
+        if self.rate_limit_penalty < 0:
+            raise ConfigurationError("SFOX_RATE_LIMIT_PENALTY must not be negative")
+        _positive("SFOX_CONNECT_TIMEOUT", self.connect_timeout)
+        _positive("SFOX_READ_TIMEOUT", self.read_timeout)
+        retry = self.retry
+        _positive("SFOX_RETRY_ATTEMPTS", retry.attempts)
+        _positive("SFOX_RETRY_DEADLINE", retry.deadline)
+        if retry.wait_initial < 0 or retry.wait_max < retry.wait_initial:
+            raise ConfigurationError(
+                "SFOX_RETRY_WAIT_INITIAL must be >= 0 and not above SFOX_RETRY_WAIT_MAX"
+            )
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
+        """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills."""
+
+        def get(name: str, default: Any) -> Any:
+            value = conf.get(name)
+            return default if value is None or value == "" else value
+
+        defaults = RetrySettings()
+        try:
+            retry = RetrySettings(
+                attempts=int(get("sfox_retry_attempts", defaults.attempts)),
+                deadline=float(get("sfox_retry_deadline", defaults.deadline)),
+                wait_initial=float(get("sfox_retry_wait_initial", defaults.wait_initial)),
+                wait_max=float(get("sfox_retry_wait_max", defaults.wait_max)),
+                inprocess_wait_max=float(
+                    get("sfox_retry_inprocess_wait_max", defaults.inprocess_wait_max)
+                ),
+                retry_after_max=float(get("sfox_retry_after_max", defaults.retry_after_max)),
+            )
+            seal = get("sfox_token_seal_key", "")
+            return cls(
+                api_url=str(get("sfox_api_url", DEFAULT_API_URL)).rstrip("/"),
+                api_key=get("sfox_enterprise_api_key", None),
+                result_ttl=int(get("sfox_token_result_ttl", DEFAULT_RESULT_TTL)),
+                batch_size=int(get("sfox_token_batch_size", DEFAULT_BATCH_SIZE)),
+                max_user_ids=int(get("sfox_max_user_ids", DEFAULT_MAX_USER_IDS)),
+                rate=Rate.parse(str(get("sfox_rate_limit", DEFAULT_RATE_LIMIT))),
+                rate_limit_penalty=float(
+                    get("sfox_rate_limit_penalty", DEFAULT_RATE_LIMIT_PENALTY)
+                ),
+                limiter_url=get("sfox_limiter_url", None),
+                seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
+                connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+                read_timeout=float(get("sfox_read_timeout", DEFAULT_READ_TIMEOUT)),
+                retry=retry,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None
+
+    def require_api_key(self) -> str:
+        """The enterprise key, or a clear error saying which variable to set."""
+        if not self.api_key:
+            raise ConfigurationError(
+                "no sFOX enterprise API key: set SFOX_ENTERPRISE_API_KEY "
+                "(or ENTERPRISE_API_KEY) in the worker's environment"
+            )
+        return self.api_key
+
+
+def check_api_url(url: str) -> None:
+    """Refuse a base URL that would send the enterprise key in clear over a network.
+
+    ``https://`` is required, except for loopback hosts where a local stand-in runs.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme == "https" and host:
+        return
+    if parts.scheme == "http" and _is_loopback(host):
+        return
+    raise ConfigurationError(
+        f"SFOX_API_URL={url!r} is refused: it must be https:// "
+        "(plain http:// is allowed only for loopback hosts such as 127.0.0.1)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigurationError(f"{name}={value} must be greater than 0")
