@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
@@ -42,7 +42,9 @@ class Sealer:
     of the old one's retirement (``SFOX_TOKEN_SEAL_KEY=new,old``).
     """
 
-    def __init__(self, keys: Sequence[str], ttl: int) -> None:
+    def __init__(
+        self, keys: Sequence[str], ttl: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
         if not keys:
             raise ConfigurationError("no seal key: set SFOX_TOKEN_SEAL_KEY or the enterprise key")
         try:
@@ -54,6 +56,7 @@ class Sealer:
                 "print(Fernet.generate_key().decode())'"
             ) from None
         self.ttl = ttl
+        self._clock = clock
 
     @classmethod
     def for_keys(cls, seal_keys: Sequence[str], enterprise_key: str | None, ttl: int) -> Sealer:
@@ -69,7 +72,8 @@ class Sealer:
 
     def seal(self, token: str) -> str:
         """Opaque, authenticated ciphertext of ``token``, stamped with the time now."""
-        return self._fernet.encrypt(token.encode("utf-8")).decode("ascii")
+        now = int(self._clock())
+        return self._fernet.encrypt_at_time(token.encode("utf-8"), now).decode("ascii")
 
     def unseal(self, sealed: str) -> str:
         """The plaintext token; :class:`SealError` if too old or not sealed by our keys."""
@@ -77,7 +81,8 @@ class Sealer:
             raise SealError("a sealed token must be a non-empty string")
         data = sealed.encode("ascii", "replace")
         try:
-            return self._fernet.decrypt(data, ttl=self.ttl).decode("utf-8")
+            now = int(self._clock())
+            return self._fernet.decrypt_at_time(data, self.ttl, now).decode("utf-8")
         except (InvalidToken, UnicodeError):
             pass
         # Tell "too old" apart from "not ours": the operator's fix differs.
@@ -88,7 +93,7 @@ class Sealer:
                 "sealed token refused: not sealed under this seal key, or damaged "
                 "(check SFOX_TOKEN_SEAL_KEY / the enterprise key match the minting worker's)"
             ) from None
-        age = int(time.time()) - sealed_at
+        age = int(self._clock()) - sealed_at
         raise SealError(
             f"sealed token refused: sealed {age} s ago, older than SFOX_TOKEN_RESULT_TTL "
             f"({self.ttl} s); mint a new token"

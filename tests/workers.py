@@ -1,0 +1,113 @@
+"""Real Celery worker processes and an event recorder for the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """``celery -A tasks worker`` in a subprocess, logging at DEBUG to a file."""
+
+    def __init__(
+        self,
+        name: str,
+        log_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        queues: str | None = None,
+        loglevel: str = "DEBUG",
+    ) -> None:
+        self.name = f"{name}-{uuid.uuid4().hex[:6]}@%h"
+        self.log_path = log_dir / f"{name}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.args = [
+            sys.executable, "-m", "celery", "-A", "tasks", "worker",
+            "-l", loglevel, "-P", pool, "-c", str(concurrency),
+            "-n", self.name, "--without-gossip", "--without-mingle",
+            "--include", "tests.testtasks",
+        ]
+        if queues:
+            self.args += ["-Q", queues]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"worker did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+class EventRecorder:
+    """Receives every event on the broker in a thread and keeps them."""
+
+    def __init__(self) -> None:
+        from tasks import app
+
+        self.app = app
+        self.events: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as conn:
+            receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+                except (TimeoutError, OSError):
+                    continue
+                except Exception as exc:  # noqa: BLE001 - socket.timeout flavours
+                    if "timed out" in str(exc) or "timeout" in type(exc).__name__.lower():
+                        continue
+                    raise
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def start_event_recorder() -> EventRecorder:
+    recorder = EventRecorder()
+    recorder._thread.start()
+    recorder._ready.wait(10)
+    time.sleep(0.3)
+    return recorder
