@@ -1,0 +1,1294 @@
+"""A local stand-in for the parts of the sFOX HTTP API this package talks to.
+
+This module owns :class:`FakeSfox`, a small threaded HTTP server that behaves like sFOX's
+enterprise user-token endpoints (batch and single) and the order endpoint, plus everything the
+test suite, the demo, the benchmark and the docker service need to make it misbehave on purpose:
+scripted faults (:class:`Fault`), refused users, latency, and a per-IP rate limiter with a
+penalty period.  It records every request it answers so tests can assert on traffic shape
+(``max_requests_in_window``) without ever storing a secret: Authorization headers are reduced to
+a verdict, and issued tokens live only in ``issued_tokens``.
+
+It deliberately imports nothing but the standard library, so it can run as a service
+(``python -m tasks.fake_sfox``) in an image that does not have the rest of the package's
+dependencies, and so that importing it never drags Celery in.
+
+Out-of-process users drive it through a small control API under ``/_fake/`` (loopback only by
+default) which is neither rate limited nor logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import email.utils
+import ipaddress
+import json
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, Literal, cast, get_args
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "ALGORITHM_IDS",
+    "CONTROL_PREFIX",
+    "ORDERS_PATH",
+    "TOKENS_PATH",
+    "FakeSfox",
+    "FakeSfoxConfig",
+    "Fault",
+    "FaultKind",
+    "Order",
+    "RequestRecord",
+    "http_date",
+    "main",
+]
+
+TOKENS_PATH = "/v1/enterprise/user-tokens"
+ORDERS_PATH = "/v1/orders"
+CONTROL_PREFIX = "/_fake/"
+
+#: sFOX algorithm ids the order endpoint accepts; 100 is Market.
+ALGORITHM_IDS = frozenset({100, 200, 201, 304, 307, 308, 309})
+MARKET_ALGORITHM = 100
+ORDER_SIDES = ("buy", "sell")
+#: sFOX only promises client_order_id uniqueness over this many seconds.
+CLIENT_ORDER_ID_TTL = 86400.0
+#: Headers worth keeping in the request log; Authorization is never among them.
+_LOGGED_HEADERS = ("content-type", "user-agent", "accept", "x-request-id")
+_MAX_BODY = 10 * 1024 * 1024
+
+FaultKind = Literal["status", "reset", "delay", "malformed", "drop_user", "extra_user"]
+_FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
+
+AuthVerdict = Literal["none", "enterprise", "user_token", "expired_token", "invalid"]
+
+_DEFAULT_MESSAGES = {
+    400: "bad request",
+    401: "invalid api key",
+    403: "forbidden",
+    404: "not found",
+    405: "method not allowed",
+    409: "conflict",
+    429: "rate limit exceeded",
+    500: "internal server error",
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+}
+
+
+def _default_message(code: int) -> str:
+    if code in _DEFAULT_MESSAGES:
+        return _DEFAULT_MESSAGES[code]
+    try:
+        return HTTPStatus(code).phrase.lower()
+    except ValueError:
+        return "error"
+
+
+def http_date(delay_s: float = 0.0) -> str:
+    """Return an RFC 7231 HTTP-date ``delay_s`` seconds from now (for ``Retry-After`` faults)."""
+    return email.utils.formatdate(time.time() + delay_s, usegmt=True)
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass; a JSON `true` is not a quantity.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted misbehaviour, consumed by the next request whose path starts with ``path``.
+
+    Build them with the constructors (``Fault.status(503)``, ``Fault.reset()``, ...) rather than
+    by hand; ``Fault.from_dict`` accepts the JSON form used by the control API.
+    """
+
+    kind: FaultKind
+    path: str = TOKENS_PATH
+    code: int = 503
+    message: str | None = None
+    body_text: str | None = None
+    retry_after: int | str | None = None
+    seconds: float = 0.0
+    user_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}")
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            raise ValueError("fault path must be a string starting with '/'")
+        if not _is_int(self.code) or not 100 <= self.code <= 599:
+            raise ValueError("fault code must be an HTTP status between 100 and 599")
+        if not _is_number(self.seconds) or not math.isfinite(self.seconds) or self.seconds < 0:
+            raise ValueError("fault seconds must be a finite number >= 0")
+        if self.retry_after is not None and not (
+            (_is_int(self.retry_after) and cast(int, self.retry_after) >= 0)
+            or isinstance(self.retry_after, str)
+        ):
+            raise ValueError("retry_after must be an int >= 0 or an HTTP-date string")
+        for name in ("message", "body_text", "user_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"fault {name} must be a string")
+
+    @classmethod
+    def status(
+        cls,
+        code: int,
+        body: str | Mapping[str, Any] | None = None,
+        retry_after: int | str | None = None,
+        *,
+        path: str = TOKENS_PATH,
+    ) -> Fault:
+        """Answer with ``code``; ``body`` is the error message (str) or a whole JSON object."""
+        if isinstance(body, Mapping):
+            return cls(
+                "status", path, code, body_text=json.dumps(dict(body)), retry_after=retry_after
+            )
+        return cls("status", path, code, message=body, retry_after=retry_after)
+
+    @classmethod
+    def reset(cls, *, path: str = TOKENS_PATH) -> Fault:
+        """Read the request, send half a status line, then drop the connection."""
+        return cls("reset", path)
+
+    @classmethod
+    def delay(cls, seconds: float, *, path: str = TOKENS_PATH) -> Fault:
+        """Sleep ``seconds`` (on top of the configured latency) and then answer normally."""
+        return cls("delay", path, seconds=seconds)
+
+    @classmethod
+    def malformed(cls, body_text: str, *, path: str = TOKENS_PATH) -> Fault:
+        """Answer 201 with ``body_text`` verbatim under an application/json content type."""
+        return cls("malformed", path, 201, body_text=body_text)
+
+    @classmethod
+    def drop_user(cls, user_id: str | None = None, *, path: str = TOKENS_PATH) -> Fault:
+        """Answer normally but leave out ``user_id`` (default: the first requested user)."""
+        return cls("drop_user", path, user_id=user_id)
+
+    @classmethod
+    def extra_user(cls, user_id: str = "intruder", *, path: str = TOKENS_PATH) -> Fault:
+        """Answer normally plus a token for ``user_id``, which nobody asked for."""
+        return cls("extra_user", path, user_id=user_id)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Fault:
+        """Build a fault from its JSON form, e.g. ``{"kind": "status", "code": 503}``.
+
+        Keys: ``kind`` (required), ``path``, ``code``, ``body`` (message string or JSON object
+        for ``status``; raw text for ``malformed``), ``message``, ``retry_after``, ``seconds``,
+        ``user_id``.  Raises ``ValueError`` on anything else.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError("a fault must be a JSON object")
+        allowed = {"kind", "path", "code", "body", "message", "retry_after", "seconds", "user_id"}
+        unknown = set(data) - allowed - {"times"}
+        if unknown:
+            raise ValueError(f"unknown fault keys: {sorted(unknown)}")
+        kind = data.get("kind")
+        path = data.get("path", TOKENS_PATH)
+        if not isinstance(path, str):
+            raise ValueError("fault path must be a string")
+        body = data.get("body")
+        try:
+            if kind == "status":
+                code = data.get("code", 503)
+                if body is None:
+                    body = data.get("message")
+                if body is not None and not isinstance(body, (str, Mapping)):
+                    raise ValueError("status body must be a string or an object")
+                return cls.status(code, body, data.get("retry_after"), path=path)
+            if kind == "reset":
+                return cls.reset(path=path)
+            if kind == "delay":
+                return cls.delay(data.get("seconds", 0.0), path=path)
+            if kind == "malformed":
+                if not isinstance(body, str):
+                    raise ValueError("malformed fault needs a string 'body'")
+                return cls.malformed(body, path=path)
+            if kind == "drop_user":
+                return cls.drop_user(data.get("user_id"), path=path)
+            if kind == "extra_user":
+                return cls.extra_user(data.get("user_id", "intruder"), path=path)
+        except TypeError as exc:  # a wrongly typed value reaching a comparison
+            raise ValueError(str(exc)) from exc
+        raise ValueError(f"unknown fault kind {kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of this fault (round-trips through :meth:`from_dict`)."""
+        out: dict[str, Any] = {"kind": self.kind, "path": self.path}
+        if self.kind == "status":
+            out["code"] = self.code
+            if self.body_text is not None:
+                out["body"] = json.loads(self.body_text)
+            elif self.message is not None:
+                out["body"] = self.message
+            if self.retry_after is not None:
+                out["retry_after"] = self.retry_after
+        elif self.kind == "delay":
+            out["seconds"] = self.seconds
+        elif self.kind == "malformed":
+            out["body"] = self.body_text
+        elif self.kind in ("drop_user", "extra_user"):
+            out["user_id"] = self.user_id
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Records and configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One non-control request as the fake saw it.
+
+    ``status`` is 0 while the request is still being answered and stays 0 for ``reset`` faults
+    (no complete response was sent).  ``auth`` is the verdict on the Authorization header; the
+    header value itself is never kept.
+    """
+
+    time: float
+    method: str
+    path: str
+    status: int
+    ip: str
+    user_ids: list[str]
+    auth: AuthVerdict
+    headers: dict[str, str]
+
+    @property
+    def user_count(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass
+class _LiveRecord:
+    # Mutable twin of RequestRecord: created on arrival so counts are right even while a
+    # delayed request is still sleeping, completed when the answer is known.
+    time: float
+    method: str
+    path: str
+    ip: str
+    user_ids: list[str]
+    auth: AuthVerdict
+    headers: dict[str, str]
+    status: int = 0
+
+    def snapshot(self) -> RequestRecord:
+        return RequestRecord(
+            self.time,
+            self.method,
+            self.path,
+            self.status,
+            self.ip,
+            list(self.user_ids),
+            self.auth,
+            dict(self.headers),
+        )
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order the fake accepted; ``user_id`` is the owner of the token that placed it."""
+
+    id: int
+    user_id: str
+    side: str
+    currency_pair: str
+    algorithm_id: int
+    quantity: float | None
+    price: float | None
+    amount: float | None
+    client_order_id: str | None
+    status: str = "started"
+    placed_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "client_order_id": self.client_order_id,
+            "side": self.side,
+            "currency_pair": self.currency_pair,
+            "algorithm_id": self.algorithm_id,
+            "quantity": self.quantity,
+            "price": self.price,
+            "amount": self.amount,
+            "user_id": self.user_id,
+        }
+
+
+@dataclass(frozen=True)
+class FakeSfoxConfig:
+    """Tunable behaviour; swapped atomically by :meth:`FakeSfox.configure`."""
+
+    latency: float = 0.0
+    rate_limit: int | None = None
+    rate_window: float = 10.0
+    rate_penalty: float = 60.0
+    retry_after_on_limit: bool = False
+    shuffle: bool = True
+    max_batch: int | None = None
+    token_ttl: float = 86400.0
+    fail_every: int | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        def number(name: str, minimum: float | None, *, strict: bool = False) -> None:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
+            if minimum is not None and (value <= minimum if strict else value < minimum):
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}")
+
+        def optional_count(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be null or an integer >= 1")
+
+        number("latency", 0.0)
+        number("rate_window", 0.0, strict=True)
+        number("rate_penalty", 0.0)
+        number("token_ttl", None)
+        optional_count("rate_limit")
+        optional_count("max_batch")
+        optional_count("fail_every")
+        for name in ("retry_after_on_limit", "shuffle", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean")
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    ip: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    reset: bool = False
+
+
+def _json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> _Response:
+    return _Response(status, json.dumps(payload).encode(), list(headers))
+
+
+def _error(status: int, message: str | None = None) -> _Response:
+    return _json_response(status, {"error": message or _default_message(status)})
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, credential = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        return None
+    return credential.strip()
+
+
+def _parse_json(body: bytes) -> tuple[bool, Any]:
+    try:
+        return True, json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False, None
+
+
+def _format_expiry(expires: datetime, with_millis: bool) -> tuple[datetime, str]:
+    # Both spellings appear in sFOX's docs; the stored datetime is exactly what the text says so
+    # tests can compare them.
+    if with_millis:
+        expires = expires.replace(microsecond=expires.microsecond // 1000 * 1000)
+        text = expires.strftime("%Y-%m-%dT%H:%M:%S") + f".{expires.microsecond // 1000:03d}Z"
+    else:
+        expires = expires.replace(microsecond=0)
+        text = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return expires, text
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class FakeSfox:
+    """A fake sFOX API server for tests, demos, benchmarks and the docker service.
+
+    All mutable state sits behind one lock; handler threads only sleep (latency, delay faults)
+    outside it.  ``start()`` binds and serves in a daemon thread; use it as a context manager
+    to get ``start``/``stop`` for free.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency: float = 0.0,
+        rate_limit: int | None = None,
+        rate_window: float = 10.0,
+        rate_penalty: float = 60.0,
+        retry_after_on_limit: bool = False,
+        shuffle: bool = True,
+        max_batch: int | None = None,
+        token_ttl: float = 86400.0,
+        fail_every: int | None = None,
+        refused: Iterable[str] = (),
+        allow_remote_control: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key must not be empty")
+        self._api_key = api_key.encode()
+        self.host = host
+        self._requested_port = port
+        self.allow_remote_control = allow_remote_control
+        self._config = FakeSfoxConfig(
+            latency=latency,
+            rate_limit=rate_limit,
+            rate_window=rate_window,
+            rate_penalty=rate_penalty,
+            retry_after_on_limit=retry_after_on_limit,
+            shuffle=shuffle,
+            max_batch=max_batch,
+            token_ttl=token_ttl,
+            fail_every=fail_every,
+            verbose=verbose,
+        )
+        # Refusals given at construction (the CLI's --refuse) are configuration: reset()
+        # restores them rather than wiping them.
+        self._baseline_refused: dict[str, tuple[int, str]] = {
+            uid: (404, "user not found") for uid in refused
+        }
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._faults: deque[Fault] = deque()
+        self._refused: dict[str, tuple[int, str]] = dict(self._baseline_refused)
+        self._log: list[_LiveRecord] = []
+        self._tokens: dict[str, tuple[str, datetime]] = {}
+        self._orders: list[Order] = []
+        self._client_order_ids: dict[tuple[str, str], float] = {}
+        self._duplicates = 0
+        self._rate_limited = 0
+        self._hits: dict[str, deque[float]] = {}
+        self._penalty_until: dict[str, float] = {}
+        self._next_order_id = 1_000_001
+        self._minted = 0
+        self._fail_counter = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> FakeSfox:
+        """Bind and serve in a daemon thread; returns ``self``."""
+        if self._server is not None:
+            raise RuntimeError("FakeSfox is already running")
+        server = _Server((self.host, self._requested_port), self)
+        self._stopping.clear()
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fake-sfox-{server.server_address[1]}",
+            daemon=True,
+        )
+        self._server, self._thread = server, thread
+        thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (idempotent)."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        # Wake handlers sleeping on latency/delay so they do not outlive the server by much.
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeSfox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("FakeSfox is not running; call start() first")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL clients should use, e.g. ``http://127.0.0.1:8900``."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host  # noqa: S104
+        return f"http://{host}:{self.port}"
+
+    # ---- configuration and scripting ---------------------------------------------------
+
+    @property
+    def config(self) -> FakeSfoxConfig:
+        return self._config
+
+    def configure(self, **changes: Any) -> FakeSfoxConfig:
+        """Change any :class:`FakeSfoxConfig` field(s); raises ``ValueError`` on bad input.
+
+        Changing a rate-limit setting forgets the limiter's history and penalties, so a
+        switch-on does not punish traffic sent while the limiter was off.
+        """
+        try:
+            new = dataclasses.replace(self._config, **changes)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from exc
+        with self._lock:
+            old, self._config = self._config, new
+            if (old.rate_limit, old.rate_window, old.rate_penalty) != (
+                new.rate_limit,
+                new.rate_window,
+                new.rate_penalty,
+            ):
+                self._hits.clear()
+                self._penalty_until.clear()
+            if old.fail_every != new.fail_every:
+                self._fail_counter = 0
+        return new
+
+    def inject(self, *faults: Fault) -> None:
+        """Append faults to the FIFO queue; each is consumed by one matching request."""
+        for fault in faults:
+            if not isinstance(fault, Fault):
+                raise TypeError(f"expected Fault, got {type(fault).__name__}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    @property
+    def pending_faults(self) -> list[Fault]:
+        with self._lock:
+            return list(self._faults)
+
+    def refuse(self, user_id: str, status: int = 404, message: str = "user not found") -> None:
+        """Make every token request naming ``user_id`` fail with ``status`` until unrefused."""
+        if not _is_int(status) or not 400 <= status <= 599:
+            raise ValueError("refusal status must be an HTTP error status (400-599)")
+        with self._lock:
+            self._refused[user_id] = (status, message)
+
+    def unrefuse(self, user_id: str) -> None:
+        with self._lock:
+            self._refused.pop(user_id, None)
+
+    def reset(self) -> None:
+        """Forget faults, logs, tokens, orders and limiter state; keep configuration."""
+        with self._lock:
+            self._init_state()
+
+    def expire_token(self, token: str) -> bool:
+        """Force ``token`` to be expired; returns whether the fake had issued it."""
+        with self._lock:
+            if token not in self._tokens:
+                return False
+            self._tokens[token] = (self._tokens[token][0], _EPOCH)
+            return True
+
+    def expire_all_tokens(self, user_id: str | None = None) -> int:
+        """Expire every issued token (or only ``user_id``'s); returns how many."""
+        with self._lock:
+            victims = [t for t, (uid, _) in self._tokens.items() if user_id in (None, uid)]
+            for token in victims:
+                self._tokens[token] = (self._tokens[token][0], _EPOCH)
+            return len(victims)
+
+    # ---- inspection --------------------------------------------------------------------
+
+    @property
+    def requests_log(self) -> list[RequestRecord]:
+        """Snapshots of every non-control request, in arrival order."""
+        with self._lock:
+            return [record.snapshot() for record in self._log]
+
+    @property
+    def issued_tokens(self) -> dict[str, tuple[str, datetime]]:
+        """token -> (user_id, expiry) for every token this fake has handed out."""
+        with self._lock:
+            return dict(self._tokens)
+
+    @property
+    def orders(self) -> list[Order]:
+        with self._lock:
+            return list(self._orders)
+
+    @property
+    def duplicate_order_attempts(self) -> int:
+        with self._lock:
+            return self._duplicates
+
+    @property
+    def rate_limited_count(self) -> int:
+        """How many 429s the rate limiter served (scripted 429 faults are not included)."""
+        with self._lock:
+            return self._rate_limited
+
+    def count(self, path_prefix: str = "") -> int:
+        """Number of logged requests whose path starts with ``path_prefix``."""
+        with self._lock:
+            return sum(1 for record in self._log if record.path.startswith(path_prefix))
+
+    def max_requests_in_window(self, window_s: float, path_prefix: str | None = None) -> int:
+        """Most requests that arrived within any ``window_s``-second span (half-open)."""
+        if not window_s > 0:
+            raise ValueError("window_s must be > 0")
+        with self._lock:
+            times = sorted(
+                r.time for r in self._log if path_prefix is None or r.path.startswith(path_prefix)
+            )
+        best = start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= window_s:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the control API and for humans; contains no tokens or keys."""
+        cfg = self._config
+        with self._lock:
+            by_path: dict[str, int] = {}
+            by_status: dict[str, int] = {}
+            for record in self._log:
+                by_path[record.path] = by_path.get(record.path, 0) + 1
+                by_status[str(record.status)] = by_status.get(str(record.status), 0) + 1
+            total = len(self._log)
+            token_requests = sum(1 for r in self._log if r.path.startswith(TOKENS_PATH))
+            order_requests = sum(1 for r in self._log if r.path.startswith(ORDERS_PATH))
+            result: dict[str, Any] = {
+                "requests": {
+                    "total": total,
+                    TOKENS_PATH: token_requests,
+                    ORDERS_PATH: order_requests,
+                    "other": total - token_requests - order_requests,
+                },
+                "requests_by_path": by_path,
+                "status_counts": by_status,
+                "tokens_issued": len(self._tokens),
+                "rate_limited": self._rate_limited,
+                "orders_placed": len(self._orders),
+                "duplicate_order_attempts": self._duplicates,
+                "faults_pending": len(self._faults),
+                "refused": sorted(self._refused),
+                "orders": [order.to_dict() for order in self._orders],
+            }
+        result["rate_window"] = cfg.rate_window
+        result["max_requests_in_window"] = self.max_requests_in_window(cfg.rate_window)
+        result["max_token_requests_in_window"] = self.max_requests_in_window(
+            cfg.rate_window, TOKENS_PATH
+        )
+        result["config"] = dataclasses.asdict(cfg)
+        return result
+
+    # ---- request handling (called from handler threads) -------------------------------
+
+    def _auth_verdict_locked(self, headers: Mapping[str, str]) -> AuthVerdict:
+        credential = _bearer(headers)
+        if credential is None:
+            return "none"
+        if secrets.compare_digest(credential.encode(), self._api_key):
+            return "enterprise"
+        entry = self._tokens.get(credential)
+        if entry is None:
+            return "invalid"
+        return "user_token" if entry[1] > datetime.now(timezone.utc) else "expired_token"
+
+    def _rate_check_locked(self, ip: str, now: float, cfg: FakeSfoxConfig) -> float | None:
+        """Seconds of penalty left if this request must get a 429, else None."""
+        if cfg.rate_limit is None:
+            return None
+        until = self._penalty_until.get(ip)
+        if until is not None:
+            if now < until:
+                return until - now
+            del self._penalty_until[ip]
+        hits = self._hits.setdefault(ip, deque())
+        while hits and now - hits[0] >= cfg.rate_window:
+            hits.popleft()
+        if len(hits) >= cfg.rate_limit:
+            self._penalty_until[ip] = now + cfg.rate_penalty
+            return cfg.rate_penalty
+        # Only admitted requests fill the window; the penalty is the punishment for overflow.
+        hits.append(now)
+        return None
+
+    def _take_fault_locked(self, path: str, cfg: FakeSfoxConfig) -> Fault | None:
+        for index, fault in enumerate(self._faults):
+            if path.startswith(fault.path):
+                del self._faults[index]
+                return fault
+        if cfg.fail_every is not None and path.startswith(TOKENS_PATH):
+            self._fail_counter += 1
+            if self._fail_counter % cfg.fail_every == 0:
+                return Fault.status(503)
+        return None
+
+    def _handle(self, req: _Request) -> _Response:
+        if req.path.startswith(CONTROL_PREFIX):
+            return self._handle_control(req)
+        user_ids = self._body_user_ids(req)
+        headers = {k: v for k, v in req.headers.items() if k in _LOGGED_HEADERS}
+        with self._lock:
+            cfg = self._config
+            now = time.monotonic()
+            record = _LiveRecord(
+                now,
+                req.method,
+                req.path,
+                req.ip,
+                user_ids,
+                self._auth_verdict_locked(req.headers),
+                headers,
+            )
+            self._log.append(record)
+            penalty_left = self._rate_check_locked(req.ip, now, cfg)
+            if penalty_left is not None:
+                self._rate_limited += 1
+            fault = None if penalty_left is not None else self._take_fault_locked(req.path, cfg)
+        pause = cfg.latency + (fault.seconds if fault is not None and fault.kind == "delay" else 0)
+        if pause > 0:
+            self._stopping.wait(pause)
+        try:
+            if penalty_left is not None:
+                extra: list[tuple[str, str]] = []
+                if cfg.retry_after_on_limit:
+                    extra.append(("Retry-After", str(max(1, math.ceil(penalty_left)))))
+                response = _json_response(429, {"error": "rate limit exceeded"}, extra)
+            else:
+                response = self._answer(req, fault, cfg)
+        except Exception:
+            if cfg.verbose:
+                import traceback
+
+                traceback.print_exc()
+            response = _error(500)
+        with self._lock:
+            record.status = 0 if response.reset else response.status
+        return response
+
+    @staticmethod
+    def _body_user_ids(req: _Request) -> list[str]:
+        if req.path == TOKENS_PATH:
+            ok, payload = _parse_json(req.body)
+            if ok and isinstance(payload, dict) and isinstance(payload.get("data"), list):
+                return [uid for uid in payload["data"] if isinstance(uid, str)]
+        elif req.path.startswith(TOKENS_PATH + "/"):
+            return [unquote(req.path[len(TOKENS_PATH) + 1 :])]
+        return []
+
+    def _answer(self, req: _Request, fault: Fault | None, cfg: FakeSfoxConfig) -> _Response:
+        if fault is not None:
+            if fault.kind == "status":
+                extra = (
+                    [] if fault.retry_after is None else [("Retry-After", str(fault.retry_after))]
+                )
+                if fault.body_text is not None:
+                    return _Response(fault.code, fault.body_text.encode(), extra)
+                return _json_response(
+                    fault.code, {"error": fault.message or _default_message(fault.code)}, extra
+                )
+            if fault.kind == "reset":
+                return _Response(0, reset=True)
+            if fault.kind == "malformed":
+                return _Response(fault.code, (fault.body_text or "").encode())
+        return self._route(req, fault, cfg)
+
+    def _route(self, req: _Request, fault: Fault | None, cfg: FakeSfoxConfig) -> _Response:
+        path = req.path
+        tail: str | None = None
+        if path == TOKENS_PATH:
+            endpoint = "batch"
+        elif path.startswith(TOKENS_PATH + "/"):
+            endpoint, tail = "single", unquote(path[len(TOKENS_PATH) + 1 :])
+        elif path.startswith(ORDERS_PATH + "/"):
+            endpoint, tail = "order", path[len(ORDERS_PATH) + 1 :]
+        else:
+            return _error(404)
+        if tail is not None and (not tail or "/" in tail):
+            return _error(404)
+        if req.method != "POST":
+            response = _error(405)
+            response.headers.append(("Allow", "POST"))
+            return response
+        if endpoint == "batch":
+            return self._issue_batch(req, fault, cfg)
+        if endpoint == "single":
+            return self._issue_single(req, cast(str, tail), fault, cfg)
+        return self._place_order(req, cast(str, tail))
+
+    def _mint_locked(self, user_id: str, cfg: FakeSfoxConfig) -> dict[str, str]:
+        token = secrets.token_hex(32)
+        raw = datetime.now(timezone.utc) + timedelta(seconds=cfg.token_ttl)
+        expires, text = _format_expiry(raw, with_millis=self._minted % 2 == 1)
+        self._minted += 1
+        self._tokens[token] = (user_id, expires)
+        return {"token": token, "expires": text, "partner_user_id": user_id}
+
+    def _check_enterprise(self, req: _Request) -> _Response | None:
+        credential = _bearer(req.headers)
+        if credential is None or not secrets.compare_digest(credential.encode(), self._api_key):
+            return _error(401, "invalid api key")
+        return None
+
+    def _issue_batch(self, req: _Request, fault: Fault | None, cfg: FakeSfoxConfig) -> _Response:
+        denied = self._check_enterprise(req)
+        if denied is not None:
+            return denied
+        ok, payload = _parse_json(req.body)
+        if not ok:
+            return _error(400, "invalid JSON body")
+        ids = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(ids, list) or not ids:
+            return _error(400, "data must be a non-empty list of user ids")
+        if not all(isinstance(uid, str) and uid for uid in ids):
+            return _error(400, "user ids must be non-empty strings")
+        with self._lock:
+            for uid in ids:
+                if uid in self._refused:
+                    status, message = self._refused[uid]
+                    return _error(status, message)
+            if cfg.max_batch is not None and len(ids) > cfg.max_batch:
+                return _error(400, "too many users")
+            dropped: str | None = None
+            if fault is not None and fault.kind == "drop_user":
+                dropped = fault.user_id if fault.user_id is not None else ids[0]
+            entries = [self._mint_locked(uid, cfg) for uid in ids if uid != dropped]
+            if fault is not None and fault.kind == "extra_user":
+                entries.append(self._mint_locked(fault.user_id or "intruder", cfg))
+        if cfg.shuffle and len(entries) > 1:
+            shuffled = random.sample(entries, len(entries))
+            # A shuffle may land on the original order; rotate so order can never be relied on.
+            if shuffled == entries:
+                shuffled = shuffled[1:] + shuffled[:1]
+            entries = shuffled
+        return _json_response(201, {"data": entries})
+
+    def _issue_single(
+        self, req: _Request, user_id: str, fault: Fault | None, cfg: FakeSfoxConfig
+    ) -> _Response:
+        denied = self._check_enterprise(req)
+        if denied is not None:
+            return denied
+        with self._lock:
+            if user_id in self._refused:
+                status, message = self._refused[user_id]
+                return _error(status, message)
+            if fault is not None and fault.kind == "drop_user" and fault.user_id in (None, user_id):
+                return _json_response(201, {"data": None})
+            if fault is not None and fault.kind == "extra_user":
+                # The single endpoint has room for one entry: answer for the wrong user.
+                user_id = fault.user_id or "intruder"
+            entry = self._mint_locked(user_id, cfg)
+        return _json_response(201, {"data": entry})
+
+    def _place_order(self, req: _Request, side: str) -> _Response:
+        credential = _bearer(req.headers)
+        with self._lock:
+            entry = self._tokens.get(credential) if credential is not None else None
+            owner = (
+                entry[0] if entry is not None and entry[1] > datetime.now(timezone.utc) else None
+            )
+        if owner is None:
+            return _error(401, "invalid token")
+        if side not in ORDER_SIDES:
+            return _error(400, "side must be buy or sell")
+        ok, body = _parse_json(req.body)
+        if not ok or not isinstance(body, dict):
+            return _error(400, "invalid JSON body")
+        problem = _validate_order(side, body)
+        if problem is not None:
+            return _error(400, problem)
+        client_order_id = body.get("client_order_id")
+        with self._lock:
+            now = time.monotonic()
+            if client_order_id is not None:
+                used_at = self._client_order_ids.get((owner, client_order_id))
+                if used_at is not None and now - used_at < CLIENT_ORDER_ID_TTL:
+                    self._duplicates += 1
+                    return _error(400, "client_order_id already exists")
+                self._client_order_ids[(owner, client_order_id)] = now
+            order = Order(
+                id=self._next_order_id,
+                user_id=owner,
+                side=side,
+                currency_pair=body["currency_pair"],
+                algorithm_id=body["algorithm_id"],
+                quantity=body.get("quantity"),
+                price=body.get("price"),
+                amount=body.get("amount"),
+                client_order_id=client_order_id,
+                placed_at=now,
+            )
+            self._next_order_id += 1
+            self._orders.append(order)
+        return _json_response(201, order.to_dict())
+
+    # ---- control API -------------------------------------------------------------------
+
+    def _handle_control(self, req: _Request) -> _Response:
+        if not self.allow_remote_control and not _is_loopback(req.ip):
+            return _error(403, "control API is loopback-only")
+        name = req.path[len(CONTROL_PREFIX) :]
+        getters = {"health", "stats", "config"}
+        posters = {"faults", "refuse", "unrefuse", "config", "reset", "expire-tokens"}
+        if name not in getters | posters:
+            return _error(404)
+        if req.method in ("GET", "HEAD") and name in getters:
+            if name == "health":
+                return _json_response(200, {"ok": True})
+            if name == "stats":
+                return _json_response(200, self.stats())
+            return _json_response(200, dataclasses.asdict(self._config))
+        if req.method != "POST" or name not in posters:
+            allow = ", ".join(m for m, s in (("GET", getters), ("POST", posters)) if name in s)
+            return _Response(
+                405, json.dumps({"error": "method not allowed"}).encode(), [("Allow", allow)]
+            )
+        if req.body.strip():
+            ok, payload = _parse_json(req.body)
+            if not ok:
+                return _error(400, "invalid JSON body")
+        else:
+            payload = {}
+        try:
+            return self._control_post(name, payload)
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+    def _control_post(self, name: str, payload: Any) -> _Response:
+        if name == "faults":
+            items = payload if isinstance(payload, list) else [payload]
+            faults: list[Fault] = []
+            for item in items:
+                times = item.get("times", 1) if isinstance(item, Mapping) else 1
+                if not _is_int(times) or times < 1:
+                    raise ValueError("times must be an integer >= 1")
+                faults.extend([Fault.from_dict(item)] * times)
+            self.inject(*faults)
+            return _json_response(200, {"queued": len(faults), "pending": len(self.pending_faults)})
+        if name == "reset":
+            self.reset()
+            return _json_response(200, {"ok": True})
+        if not isinstance(payload, dict):
+            raise ValueError("body must be a JSON object")
+        if name == "config":
+            return _json_response(200, dataclasses.asdict(self.configure(**payload)))
+        if name == "expire-tokens":
+            user_id = payload.get("user_id")
+            if user_id is not None and not isinstance(user_id, str):
+                raise ValueError("user_id must be a string")
+            return _json_response(200, {"expired": self.expire_all_tokens(user_id)})
+        user_id = payload.get("user_id")
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError("user_id must be a non-empty string")
+        if name == "unrefuse":
+            self.unrefuse(user_id)
+        else:
+            message = payload.get("message", "user not found")
+            if not isinstance(message, str):
+                raise ValueError("message must be a string")
+            self.refuse(user_id, payload.get("status", 404), message)
+        return _json_response(200, {"ok": True})
+
+
+def _validate_order(side: str, body: Mapping[str, Any]) -> str | None:
+    """The first thing wrong with an order body, or None."""
+    pair = body.get("currency_pair")
+    if not isinstance(pair, str) or not pair:
+        return "currency_pair is required"
+    algorithm_id = body.get("algorithm_id")
+    if algorithm_id is None:
+        return "algorithm_id is required"
+    if not _is_int(algorithm_id) or algorithm_id not in ALGORITHM_IDS:
+        return "invalid algorithm_id"
+    for name in ("quantity", "price", "amount"):
+        value = body.get(name)
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+            return f"{name} must be a positive number"
+    client_order_id = body.get("client_order_id")
+    if client_order_id is not None and (
+        not isinstance(client_order_id, str) or not client_order_id
+    ):
+        return "client_order_id must be a non-empty string"
+    has = {name: body.get(name) is not None for name in ("quantity", "price", "amount")}
+    if algorithm_id == MARKET_ALGORITHM:
+        if side == "buy" and not (has["quantity"] or has["amount"]):
+            return "quantity or amount is required"
+        if side == "sell" and not has["quantity"]:
+            return "quantity is required"
+        return None
+    if not has["price"]:
+        return "price is required"
+    if not has["quantity"]:
+        return "quantity is required"
+    return None
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    # Many worker threads connect at once; the default backlog of 5 turns bursts into
+    # SYN retries that look like latency that sFOX never had.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], fake: FakeSfox) -> None:
+        self.fake = fake
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that hang up mid-request (timeouts in the tests) are expected, not news.
+        if self.fake.config.verbose:
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # Keep-alive, like the real API behind its load balancer; clients reuse pooled connections.
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeSfox/1.0"
+    # Bounds how long an idle keep-alive connection pins a handler thread.
+    timeout = 30
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; with Nagle on, the client's delayed ACK
+        # adds ~40 ms to every response, which would swamp the benchmark's latency setting.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _fake(self) -> FakeSfox:
+        return cast(_Server, self.server).fake
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self._fake().config.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks: list[bytes] = []
+            total = 0
+            while True:
+                size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                total += size
+                if total > _MAX_BODY:
+                    raise ValueError("body too large")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(1024)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0 or length > _MAX_BODY:
+            raise ValueError("bad content length")
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self) -> None:
+        try:
+            body = self._read_body()
+        except ValueError:
+            self.close_connection = True
+            self._write(_error(400, "unreadable request body"))
+            return
+        request = _Request(
+            method=self.command,
+            path=urlsplit(self.path).path or "/",
+            ip=str(self.client_address[0]),
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+        )
+        self._write(self._fake()._handle(request))
+
+    def _write(self, response: _Response) -> None:
+        if response.reset:
+            self._abort()
+            return
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", "application/json")
+            for name, value in response.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(response.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(response.body)
+        except OSError:  # the client gave up (e.g. its read timeout fired during a delay)
+            self.close_connection = True
+
+    def _abort(self) -> None:
+        # Half a status line guarantees the client cannot parse a response out of it, and
+        # SO_LINGER 0 turns the server's close into an RST: the client sees a connection error.
+        self.close_connection = True
+        try:
+            self.wfile.write(b"HTTP/1.1 2")
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _default_api_key() -> str:
+    return (
+        os.environ.get("SFOX_ENTERPRISE_API_KEY")
+        or os.environ.get("ENTERPRISE_API_KEY")
+        or "fake-enterprise-key"
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.fake_sfox",
+        description="Serve a fake sFOX API (user tokens, orders) with fault injection.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8900, help="0 picks a free port")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="enterprise key to accept (default: $SFOX_ENTERPRISE_API_KEY, "
+        "$ENTERPRISE_API_KEY, else 'fake-enterprise-key')",
+    )
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
+    parser.add_argument("--rate-limit", type=int, default=None, help="requests per window per IP")
+    parser.add_argument("--rate-window", type=float, default=10.0)
+    parser.add_argument("--rate-penalty", type=float, default=60.0)
+    parser.add_argument(
+        "--retry-after", action="store_true", help="send Retry-After on rate-limit 429s"
+    )
+    parser.add_argument("--no-shuffle", action="store_true", help="keep token response order")
+    parser.add_argument("--max-batch", type=int, default=None)
+    parser.add_argument("--token-ttl", type=float, default=86400.0)
+    parser.add_argument(
+        "--refuse", action="extend", nargs="+", default=[], metavar="USER_ID",
+        help="user ids whose token requests get 404 user not found",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fail-every", type=int, default=None, metavar="N",
+        help="every Nth token request answers 503",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-remote-control",
+        action="store_true",
+        help="accept /_fake/ control requests from non-loopback clients (docker networks)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the fake until SIGINT/SIGTERM."""
+    args = _build_parser().parse_args(argv)
+    try:
+        fake = FakeSfox(
+            args.api_key or _default_api_key(),
+            args.host,
+            args.port,
+            latency=args.latency,
+            rate_limit=args.rate_limit,
+            rate_window=args.rate_window,
+            rate_penalty=args.rate_penalty,
+            retry_after_on_limit=args.retry_after,
+            shuffle=not args.no_shuffle,
+            max_batch=args.max_batch,
+            token_ttl=args.token_ttl,
+            fail_every=args.fail_every,
+            refused=args.refuse,
+            allow_remote_control=args.allow_remote_control,
+            verbose=args.verbose,
+        )
+    except ValueError as exc:
+        print(f"fake_sfox: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    fake.start()
+    print(f"fake sFOX listening on http://{args.host}:{fake.port}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
