@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-from tasks._backend import backend_url
 from tasks._settings import (
     DEFAULT_API_URL,
     DEFAULT_RATE_LIMIT,
@@ -33,9 +32,8 @@ def _redis_url(*urls: str | None) -> str | None:
 # -- broker and results ------------------------------------------------------------
 
 broker_url = _env("CELERY_BROKER_URL", "redis://localhost:6379/0")
-_backend = _env("CELERY_RESULT_BACKEND", broker_url)
-# Redis URLs get the backend that gives mint results their own short TTL.
-result_backend = backend_url(_backend or "")
+# A Redis backend gets mint results their own short TTL (see tasks._backend).
+result_backend = _env("CELERY_RESULT_BACKEND", broker_url)
 
 #: Seconds a message may stay unacknowledged before Redis hands it to another worker.
 #: It bounds recovery after a worker dies; it must exceed the longest task run and countdown.
@@ -96,7 +94,7 @@ sfox_max_user_ids = _env("SFOX_MAX_USER_IDS")
 sfox_rate_limit = _env("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT)
 sfox_rate_limit_penalty = _env("SFOX_RATE_LIMIT_PENALTY", str(DEFAULT_RATE_LIMIT_PENALTY))
 # The limiter needs Redis; by default the broker's, else the result backend's.
-sfox_limiter_url = _env("SFOX_LIMITER_URL") or _redis_url(broker_url, _backend)
+sfox_limiter_url = _env("SFOX_LIMITER_URL") or _redis_url(broker_url, result_backend)
 sfox_token_seal_key = _env("SFOX_TOKEN_SEAL_KEY")
 sfox_connect_timeout = _env("SFOX_CONNECT_TIMEOUT")
 sfox_read_timeout = _env("SFOX_READ_TIMEOUT")

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.app import backends
+from celery.backends.redis import RedisBackend
+
+from tasks._backend import TokenRedisBackend
 
 __all__ = ["app"]
 
-app = Celery("tasks")
+
+class SfoxCelery(Celery):  # type: ignore[misc]
+    """Celery, with Redis results that honour a task's own ``result_ttl``.
+
+    The backend is swapped here rather than through the ``result_backend``
+    setting because ``CELERY_RESULT_BACKEND`` in the environment overrides that
+    setting wherever Celery reads it.
+    """
+
+    def _get_backend(self) -> Any:
+        backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
+        if backend is RedisBackend:
+            backend = TokenRedisBackend
+        return backend(app=self, url=url)
+
+
+app = SfoxCelery("tasks")
 app.config_from_object("celeryconfig")

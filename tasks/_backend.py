@@ -15,21 +15,11 @@ from typing import Any
 
 from celery.backends.redis import RedisBackend
 
-__all__ = ["TokenRedisBackend", "backend_url"]
+__all__ = ["TokenRedisBackend"]
 
 _expiry: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "sfox_result_ttl", default=None
 )
-
-#: Scheme prefix that makes Celery load this class for a ``redis://`` URL.
-BACKEND_PREFIX = "tasks._backend:TokenRedisBackend+"
-
-
-def backend_url(url: str) -> str:
-    """The result-backend setting for ``url``: ours for Redis URLs, unchanged otherwise."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return BACKEND_PREFIX + url
-    return url
 
 
 class TokenRedisBackend(RedisBackend):  # type: ignore[misc]

@@ -128,6 +128,8 @@ class RetryPolicy:
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             assert isinstance(exc, TransientError)
+            if budget.failures >= self.settings.attempts:
+                return 0.0  # tenacity asks before it stops; there is no next attempt
             delay = self.delay_for(exc, budget.failures)
             if delay > self.remaining(budget):
                 self.check_deadline(budget, what)

@@ -95,7 +95,9 @@ def fake_sfox(fake_sfox_server: FakeSfox) -> FakeSfox:
 def worker(fake_sfox_server: FakeSfox, redis_client: redis.Redis, tmp_path_factory):
     """A real ``celery -A tasks worker`` (prefork, 2 processes) for the session."""
     proc = WorkerProcess(
-        name="main", log_dir=tmp_path_factory.mktemp("worker"), env={"SFOX_API_URL": fake_sfox_server.url}
+        name="main",
+        log_dir=tmp_path_factory.mktemp("worker"),
+        env={"SFOX_API_URL": fake_sfox_server.url},
     )
     proc.start()
     yield proc

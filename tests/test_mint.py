@@ -124,7 +124,11 @@ def test_429_pauses_every_worker_sharing_the_limiter(fake_sfox, sleeps, sealer, 
     """After one worker's 429, another worker on the same Redis limiter waits too."""
     rate = Rate(1000, 1.0)
     first = make_minter(
-        fake_sfox, sleeps, sealer, limiter=RedisLimiter.from_url(REDIS_URL, rate), inprocess_wait_max=1
+        fake_sfox,
+        sleeps,
+        sealer,
+        limiter=RedisLimiter.from_url(REDIS_URL, rate),
+        inprocess_wait_max=1,
     )
     other = RedisLimiter.from_url(REDIS_URL, rate)
     fake_sfox.inject(Fault.status(429, retry_after=5))

@@ -32,10 +32,24 @@ class WorkerProcess:
         self.log_path = log_dir / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
         self.args = [
-            sys.executable, "-m", "celery", "-A", "tasks", "worker",
-            "-l", loglevel, "-P", pool, "-c", str(concurrency),
-            "-n", self.name, "--without-gossip", "--without-mingle",
-            "--include", "tests.testtasks",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-l",
+            loglevel,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            self.name,
+            "--without-gossip",
+            "--without-mingle",
+            "--include",
+            "tests.testtasks",
         ]
         if queues:
             self.args += ["-Q", queues]
@@ -95,7 +109,7 @@ class EventRecorder:
                     receiver.capture(limit=None, timeout=0.5, wakeup=False)
                 except (TimeoutError, OSError):
                     continue
-                except Exception as exc:  # noqa: BLE001 - socket.timeout flavours
+                except Exception as exc:
                     if "timed out" in str(exc) or "timeout" in type(exc).__name__.lower():
                         continue
                     raise

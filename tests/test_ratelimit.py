@@ -1,0 +1,111 @@
+"""The shared limiter on real Redis: the sliding-window guarantee and the shared pause."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tasks._exceptions import ConfigurationError
+from tasks._ratelimit import LimiterWait, LocalLimiter, RedisLimiter, acquire
+from tasks._settings import Rate
+from tests.conftest import REDIS_URL
+
+
+def surely_in_one_window(grants: list[tuple[float, float]], window: float) -> int:
+    """Most grants certainly inside one window, each known only as (sent, answered).
+
+    A grant happened somewhere between its call and its answer, so two grants are
+    surely closer than ``window`` when the later answer came less than ``window``
+    after the earlier call.
+    """
+    grants = sorted(grants)
+    return max(
+        sum(1 for b, a in grants if b >= start and a < start + window) for start, _ in grants
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "period"),
+    [("240/10s", 240, 10.0), ("5/s", 5, 1.0), ("100/500ms", 100, 0.5), ("60/1m", 60, 60.0)],
+)
+def test_rate_parses(text, limit, period):
+    """N/Ss and its unit variants parse to limit and period."""
+    assert Rate.parse(text) == Rate(limit, period)
+
+
+@pytest.mark.parametrize("text", ["", "240", "x/10s", "0/10s", "240/0s", "10/10d"])
+def test_bad_rate_is_refused(text):
+    """A malformed SFOX_RATE_LIMIT is a configuration error naming the variable."""
+    with pytest.raises(ConfigurationError, match="SFOX_RATE_LIMIT"):
+        Rate.parse(text)
+
+
+def test_redis_limiter_never_exceeds_its_window_under_contention(redis_client):
+    """Eight threads with their own connections never get more than N slots in any window."""
+    rate = Rate(20, 0.5)
+    granted: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 2.0
+
+    def hammer() -> None:
+        limiter = RedisLimiter.from_url(REDIS_URL, rate)
+        while time.monotonic() < stop_at:
+            sent = time.monotonic()
+            wait, _ = limiter.try_acquire()
+            if wait == 0:
+                with lock:
+                    granted.append((sent, time.monotonic()))
+            else:
+                time.sleep(min(wait, 0.01))
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert surely_in_one_window(granted, rate.period) <= rate.limit
+    # It is not starving either: about four windows' worth went through.
+    assert len(granted) >= 3 * rate.limit
+
+
+def test_no_burst_of_twice_the_limit_across_a_window_edge(redis_client):
+    """N at the end of one window and N more at the start of the next is impossible."""
+    rate = Rate(10, 1.0)
+    limiter = RedisLimiter.from_url(REDIS_URL, rate)
+    assert all(limiter.try_acquire()[0] == 0 for _ in range(10))
+    wait, paused = limiter.try_acquire()
+    assert not paused and 0.9 < wait <= 1.0
+    time.sleep(0.3)
+    assert limiter.try_acquire()[0] > 0.5  # still the same sliding window
+
+
+def test_pause_is_shared_and_only_extended(redis_client):
+    """A pause set by one limiter holds every other; a shorter pause cannot cut it short."""
+    rate = Rate(100, 1.0)
+    one, two = RedisLimiter.from_url(REDIS_URL, rate), RedisLimiter.from_url(REDIS_URL, rate)
+    one.pause(3.0)
+    two.pause(1.0)
+    wait, paused = two.try_acquire()
+    assert paused and 2.5 < wait <= 3.0
+
+
+def test_acquire_sleeps_short_waits_and_raises_long_ones():
+    """acquire() sleeps waits up to max_wait; a longer wait raises LimiterWait, taking no slot."""
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    limiter = LocalLimiter(Rate(2, 1.0), clock=lambda: now[0])
+    acquire(limiter, max_wait=5, sleep=sleep)
+    acquire(limiter, max_wait=5, sleep=sleep)
+    acquire(limiter, max_wait=5, sleep=sleep)
+    assert slept and abs(slept[0] - 1.0) < 1e-3
+    limiter.pause(30)
+    with pytest.raises(LimiterWait) as caught:
+        acquire(limiter, max_wait=5, sleep=sleep)
+    assert caught.value.paused and caught.value.seconds == pytest.approx(30)
