@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from celery import states
@@ -202,9 +203,13 @@ def dump_redis(client) -> str:
     return "\n".join(parts)
 
 
-def test_console_script_is_installed():
-    """pip install gives the sfox-tokens console script."""
+def test_demo_runs_end_to_end_on_an_embedded_broker():
+    """`sfox-tokens demo` mints through a real worker, reports the refused user, masks tokens."""
+    script = Path(sys.executable).with_name("sfox-tokens")
     out = subprocess.run(
-        [sys.executable, "-m", "tasks._cli", "--help"], cwd=ROOT, capture_output=True, text=True
+        [str(script), "demo"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
-    assert out.returncode == 0 and "demo" in out.stdout
+    assert out.returncode == 0, out.stderr
+    assert "embedded in-process broker" in out.stdout
+    assert "11 minted, 1 failed" in out.stdout
+    assert "failed (404)" in out.stdout and "••••" in out.stdout
