@@ -28,13 +28,13 @@ def mask(token: str) -> str:
     return "••••" + token[-4:] if len(token) > 12 else "••••"
 
 
-def print_table(rows: list[tuple[str, ...]], headers: tuple[str, ...]) -> None:
+def print_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line)
     print("  ".join("-" * w for w in widths))
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
 @contextmanager
