@@ -1,0 +1,200 @@
+"""CPU cost of one 100-user batch in the package, and where it goes.
+
+Against a stand-in with no latency and no rate limit:
+
+- :func:`in_process` times the in-process path unprofiled, on the process
+  CPU clock: the whole :class:`~tasks._mint.Minter` per batch, and its parts
+  alone (the sFOX client's request and parsing, sealing 100 tokens, one
+  limiter call).
+- :class:`Spy` samples a real prefork worker (main and pool processes) with
+  py-spy while it mints: a sampling profiler counts only threads on a CPU,
+  costs the worker almost nothing, and sees the Celery glue as well as the
+  package. :func:`summarize_spy` splits the samples into components by the
+  deepest package entry point on each stack, and names the hot spots by the
+  function on top of the stack.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: Samples per second per process.
+SPY_RATE = 1000
+
+#: (component, qualified name, file suffix), matched against each stack frame.
+_ENTRY = (
+    ("sealing (Fernet)", "Sealer.seal", "tasks/_seal.py"),
+    ("limiter (Redis EVALSHA)", "RedisLimiter.try_acquire", "tasks/_ratelimit.py"),
+    ("HTTP request + JSON decode (requests)", "SfoxClient._post", "tasks/_client.py"),
+    ("token entries: checks, expires", "SfoxClient.create_user_tokens", "tasks/_client.py"),
+    ("minter bookkeeping", "Minter._request.<locals>.send", "tasks/_mint.py"),
+    ("retry wrapper (tenacity)", "RetryPolicy.call", "tasks/_retry.py"),
+    ("minter bookkeeping", "Minter.mint", "tasks/_mint.py"),
+)
+GLUE = "Celery glue: consume, trace, validate, result, events, ack"
+
+
+def _cpu(fn: Callable[[], Any]) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
+def in_process(
+    fake_url: str, api_key: str, redis_url: str, *, users: int, batch_size: int = 100
+) -> dict[str, Any]:
+    """Unprofiled CPU per batch (ms) of the Minter and of its parts alone."""
+    from tasks._client import SfoxClient
+    from tasks._mint import Minter
+    from tasks._ratelimit import RedisLimiter
+    from tasks._retry import RetryPolicy
+    from tasks._seal import Sealer
+    from tasks._settings import Rate, RetrySettings
+
+    client = SfoxClient(fake_url, api_key)
+    # A limit no run reaches: the limiter's cost is measured, never its waits.
+    limiter = RedisLimiter.from_url(redis_url, Rate(10_000_000, 10.0))
+    sealer = Sealer.for_keys((), api_key, 900)
+    minter = Minter(
+        client,
+        limiter,
+        RetryPolicy(RetrySettings()),
+        sealer,
+        batch_size=batch_size,
+        rate_limit_penalty=60.0,
+    )
+    ids = [f"prof-{index:07d}" for index in range(users)]
+    batches = [ids[i : i + batch_size] for i in range(0, users, batch_size)]
+    minter.mint(ids[: batch_size * 5])  # warm: connections, imports, script load
+    tokens = [f"{index:064x}" for index in range(batch_size)]
+    per = 1000.0 / len(batches)
+    measured = {
+        "minter_ms": _cpu(lambda: minter.mint(ids)) * per,
+        "client_ms": _cpu(lambda: [client.create_user_tokens(b) for b in batches]) * per,
+        "seal_ms": _cpu(lambda: [sealer.seal(t) for _ in batches for t in tokens]) * per,
+        "limiter_ms": _cpu(lambda: [limiter.try_acquire() for _ in batches]) * per,
+    }
+    measured["rest_ms"] = measured["minter_ms"] - (
+        measured["client_ms"] + measured["seal_ms"] + measured["limiter_ms"]
+    )
+    client.close()
+    return {"users": users, "batches": len(batches), "measured": measured}
+
+
+def py_spy() -> str | None:
+    """The py-spy executable beside this interpreter, or on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+class Spy:
+    """py-spy recording a process and its subprocesses until :meth:`stop`."""
+
+    def __init__(self, pid: int, out: Path, log: Path) -> None:
+        exe = py_spy()
+        if exe is None:
+            raise FileNotFoundError("py-spy is not installed (pip install -e '.[bench]')")
+        self.out = out
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--subprocesses",
+                "--rate",
+                str(SPY_RATE),
+                "--nolineno",
+                "--full-filenames",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--gil",
+                "--output",
+                str(out),
+            ],
+            stdout=self._log,
+            stderr=self._log,
+        )
+        time.sleep(0.5)  # let it attach before the work starts
+        if self.proc.poll() is not None:
+            self._log.close()
+            raise RuntimeError(f"py-spy exited with {self.proc.returncode}; see {log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+def _frame_matches(frame: str, name: str, suffix: str) -> bool:
+    return frame.startswith(name + " (") and frame.endswith(suffix + ")")
+
+
+def _short(frame: str) -> str:
+    name, _, path = frame.partition(" (")
+    path = path.rstrip(")")
+    for marker in ("site-packages/", "/wt5/", "/work/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    else:
+        if "/lib/python3" in path:
+            path = "stdlib/" + path.rsplit("/", 1)[-1]
+    return f"{path}:{name}"
+
+
+def summarize_spy(
+    path: Path, batches: int, *, rate: int = SPY_RATE, top: int = 12
+) -> dict[str, Any]:
+    """Per-batch CPU (ms) by component and the top functions, from py-spy's raw output."""
+    components: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    main_process = 0
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        processes = [f for f in frames if f.startswith("process ")]
+        code = [f for f in frames if not f.startswith("process ")]
+        component = GLUE
+        for frame in reversed(code):
+            match = next((c for c, n, s in _ENTRY if _frame_matches(frame, n, s)), None)
+            if match:
+                component = match
+                break
+        components[component] += count
+        if code:
+            leaves[_short(code[-1])] += count
+        if len(processes) <= 1:
+            main_process += count
+        total += count
+    per = 1000.0 / rate / max(batches, 1)
+    return {
+        "batches": batches,
+        "samples": total,
+        "total_ms": total * per,
+        "main_process_ms": main_process * per,
+        "components_ms": {name: count * per for name, count in components.most_common()},
+        "hot_spots": [
+            {"function": name, "ms": count * per, "share": count / total if total else 0.0}
+            for name, count in leaves.most_common(top)
+        ],
+    }

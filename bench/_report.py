@@ -1,0 +1,434 @@
+"""Turns the benchmark's results into ``RESULTS.md`` and ``chart.png``.
+
+Everything written here is computed from ``results.json``: the tables, the
+targets and their verdicts, and the figures quoted in the discussion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+APPROACH_ORDER = (
+    "package: with_user_tokens",
+    "package: mint tasks",
+    "plain loop",
+    "naive",
+    "bound",
+)
+
+#: The issue's targets.
+TARGET_BOUND = 0.95
+TARGET_VS_PLAIN = 1.05
+TARGET_RSS_GROWTH_MB = 30.0
+TARGET_CPU_MS = 2.0
+
+
+def _order(approach: str) -> tuple[int, str]:
+    for index, prefix in enumerate(APPROACH_ORDER):
+        if approach.startswith(prefix):
+            # "plain loop, 1 thread" after "plain loop, N threads"
+            return index, "~" if approach.endswith("1 thread") else approach
+    return len(APPROACH_ORDER), approach
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _s(value: float) -> str:
+    return f"{value:,.2f}" if value < 100 else f"{value:,.1f}"
+
+
+def rate_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results["rows"] if r["section"] == "rate"]
+
+
+def grid_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results["rows"] if r["section"] == "grid"]
+
+
+def _find(rows: Iterable[dict[str, Any]], prefix: str, users: int) -> dict[str, Any] | None:
+    for row in rows:
+        if row["approach"].startswith(prefix) and row["users"] == users and not row["skipped"]:
+            return row
+    return None
+
+
+def _plain_for(rows: list[dict[str, Any]], users: int) -> dict[str, Any] | None:
+    for row in rows:
+        if (
+            row["approach"].startswith("plain loop")
+            and not row["approach"].endswith("1 thread")
+            and row["users"] == users
+        ):
+            return row
+    return None
+
+
+def _ratios(rows: list[dict[str, Any]], row: dict[str, Any]) -> tuple[str, str]:
+    bound = _find(rows, "bound", row["users"])
+    plain = _plain_for(rows, row["users"])
+    of_bound = f"{bound['wall_s'] / row['wall_s']:.0%}" if bound and row["wall_s"] else ""
+    vs_plain = ""
+    if plain and row["wall_s"] and row["approach"] != "bound":
+        vs_plain = f"{row['wall_s'] / plain['wall_s']:.2f}×"
+    return of_bound, vs_plain
+
+
+def rate_table(results: dict[str, Any]) -> str:
+    rows = rate_rows(results)
+    lines = [
+        "| N | approach | wall (s) | tokens/s | requests | 429s | peak RSS (MB) "
+        "largest process / total | of bound | time vs plain loop |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for users in results["config"]["sizes"]:
+        group = sorted(
+            (r for r in rows if r["users"] == users), key=lambda r: _order(r["approach"])
+        )
+        for row in group:
+            if row["skipped"]:
+                lines.append(f"| {_n(users)} | {row['approach']} | *skipped: {row['skipped']}* "
+                             "| | | | | | |")  # fmt: skip
+                continue
+            of_bound, vs_plain = _ratios(rows, row)
+            projected = row["projected"]
+            name = row["approach"] + (" *(projected)*" if projected else "")
+            if row["approach"] == "bound":
+                lines.append(
+                    f"| {_n(users)} | **bound** (N / batch / rate) | {_s(row['wall_s'])} | "
+                    f"{_n(row['tokens_per_s'])} | {_n(row['requests'])} | | | 100% | |"
+                )
+                continue
+            rss = (
+                ""
+                if projected
+                else f"{row['rss_largest_mb']:.1f} / {row['rss_total_mb']:.1f}"
+                if row["approach"].startswith("package")
+                else f"{row['rss_largest_mb']:.1f}"
+            )
+            lines.append(
+                f"| {_n(users)} | {name} | {_s(row['wall_s'])} | {_n(row['tokens_per_s'])} | "
+                f"{_n(row['requests'])} | {'' if projected else row['rate_limited']} | {rss} | "
+                f"{of_bound} | {vs_plain} |"
+            )
+    return "\n".join(lines)
+
+
+def grid_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| stand-in latency | concurrency | approach | wall (s) | tokens/s | requests/s | "
+        "client CPU per batch (ms) | stand-in CPU (% of a core) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in grid_rows(results):
+        if row["skipped"]:
+            lines.append(
+                f"| {row['latency'] * 1000:g} ms | {row['concurrency']} | {row['approach']} | "
+                "*skipped* | | | | |"
+            )
+            continue
+        wall = row["wall_s"] or 1.0
+        per_batch = row["worker_cpu_s"] / max(row["requests"], 1) * 1000
+        lines.append(
+            f"| {row['latency'] * 1000:g} ms | {row['concurrency']} | {row['approach']} | "
+            f"{_s(row['wall_s'])} | {_n(row['tokens_per_s'])} | {_n(row['requests'] / wall)} | "
+            f"{per_batch:.2f} | {row['fake_cpu_s'] / wall:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def worker_cpu_per_batch(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The real prefork worker's CPU per batch, from the profile run or the grid."""
+    worker = (results.get("profile") or {}).get("worker") or {}
+    grid = {
+        r["concurrency"]: r["worker_cpu_s"] / r["requests"] * 1000
+        for r in grid_rows(results)
+        if r["approach"] == "package: mint tasks" and r["latency"] == 0 and r["requests"]
+    }
+    if "psutil_ms" in worker:
+        return {"ms": worker["psutil_ms"], "concurrency": worker["concurrency"], "grid": grid}
+    if grid:
+        concurrency = min(grid, key=lambda c: grid[c])
+        return {"ms": grid[concurrency], "concurrency": concurrency, "grid": grid}
+    return None
+
+
+def profile_section(results: dict[str, Any]) -> str:
+    profile = results.get("profile") or {}
+    if not profile:
+        return "*Not run (`--sections` left out `profile`).*"
+    config = results["config"]
+    inproc = profile["in_process"]
+    m = inproc["measured"]
+    worker = profile["worker"]
+    real = worker_cpu_per_batch(results)
+    out = []
+    if real:
+        grid = ", ".join(f"{ms:.2f} ms at concurrency {c}" for c, ms in real["grid"].items())
+        out.append(
+            f"- **Real worker, whole path: {real['ms']:.2f} ms of CPU per batch**: a prefork "
+            f"worker × {real['concurrency']} minting {config['profile_users']:,} users in mint "
+            f"tasks of {config['grid_chunk']:,}, the stand-in without latency; CPU seconds of "
+            "the worker's main and pool processes (psutil) over the requests the stand-in "
+            "counted. " + (f"The grid's no-latency runs: {grid}." if grid else "")
+        )
+    out.append(
+        f"- In-process Minter (client + Redis limiter + sealer, no Celery), unprofiled: "
+        f"**{m['minter_ms']:.2f} ms per batch**; alone, the sFOX client (request, JSON, entry "
+        f"checks) {m['client_ms']:.2f} ms, sealing 100 tokens {m['seal_ms']:.2f} ms, one "
+        f"limiter call {m['limiter_ms']:.2f} ms; the rest (retry wrapper, bookkeeping) "
+        f"{m['rest_ms']:.2f} ms ({inproc['batches']:,} batches)."
+    )
+    if worker.get("error"):
+        out.append(f"- {worker['error']}")
+        return "\n".join(out)
+    out.append(
+        f"- The same worker run sampled by py-spy ({worker['samples']:,} samples of threads on "
+        f"a CPU, main and pool processes): {worker['total_ms']:.2f} ms per batch, of which the "
+        f"worker's main process {worker['main_process_ms']:.2f} ms."
+    )
+    out += [
+        "",
+        "Where the worker's CPU goes, per batch (py-spy; a sample counts for the deepest "
+        "package function on its stack):",
+        "",
+        "| component | ms per batch | share |",
+        "| --- | ---: | ---: |",
+    ]
+    total = worker["total_ms"] or 1.0
+    for name, value in sorted(worker["components_ms"].items(), key=lambda kv: -kv[1]):
+        out.append(f"| {name} | {value:.2f} | {value / total:.0%} |")
+    out += [
+        "",
+        "Hot spots: the functions on top of the stack (own time), per batch:",
+        "",
+        "| function | ms per batch | share |",
+        "| --- | ---: | ---: |",
+    ]
+    for spot in worker["hot_spots"]:
+        out.append(f"| `{spot['function']}` | {spot['ms']:.3f} | {spot['share']:.1%} |")
+    return "\n".join(out)
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for each of the issue's targets that was measured."""
+    rows = rate_rows(results)
+    sizes = results["config"]["sizes"]
+    out: list[tuple[str, str, str]] = []
+    if not rows:
+        return out
+    package = [r for r in rows if r["approach"].startswith("package") and not r["skipped"]]
+    measured_429 = [r for r in rows if not r["projected"] and r["approach"] != "bound"]
+    total_429 = sum(r["rate_limited"] for r in measured_429)
+    pkg_429 = sum(r["rate_limited"] for r in package)
+    worst = max((r["max_in_window"] for r in measured_429), default=0)
+    out.append(
+        (
+            "zero 429s at every N",
+            f"{pkg_429} from the package, {total_429} in all runs; busiest 10 s window at "
+            f"the stand-in: {worst} requests (rule: 250)",
+            "met" if total_429 == 0 else "missed",
+        )
+    )
+    largest = max(sizes)
+    for approach in ("package: with_user_tokens", "package: mint tasks"):
+        row = _find(rows, approach, largest)
+        bound = _find(rows, "bound", largest)
+        if row and bound:
+            share = bound["wall_s"] / row["wall_s"]
+            out.append(
+                (
+                    f"≥ 95% of the bound at {_n(largest)} ({approach})",
+                    f"{share:.1%} ({_s(row['wall_s'])} s against {_s(bound['wall_s'])} s)",
+                    "met" if share >= TARGET_BOUND else f"missed by {TARGET_BOUND - share:.1%}",
+                )
+            )
+        plain = _plain_for(rows, largest)
+        if row and plain:
+            ratio = row["wall_s"] / plain["wall_s"]
+            smaller = [
+                f"{_n(n)}: {r['wall_s'] / p['wall_s']:.2f}×"
+                for n in sizes
+                if n != largest and (r := _find(rows, approach, n)) and (p := _plain_for(rows, n))
+            ]
+            out.append(
+                (
+                    f"within 5% of the plain loop ({approach})",
+                    f"{ratio:.3f}× the plain loop's time at {_n(largest)}"
+                    + (f" (smaller N: {', '.join(smaller)})" if smaller else ""),
+                    "met at the limit"
+                    if ratio <= TARGET_VS_PLAIN
+                    else f"missed by {ratio - TARGET_VS_PLAIN:.1%}",
+                )
+            )
+        small = _find(rows, approach, min(sizes))
+        if row and small and largest != min(sizes):
+            growth = row["rss_largest_mb"] - small["rss_largest_mb"]
+            growth_total = row["rss_total_mb"] - small["rss_total_mb"]
+            out.append(
+                (
+                    f"worker peak RSS grows < 30 MB, {_n(min(sizes))} → {_n(largest)} ({approach})",
+                    f"{growth:+.1f} MB, largest pool process ({small['rss_largest_mb']:.1f} → "
+                    f"{row['rss_largest_mb']:.1f} MB); worker total {growth_total:+.1f} MB",
+                    "met" if growth < TARGET_RSS_GROWTH_MB else "missed",
+                )
+            )
+    real = worker_cpu_per_batch(results)
+    if real:
+        out.append(
+            (
+                "CPU per 100-user batch < 2 ms",
+                f"{real['ms']:.2f} ms (real prefork worker, whole path)",
+                "met" if real["ms"] < TARGET_CPU_MS else f"missed by {real['ms'] - 2:.2f} ms",
+            )
+        )
+    return out
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """tokens/s against N, one line per approach, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rate_rows(results) if not r["skipped"]]
+    approaches = sorted({r["approach"] for r in rows}, key=_order)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    styles = {
+        "package: with_user_tokens": ("tab:blue", "o", "-"),
+        "package: mint tasks": ("tab:green", "s", "-"),
+        "naive": ("tab:red", "v", "-"),
+        "bound": ("black", "", "--"),
+    }
+    for approach in approaches:
+        points = sorted((r for r in rows if r["approach"] == approach), key=lambda r: r["users"])
+        color, marker, line = next(
+            (style for prefix, style in styles.items() if approach.startswith(prefix)),
+            ("tab:orange" if approach.endswith("1 thread") else "tab:purple", "D", "-"),
+        )
+        if approach.endswith("1 thread"):
+            line = ":"
+        measured = [r for r in points if not r["projected"]]
+        ax.plot(
+            [r["users"] for r in measured],
+            [r["tokens_per_s"] for r in measured],
+            linestyle=line,
+            marker=marker,
+            color=color,
+            label=approach,
+        )
+        projected = [r for r in points if r["projected"]]
+        if projected and measured:
+            last = measured[-1]
+            ax.plot(
+                [last["users"], *[r["users"] for r in projected]],
+                [last["tokens_per_s"], *[r["tokens_per_s"] for r in projected]],
+                linestyle="--",
+                marker=marker,
+                markerfacecolor="white",
+                color=color,
+                label=f"{approach} (projected)",
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("users N (log scale)")
+    ax.set_ylabel("tokens per second (log scale)")
+    config = results["config"]
+    ax.set_title(
+        f"Minting N tokens: stand-in latency {config['latency'] * 1000:g} ms, "
+        f"sFOX rule {config['sfox_rule']}, package limit {config['rate']}",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any], discussion: str = "") -> str:
+    config = results["config"]
+    machine = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {results['when']} by `{config['command'].strip()}` "
+        f"({results['elapsed_s'] / 60:.1f} min) on {machine['cpus']} CPUs, "
+        f"{machine['memory_gb']} GB, Python {machine['python']}. "
+        + (
+            "**Smoke run: tiny N, no rate limits; the figures mean nothing.** "
+            if config["smoke"]
+            else ""
+        )
+        + "Regenerate with `make bench`.",
+        "",
+        "Set-up: the sFOX stand-in (`tasks.fake_sfox`) runs as its own process, "
+        f"{config['latency'] * 1000:g} ms latency per request, sFOX's per-IP rule "
+        f"{config['sfox_rule']}. The package: {config['workers']} Celery worker(s) × "
+        f"{config['concurrency']} prefork processes, `SFOX_RATE_LIMIT={config['rate']}` "
+        f"shared through Redis, batches of {config['batch_size']}, at most "
+        f"{config['max_user_ids']:,} users per mint task. Every run starts on an empty limiter "
+        "window, with a stand-in that forgot its history and penalties (`/_fake/reset`), and "
+        "(package runs) freshly started workers.",
+        "",
+        "## At sFOX's rate limit",
+        "",
+        rate_table(results),
+        "",
+        "![tokens per second against N](chart.png)",
+        "",
+        "- *package: with_user_tokens*: `with_user_tokens(ids, bench.noop.s())`, timed until "
+        "the no-op downstream has run for all N users. *package: mint tasks*: "
+        "`sfox.mint_user_tokens` alone, one task per "
+        f"{config['max_user_ids']:,} users sent together, timed until every result is read.",
+        "- *plain loop*: one process, one `requests.Session`, a client-side sliding-window "
+        f"limiter at {config['rate']}, no Celery and no sealing (`bench/_plain.py`); with as "
+        "many threads as the package has pool processes, and with one. *naive*: "
+        "`POST /v1/enterprise/user-tokens/{id}` per user, same process, threads and limiter; "
+        f"measured up to {config['naive_max']:,} users, projected beyond from the largest "
+        "measured run's rate.",
+        "- *requests* and *429s* are counted by the stand-in. *Peak RSS* is sampled every "
+        "100 ms with psutil: for the package, the largest single pool process and the sum "
+        "of the worker's main and pool processes; for the loops, their one process.",
+        "- *of bound*: the bound's time over the run's (above 100% at small N because the "
+        "sliding window lets the first full window's requests go at once). *time vs plain "
+        "loop*: the run's time over the plain loop's with the package's parallelism.",
+        "",
+        "## The pipeline's own ceiling (rate limits off)",
+        "",
+        f"{config['grid_users']:,} users; the stand-in's limit off and "
+        f"`SFOX_RATE_LIMIT={results.get('unlimited_rate', '10000000/10s')}` (the limiter "
+        "still runs, it never waits). Mint tasks of "
+        f"{config['grid_chunk']:,} users so every pool process has work. *Client CPU per "
+        "batch*: CPU seconds of the worker's processes (or the loop's one process) over the "
+        "requests sent. On this machine everything (stand-in, Redis, workers, loop) shares "
+        f"{machine['cpus']} CPUs, so without latency the CPUs are the limit.",
+        "",
+        grid_table(results),
+        "",
+        "## CPU per 100-user batch",
+        "",
+        profile_section(results),
+        "",
+        "## Targets",
+        "",
+        "| target | measured | verdict |",
+        "| --- | --- | --- |",
+        *[f"| {t} | {m} | {v} |" for t, m, v in targets(results)],
+        "",
+    ]
+    if results["with_user_tokens"] != "measured":
+        lines += [f"*{results['with_user_tokens']}.*", ""]
+    if discussion:
+        lines += ["## Discussion", "", discussion.strip(), ""]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: Path, discussion: str = "") -> None:
+    """``RESULTS.md`` and ``chart.png`` in ``out``."""
+    chart(results, out / "chart.png")
+    (out / "RESULTS.md").write_text(markdown(results, discussion))

@@ -1,0 +1,623 @@
+"""The benchmark: ``python -m bench.run [--concurrency 4] [--sizes 1000,10000,100000]``.
+
+Starts real parts (Redis, the sFOX stand-in as its own process with a set
+latency and sFOX's 250 / 10 s per-IP rule, real Celery workers) and measures,
+for each N side by side:
+
+1. the package: ``with_user_tokens`` into a no-op downstream (skipped with a
+   message while ``tasks.with_user_tokens`` does not exist), and the mint task
+   alone (several tasks sent together above ``SFOX_MAX_USER_IDS``);
+2. a plain loop without Celery (``bench._plain``), with the workers' total
+   concurrency in threads and with one thread;
+3. the naive loop, one single-user request per user (projected above
+   ``--naive-max``);
+4. the bound, N / batch size / allowed rate.
+
+Then the pipeline's own ceiling with every rate limit off (tokens/s against
+worker concurrency and stand-in latency), and the CPU cost per 100-user batch
+against a stand-in with no latency. Writes ``RESULTS.md``, ``chart.png`` and
+``out/results.json`` under ``--out``. ``--smoke`` does all of it at tiny N,
+with no rate-limit waits, in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import _profile, _report
+from bench._infra import (
+    DEFAULT_REDIS_URL,
+    ROOT,
+    BenchError,
+    BenchRedis,
+    FakeProcess,
+    Sampler,
+    Workers,
+    mb,
+)
+from bench._plain import parse_rate
+
+#: A package rate no run reaches: the limiter still runs, it never waits.
+UNLIMITED_RATE = "10000000/10s"
+
+APPROACH_WUT = "package: with_user_tokens"
+APPROACH_MINT = "package: mint tasks"
+APPROACH_PLAIN = "plain loop, {threads} threads"
+APPROACH_PLAIN_1 = "plain loop, 1 thread"
+APPROACH_NAIVE = "naive, 1 request per user"
+APPROACH_BOUND = "bound"
+
+
+@dataclass
+class Row:
+    """One measured (or computed) run."""
+
+    section: str
+    approach: str
+    users: int
+    concurrency: int = 0
+    latency: float = 0.0
+    wall_s: float = 0.0
+    tokens: int = 0
+    requests: int = 0
+    rate_limited: int = 0
+    max_in_window: int = 0
+    rss_total_mb: float = 0.0
+    rss_largest_mb: float = 0.0
+    rss_idle_largest_mb: float = 0.0
+    worker_cpu_s: float = 0.0
+    fake_cpu_s: float = 0.0
+    projected: bool = False
+    skipped: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["tokens_per_s"] = self.tokens_per_s
+        return data
+
+
+@dataclass
+class Config:
+    sizes: list[int]
+    workers: int
+    concurrency: int
+    latency: float
+    rate: str
+    sfox_limit: int | None
+    sfox_window: float
+    sfox_penalty: float
+    batch_size: int
+    max_user_ids: int
+    naive_max: int
+    grid_concurrency: list[int]
+    grid_latency: list[float]
+    grid_users: int
+    grid_chunk: int
+    profile_users: int
+    sections: list[str]
+    redis_url: str
+    out: Path
+    smoke: bool
+
+    @property
+    def threads(self) -> int:
+        return self.workers * self.concurrency
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Throughput, overhead and memory of sfox-tokens against real parts.",
+    )
+    add = parser.add_argument
+    add("--sizes", default="1000,10000,100000", help="user counts N (comma-separated)")
+    add("--workers", type=int, default=1, help="Celery worker processes")
+    add("--concurrency", type=int, default=4, help="pool processes per worker")
+    add("--latency", type=float, default=0.05, help="stand-in latency per request, seconds")
+    add("--rate", default="240/10s", help="SFOX_RATE_LIMIT, and the plain loops' limiter")
+    add("--sfox-limit", type=int, default=250, help="stand-in's per-IP limit (0: off)")
+    add("--sfox-window", type=float, default=10.0)
+    add("--sfox-penalty", type=float, default=60.0)
+    add("--batch-size", type=int, default=100, help="SFOX_TOKEN_BATCH_SIZE")
+    add("--max-user-ids", type=int, default=10_000, help="SFOX_MAX_USER_IDS")
+    add("--naive-max", type=int, default=10_000, help="largest N measured naively")
+    add("--grid-concurrency", default="1,2,4,8")
+    add("--grid-latency", default="0,0.05")
+    add("--grid-users", type=int, default=20_000)
+    add("--grid-chunk", type=int, default=1_000, help="users per mint task in the grid")
+    add("--profile-users", type=int, default=50_000)
+    add("--sections", default="rate,grid,profile", help="any of rate, grid, profile")
+    add(
+        "--redis-url",
+        default=os.environ.get("SFOX_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
+        help="the benchmark's own Redis database, emptied at start "
+        "(default $SFOX_BENCH_REDIS_URL, else db 13)",
+    )
+    add("--out", type=Path, default=None, help="where RESULTS.md and chart.png go (bench/)")
+    add("--smoke", action="store_true", help="tiny N, no rate-limit waits, < 60 s")
+    args = parser.parse_args(argv)
+    config = Config(
+        sizes=_ints(args.sizes),
+        workers=args.workers,
+        concurrency=args.concurrency,
+        latency=args.latency,
+        rate=args.rate,
+        sfox_limit=args.sfox_limit or None,
+        sfox_window=args.sfox_window,
+        sfox_penalty=args.sfox_penalty,
+        batch_size=args.batch_size,
+        max_user_ids=args.max_user_ids,
+        naive_max=args.naive_max,
+        grid_concurrency=_ints(args.grid_concurrency),
+        grid_latency=_floats(args.grid_latency),
+        grid_users=args.grid_users,
+        grid_chunk=args.grid_chunk,
+        profile_users=args.profile_users,
+        sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+        redis_url=args.redis_url,
+        out=args.out or (ROOT / "bench" / ("out/smoke" if args.smoke else "")),
+        smoke=args.smoke,
+    )
+    if config.smoke:
+        config.sizes = [200, 500]
+        config.concurrency = min(config.concurrency, 2)
+        config.latency = 0.002
+        config.rate = UNLIMITED_RATE
+        config.sfox_limit = None
+        config.naive_max = 200
+        config.grid_concurrency = [2]
+        config.grid_latency = [0.0]
+        config.grid_users = 1_000
+        config.grid_chunk = 250
+        config.profile_users = 1_000
+    return config
+
+
+def with_user_tokens_available() -> str:
+    """Empty when ``tasks.with_user_tokens`` exists, else why it is skipped."""
+    try:
+        from tasks import with_user_tokens  # noqa: F401
+    except ImportError:
+        return "tasks.with_user_tokens is not in this checkout yet (issue 3): skipped"
+    return ""
+
+
+class Bench:
+    """One benchmark invocation: the parts it started and the rows it measured."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.api_key = "bench-ek-" + secrets.token_hex(16)
+        self.out_dir = config.out / "out" if not config.smoke else config.out
+        self.log_dir = self.out_dir / "logs"
+        self.redis = BenchRedis(config.redis_url)
+        self.fake = FakeProcess(self.api_key, self.log_dir)
+        self.rows: list[Row] = []
+        self.profile: dict[str, Any] = {}
+        self.wut_skip = ""
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def worker_env(self, rate: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SFOX_", "CELERY_")) and k != "ENTERPRISE_API_KEY"
+        }
+        env.update(
+            CELERY_BROKER_URL=self.config.redis_url,
+            CELERY_RESULT_BACKEND=self.config.redis_url,
+            SFOX_API_URL=self.fake.url,
+            SFOX_ENTERPRISE_API_KEY=self.api_key,
+            SFOX_RATE_LIMIT=rate,
+            SFOX_TOKEN_BATCH_SIZE=str(self.config.batch_size),
+            SFOX_MAX_USER_IDS=str(self.config.max_user_ids),
+        )
+        return env
+
+    def start(self) -> None:
+        self.redis.check()
+        self.redis.lock()
+        self.redis.wipe()
+        c = self.config
+        self.fake.start(
+            latency=c.latency,
+            rate_limit=c.sfox_limit,
+            rate_window=c.sfox_window,
+            rate_penalty=c.sfox_penalty,
+        )
+        # This process sends tasks and reads results: it must see the workers' settings.
+        env = self.worker_env(c.rate)
+        os.environ.clear()
+        os.environ.update(env)
+        self.wut_skip = with_user_tokens_available()
+
+    def stop(self) -> None:
+        self.fake.stop()
+        self.redis.unlock()
+
+    def reset(self) -> None:
+        """Empty limiter window, no pause, a stand-in with no history or penalty."""
+        self.redis.reset_limiter()
+        self.fake.reset()
+
+    def log(self, message: str) -> None:
+        stamp = datetime.now().strftime("%H:%M:%S")
+        print(f"[{stamp}] {message}", flush=True)
+
+    def record(self, row: Row) -> Row:
+        self.rows.append(row)
+        if row.skipped:
+            self.log(f"  {row.approach:30} N={row.users:>7,}: {row.skipped}")
+        elif row.projected:
+            self.log(f"  {row.approach:30} N={row.users:>7,}: {row.wall_s:8.1f} s (projected)")
+        else:
+            self.log(
+                f"  {row.approach:30} N={row.users:>7,}: {row.wall_s:8.2f} s "
+                f"{row.tokens_per_s:9.0f} tokens/s  {row.requests} requests, "
+                f"{row.rate_limited} x 429, RSS {row.rss_largest_mb:.1f} MB"
+            )
+        return row
+
+    # -- the package -----------------------------------------------------------------
+
+    def _timeout(self, users: int, rate: str) -> float:
+        limit, period = parse_rate(rate)
+        bound = math.ceil(users / self.config.batch_size) * period / limit
+        return 3 * bound + 120
+
+    def run_package(
+        self,
+        section: str,
+        approach: str,
+        users: int,
+        *,
+        rate: str,
+        concurrency: int,
+        chunk: int,
+    ) -> Row:
+        row = Row(section, approach, users, concurrency=concurrency * self.config.workers)
+        row.latency = float(self.fake.configure()["latency"])
+        if approach == APPROACH_WUT and self.wut_skip:
+            row.skipped = self.wut_skip
+            return self.record(row)
+        self.reset()
+        tag = uuid.uuid4().hex[:8]
+        ids = [f"pkg-{tag}-{index:07d}" for index in range(users)]
+        workers = Workers(
+            self.worker_env(rate),
+            self.log_dir,
+            count=self.config.workers,
+            concurrency=concurrency,
+            redis_client=self.redis.client,
+        )
+        with workers, Sampler(lambda: workers.processes) as sampler:
+            time.sleep(0.3)
+            row.rss_idle_largest_mb = mb(sampler.peak.largest)
+            cpu0, fake0 = workers.cpu_seconds(), self.fake.cpu_seconds()
+            started = time.perf_counter()
+            if approach == APPROACH_MINT:
+                row.tokens = self._mint_tasks(ids, chunk, self._timeout(users, rate))
+            else:
+                row.tokens = self._with_user_tokens(ids, tag, self._timeout(users, rate))
+            row.wall_s = time.perf_counter() - started
+            row.worker_cpu_s = workers.cpu_seconds() - cpu0
+            row.fake_cpu_s = self.fake.cpu_seconds() - fake0
+        row.rss_total_mb = mb(sampler.peak.total)
+        row.rss_largest_mb = mb(sampler.peak.largest)
+        self._fake_counts(row)
+        if row.tokens != users:
+            row.notes.append(f"{users - row.tokens} user(s) got no token")
+        return self.record(row)
+
+    def _mint_tasks(self, ids: list[str], chunk: int, timeout: float) -> int:
+        from tasks import mint_user_tokens
+
+        size = min(chunk, self.config.max_user_ids)
+        results = [
+            mint_user_tokens.apply_async((ids[i : i + size],)) for i in range(0, len(ids), size)
+        ]
+        deadline = time.monotonic() + timeout
+        tokens = 0
+        for result in results:
+            outcome = result.get(timeout=max(1.0, deadline - time.monotonic()))
+            tokens += len(outcome["tokens"])
+            result.forget()
+        return tokens
+
+    def _with_user_tokens(self, ids: list[str], tag: str, timeout: float) -> int:
+        from bench.tasks import noop
+        from tasks import with_user_tokens  # type: ignore[attr-defined]
+
+        counter = f"bench:noop:{tag}"
+        with_user_tokens(ids, noop.s(counter=counter)).apply_async()
+        deadline = time.monotonic() + timeout
+        arrived = 0
+        while time.monotonic() < deadline:
+            arrived = int(self.redis.client.get(counter) or 0)
+            if arrived >= len(ids):
+                break
+            time.sleep(0.02)
+        return arrived
+
+    def _fake_counts(self, row: Row) -> None:
+        stats = self.fake.stats()
+        row.requests = int(stats["requests"]["/v1/enterprise/user-tokens"])
+        row.rate_limited = int(stats["rate_limited"])
+        row.max_in_window = int(stats["max_token_requests_in_window"])
+
+    # -- the loops without Celery ----------------------------------------------------
+
+    def run_plain(
+        self, section: str, approach: str, mode: str, users: int, *, threads: int, rate: str
+    ) -> Row:
+        row = Row(section, approach, users, concurrency=threads)
+        row.latency = float(self.fake.configure()["latency"])
+        self.reset()
+        args = [
+            sys.executable, "-m", "bench._plain", "--url", self.fake.url, "--mode", mode,
+            "--users", str(users), "--prefix", f"{mode}-{uuid.uuid4().hex[:8]}",
+            "--batch-size", str(self.config.batch_size), "--rate", rate,
+            "--threads", str(threads),
+        ]  # fmt: skip
+        env = {**os.environ, "BENCH_SFOX_KEY": self.api_key}
+        fake0 = self.fake.cpu_seconds()
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        process = psutil.Process(proc.pid)
+        with Sampler(lambda: [process]) as sampler:
+            try:
+                stdout, _ = proc.communicate(timeout=self._timeout(users, rate) * 100)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise BenchError(f"{approach} did not finish for N={users}") from None
+            try:
+                cpu = process.cpu_times()
+                row.worker_cpu_s = cpu.user + cpu.system
+            except psutil.Error:
+                pass
+        if proc.returncode != 0:
+            raise BenchError(f"{approach} failed for N={users} (exit {proc.returncode})")
+        outcome = json.loads(stdout)
+        row.wall_s = float(outcome["wall_s"])
+        row.tokens = int(outcome["tokens"])
+        row.fake_cpu_s = self.fake.cpu_seconds() - fake0
+        row.rss_total_mb = row.rss_largest_mb = mb(sampler.peak.largest)
+        row.notes.extend(outcome["errors"])
+        self._fake_counts(row)
+        return self.record(row)
+
+    # -- the sections ----------------------------------------------------------------
+
+    def section_rate(self) -> None:
+        c = self.config
+        self.log(
+            f"at the rate limit: stand-in latency {c.latency * 1000:g} ms, sFOX rule "
+            f"{c.sfox_limit or 'off'}/{c.sfox_window:g}s, package {c.rate}, "
+            f"{c.workers} worker(s) x {c.concurrency}"
+        )
+        self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
+        plain = APPROACH_PLAIN.format(threads=c.threads)
+        for users in c.sizes:
+            self.run_package(
+                "rate", APPROACH_WUT, users, rate=c.rate, concurrency=c.concurrency,
+                chunk=c.max_user_ids,
+            )  # fmt: skip
+            self.run_package(
+                "rate", APPROACH_MINT, users, rate=c.rate, concurrency=c.concurrency,
+                chunk=c.max_user_ids,
+            )  # fmt: skip
+            self.run_plain("rate", plain, "batch", users, threads=c.threads, rate=c.rate)
+            self.run_plain("rate", APPROACH_PLAIN_1, "batch", users, threads=1, rate=c.rate)
+            if users <= c.naive_max:
+                self.run_plain(
+                    "rate", APPROACH_NAIVE, "single", users, threads=c.threads, rate=c.rate
+                )
+        self._add_naive_projections()
+        self._add_bounds()
+
+    def _add_naive_projections(self) -> None:
+        measured = [r for r in self.rows if r.approach == APPROACH_NAIVE and r.section == "rate"]
+        if not measured:
+            return
+        basis = max(measured, key=lambda r: r.users)
+        for users in self.config.sizes:
+            if users > self.config.naive_max:
+                row = Row("rate", APPROACH_NAIVE, users, concurrency=basis.concurrency)
+                row.projected = True
+                row.tokens = users
+                row.requests = users
+                row.wall_s = users / basis.tokens_per_s
+                row.notes.append(f"projected from the measured N={basis.users:,}")
+                self.record(row)
+
+    def _add_bounds(self) -> None:
+        limit, period = parse_rate(self.config.rate)
+        for users in self.config.sizes:
+            row = Row("rate", APPROACH_BOUND, users)
+            row.requests = math.ceil(users / self.config.batch_size)
+            row.wall_s = row.requests * period / limit
+            row.tokens = users
+            self.rows.append(row)
+
+    def section_grid(self) -> None:
+        c = self.config
+        self.log("the pipeline's own ceiling: stand-in and package rate limits off")
+        self.fake.configure(rate_limit=None)
+        for latency in c.grid_latency:
+            self.fake.configure(latency=latency)
+            for concurrency in c.grid_concurrency:
+                for approach in (APPROACH_WUT, APPROACH_MINT):
+                    self.run_package(
+                        "grid", approach, c.grid_users, rate=UNLIMITED_RATE,
+                        concurrency=concurrency, chunk=c.grid_chunk,
+                    )  # fmt: skip
+                self.run_plain(
+                    "grid", APPROACH_PLAIN.format(threads=concurrency * c.workers), "batch",
+                    c.grid_users, threads=concurrency * c.workers, rate=UNLIMITED_RATE,
+                )  # fmt: skip
+        self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
+
+    def section_profile(self) -> None:
+        c = self.config
+        self.log(f"CPU per {c.batch_size}-user batch: stand-in with no latency, no limits")
+        self.fake.configure(latency=0.0, rate_limit=None)
+        self.reset()
+        self.profile["in_process"] = _profile.in_process(
+            self.fake.url, self.api_key, c.redis_url, users=c.profile_users,
+            batch_size=c.batch_size,
+        )  # fmt: skip
+        self.profile["worker"] = self._profile_worker()
+        measured = self.profile["in_process"]["measured"]
+        worker = self.profile["worker"]
+        self.log(
+            f"  in-process Minter {measured['minter_ms']:.2f} ms/batch; prefork worker "
+            f"{worker.get('psutil_ms', 0):.2f} ms/batch (psutil), "
+            f"{worker.get('total_ms', 0):.2f} ms/batch (py-spy samples)"
+        )
+        self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
+
+    def _profile_worker(self) -> dict[str, Any]:
+        """A real prefork worker minting, its CPU from psutil and its stacks from py-spy."""
+        c = self.config
+        self.reset()
+        workers = Workers(
+            self.worker_env(UNLIMITED_RATE),
+            self.log_dir,
+            count=1,
+            concurrency=c.concurrency,
+            redis_client=self.redis.client,
+        )
+        ids = [f"prof-{index:07d}" for index in range(c.profile_users)]
+        out = self.log_dir / "worker-profile.txt"
+        out.unlink(missing_ok=True)
+        summary: dict[str, Any] = {}
+        with workers:
+            # Warm every pool process up: imports, sessions, pools, keys are not per batch.
+            warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
+            self._mint_tasks(warm, c.batch_size, 60)
+            self.fake.reset()
+            try:
+                spy: _profile.Spy | None = _profile.Spy(
+                    workers.processes[0].pid, out, self.log_dir / "py-spy.log"
+                )
+            except (OSError, RuntimeError) as exc:
+                spy = None
+                summary["error"] = f"no py-spy profile: {exc}"
+            cpu0 = workers.cpu_seconds()
+            started = time.perf_counter()
+            self._mint_tasks(ids, c.grid_chunk, self._timeout(len(ids), UNLIMITED_RATE))
+            wall = time.perf_counter() - started
+            cpu = workers.cpu_seconds() - cpu0
+            if spy is not None:
+                spy.stop()
+        requests = int(self.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
+        if spy is not None and out.exists():
+            summary.update(_profile.summarize_spy(out, requests))
+        summary.update(
+            requests=requests,
+            tasks=math.ceil(len(ids) / min(c.grid_chunk, c.max_user_ids)),
+            concurrency=c.concurrency,
+            wall_s=wall,
+            psutil_ms=cpu / max(requests, 1) * 1000,
+        )
+        return summary
+
+    # -- all of it -------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.start()
+        try:
+            if "rate" in self.config.sections:
+                self.section_rate()
+            if "grid" in self.config.sections:
+                self.section_grid()
+            if "profile" in self.config.sections:
+                self.section_profile()
+        finally:
+            self.stop()
+        return self.results(time.time() - started)
+
+    def results(self, elapsed: float) -> dict[str, Any]:
+        c = self.config
+        return {
+            "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "elapsed_s": elapsed,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                "python": platform.python_version(),
+                "platform": platform.platform(terse=True),
+            },
+            "config": {
+                "sizes": c.sizes,
+                "workers": c.workers,
+                "concurrency": c.concurrency,
+                "latency": c.latency,
+                "rate": c.rate,
+                "sfox_rule": (
+                    f"{c.sfox_limit}/{c.sfox_window:g}s, {c.sfox_penalty:g} s penalty"
+                    if c.sfox_limit
+                    else "off"
+                ),
+                "batch_size": c.batch_size,
+                "max_user_ids": c.max_user_ids,
+                "naive_max": c.naive_max,
+                "grid_users": c.grid_users,
+                "grid_chunk": c.grid_chunk,
+                "profile_users": c.profile_users,
+                "smoke": c.smoke,
+                "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+            },
+            "with_user_tokens": self.wut_skip or "measured",
+            "rows": [row.as_json() for row in self.rows],
+            "profile": self.profile,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    bench = Bench(config)
+    try:
+        results = bench.run()
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    bench.out_dir.mkdir(parents=True, exist_ok=True)
+    (bench.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    config.out.mkdir(parents=True, exist_ok=True)
+    _report.write(results, config.out)
+    bench.log(f"wrote {config.out / 'RESULTS.md'} and {config.out / 'chart.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
