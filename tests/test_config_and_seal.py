@@ -9,7 +9,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tasks._client import normalise_expires, parse_retry_after
-from tasks._exceptions import ConfigurationError, SealError
+from tasks._exceptions import ConfigurationError, MalformedResponse, SealError
 from tasks._seal import Sealer, derive_seal_key
 from tasks._settings import Settings, check_api_url
 
@@ -142,6 +142,13 @@ def test_bad_seal_key_is_a_configuration_error():
 def test_expires_is_normalised(text, expected):
     """expires with or without fractions or offsets becomes UTC with Z."""
     assert normalise_expires(text) == expected
+
+
+def test_malformed_expires_is_refused_every_time():
+    """A malformed expires raises on each call: the parse cache keeps only successes."""
+    for _ in range(2):
+        with pytest.raises(MalformedResponse, match="not an ISO-8601 time"):
+            normalise_expires("tomorrow")
 
 
 def test_retry_after_forms():
