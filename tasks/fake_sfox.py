@@ -444,6 +444,12 @@ def _format_expiry(expires: datetime, with_millis: bool) -> tuple[datetime, str]
     return expires, text
 
 
+def _batch_expiry(cfg: FakeSfoxConfig) -> tuple[tuple[datetime, str], tuple[datetime, str]]:
+    """The expiry of a token minted now, spelt without and with milliseconds."""
+    raw = datetime.now(timezone.utc) + timedelta(seconds=cfg.token_ttl)
+    return _format_expiry(raw, with_millis=False), _format_expiry(raw, with_millis=True)
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -864,10 +870,18 @@ class FakeSfox:
             return self._issue_single(req, cast(str, tail), fault, cfg)
         return self._place_order(req, cast(str, tail))
 
-    def _mint_locked(self, user_id: str, cfg: FakeSfoxConfig) -> dict[str, str]:
+    def _mint_locked(
+        self,
+        user_id: str,
+        cfg: FakeSfoxConfig,
+        expiry: tuple[tuple[datetime, str], tuple[datetime, str]] | None = None,
+    ) -> dict[str, str]:
+        # ``expiry`` is (plain, with millis) computed once for a whole batch: formatting it per
+        # token was half the fake's CPU, which capped the benchmark's unlimited-rate runs.
         token = secrets.token_hex(32)
-        raw = datetime.now(timezone.utc) + timedelta(seconds=cfg.token_ttl)
-        expires, text = _format_expiry(raw, with_millis=self._minted % 2 == 1)
+        if expiry is None:
+            expiry = _batch_expiry(cfg)
+        expires, text = expiry[self._minted % 2]
         self._minted += 1
         self._tokens[token] = (user_id, expires)
         return {"token": token, "expires": text, "partner_user_id": user_id}
@@ -900,9 +914,10 @@ class FakeSfox:
             dropped: str | None = None
             if fault is not None and fault.kind == "drop_user":
                 dropped = fault.user_id if fault.user_id is not None else ids[0]
-            entries = [self._mint_locked(uid, cfg) for uid in ids if uid != dropped]
+            expiry = _batch_expiry(cfg)
+            entries = [self._mint_locked(uid, cfg, expiry) for uid in ids if uid != dropped]
             if fault is not None and fault.kind == "extra_user":
-                entries.append(self._mint_locked(fault.user_id or "intruder", cfg))
+                entries.append(self._mint_locked(fault.user_id or "intruder", cfg, expiry))
         if cfg.shuffle and len(entries) > 1:
             shuffled = random.sample(entries, len(entries))
             # A shuffle may land on the original order; rotate so order can never be relied on.

@@ -111,6 +111,18 @@ def test_expires_alternates_between_both_documented_formats(
     assert any(MILLIS_EXPIRES.match(text) for text in seen)
 
 
+def test_one_batch_mixes_both_expiry_formats_each_equal_to_the_stored_expiry(
+    fake: FakeSfox, http: requests.Session
+) -> None:
+    """Within one batch the spellings alternate, and each token's text matches what is stored."""
+    data = issue(http, fake, [f"u{i}" for i in range(6)]).json()["data"]
+    texts = [entry["expires"] for entry in data]
+    assert sum(1 for text in texts if PLAIN_EXPIRES.match(text)) == 3
+    assert sum(1 for text in texts if MILLIS_EXPIRES.match(text)) == 3
+    for entry in data:
+        assert fake.issued_tokens[entry["token"]][1] == parse_expires(entry["expires"])
+
+
 def test_shuffle_can_be_switched_off(http: requests.Session) -> None:
     """With shuffle=False the response keeps the request order."""
     with FakeSfox(KEY, shuffle=False) as fake:
