@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -81,6 +82,8 @@ class Outcome:
     tokens: int = 0
     requests: int = 0
     rate_limited: int = 0
+    #: CPU seconds of this process while it ran the loop.
+    cpu_s: float = 0.0
     errors: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -92,6 +95,7 @@ class Outcome:
             "tokens": self.tokens,
             "requests": self.requests,
             "rate_limited": self.rate_limited,
+            "cpu_s": self.cpu_s,
             "errors": self.errors[:10],
         }
 
@@ -150,13 +154,14 @@ def _run(
                 with lock:
                     outcome.errors.append(f"HTTP {status}")
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     workers = [threading.Thread(target=work) for _ in range(outcome.threads)]
     for thread in workers:
         thread.start()
     for thread in workers:
         thread.join()
     outcome.wall_s = time.perf_counter() - started
+    outcome.cpu_s = time.process_time() - cpu
 
 
 def run_batched(
@@ -197,7 +202,7 @@ def run_naive(
     base = base_url.rstrip("/") + TOKENS_PATH + "/"
 
     def send(session: requests.Session, user_id: str) -> tuple[int, int]:
-        response = session.post(base + requests.utils.quote(user_id, safe=""), timeout=TIMEOUTS)
+        response = session.post(base + quote(user_id, safe=""), timeout=TIMEOUTS)
         if response.status_code != 201:
             return response.status_code, 0
         return 201, int(response.json()["data"]["partner_user_id"] == user_id)

@@ -6,6 +6,7 @@ targets and their verdicts, and the figures quoted in the discussion.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,33 +57,42 @@ def _find(rows: Iterable[dict[str, Any]], prefix: str, users: int) -> dict[str, 
     return None
 
 
-def _plain_for(rows: list[dict[str, Any]], users: int) -> dict[str, Any] | None:
+def _plain_for(
+    rows: list[dict[str, Any]], users: int, *, one_thread: bool = False
+) -> dict[str, Any] | None:
+    """The plain loop at ``users``: with the package's parallelism, or with one thread."""
     for row in rows:
         if (
             row["approach"].startswith("plain loop")
-            and not row["approach"].endswith("1 thread")
+            and row["approach"].endswith("1 thread") == one_thread
             and row["users"] == users
         ):
             return row
     return None
 
 
-def _ratios(rows: list[dict[str, Any]], row: dict[str, Any]) -> tuple[str, str]:
+def _ratios(rows: list[dict[str, Any]], row: dict[str, Any]) -> tuple[str, str, str]:
+    """Share of the bound's throughput, and time over each plain loop's."""
     bound = _find(rows, "bound", row["users"])
-    plain = _plain_for(rows, row["users"])
     of_bound = f"{bound['wall_s'] / row['wall_s']:.0%}" if bound and row["wall_s"] else ""
-    vs_plain = ""
-    if plain and row["wall_s"] and row["approach"] != "bound":
-        vs_plain = f"{row['wall_s'] / plain['wall_s']:.2f}×"
-    return of_bound, vs_plain
+    ratios = []
+    for one_thread in (False, True):
+        plain = _plain_for(rows, row["users"], one_thread=one_thread)
+        if plain and row["wall_s"] and row["approach"] != "bound":
+            ratios.append(f"{row['wall_s'] / plain['wall_s']:.2f}×")
+        else:
+            ratios.append("")
+    return of_bound, ratios[0], ratios[1]
 
 
 def rate_table(results: dict[str, Any]) -> str:
     rows = rate_rows(results)
+    threads = results["config"]["workers"] * results["config"]["concurrency"]
     lines = [
         "| N | approach | wall (s) | tokens/s | requests | 429s | peak RSS (MB) "
-        "largest process / total | of bound | time vs plain loop |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"largest process / total | of bound | time ÷ plain loop ({threads} threads) | "
+        "time ÷ plain loop (1 thread) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for users in results["config"]["sizes"]:
         group = sorted(
@@ -91,15 +101,15 @@ def rate_table(results: dict[str, Any]) -> str:
         for row in group:
             if row["skipped"]:
                 lines.append(f"| {_n(users)} | {row['approach']} | *skipped: {row['skipped']}* "
-                             "| | | | | | |")  # fmt: skip
+                             "| | | | | | | |")  # fmt: skip
                 continue
-            of_bound, vs_plain = _ratios(rows, row)
+            of_bound, vs_plain, vs_plain_1 = _ratios(rows, row)
             projected = row["projected"]
             name = row["approach"] + (" *(projected)*" if projected else "")
             if row["approach"] == "bound":
                 lines.append(
                     f"| {_n(users)} | **bound** (N / batch / rate) | {_s(row['wall_s'])} | "
-                    f"{_n(row['tokens_per_s'])} | {_n(row['requests'])} | | | 100% | |"
+                    f"{_n(row['tokens_per_s'])} | {_n(row['requests'])} | | | 100% | | |"
                 )
                 continue
             rss = (
@@ -112,7 +122,7 @@ def rate_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {_n(users)} | {name} | {_s(row['wall_s'])} | {_n(row['tokens_per_s'])} | "
                 f"{_n(row['requests'])} | {'' if projected else row['rate_limited']} | {rss} | "
-                f"{of_bound} | {vs_plain} |"
+                f"{of_bound} | {vs_plain} | {vs_plain_1} |"
             )
     return "\n".join(lines)
 
@@ -249,33 +259,57 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         plain = _plain_for(rows, largest)
         if row and plain:
             ratio = row["wall_s"] / plain["wall_s"]
-            smaller = [
-                f"{_n(n)}: {r['wall_s'] / p['wall_s']:.2f}×"
-                for n in sizes
-                if n != largest and (r := _find(rows, approach, n)) and (p := _plain_for(rows, n))
-            ]
+            smaller = []
+            worse_below = False
+            for n in sizes:
+                r, p = _find(rows, approach, n), _plain_for(rows, n)
+                p1 = _plain_for(rows, n, one_thread=True)
+                if n == largest or not (r and p and p1):
+                    continue
+                worse_below |= r["wall_s"] / p["wall_s"] > TARGET_VS_PLAIN
+                smaller.append(
+                    f"{_n(n)}: {r['wall_s'] / p['wall_s']:.2f}× the {p['concurrency']}-thread "
+                    f"loop, {r['wall_s'] / p1['wall_s']:.2f}× the 1-thread loop"
+                )
+            verdict = (
+                "met at the limit"
+                if ratio <= TARGET_VS_PLAIN
+                else f"missed by {ratio - TARGET_VS_PLAIN:.1%}"
+            )
+            if worse_below:
+                verdict += "; missed below the limit (see discussion)"
             out.append(
                 (
                     f"within 5% of the plain loop ({approach})",
-                    f"{ratio:.3f}× the plain loop's time at {_n(largest)}"
-                    + (f" (smaller N: {', '.join(smaller)})" if smaller else ""),
-                    "met at the limit"
-                    if ratio <= TARGET_VS_PLAIN
-                    else f"missed by {ratio - TARGET_VS_PLAIN:.1%}",
+                    f"{ratio:.3f}× the {plain['concurrency']}-thread plain loop's time at "
+                    f"{_n(largest)}" + (f" (at {'; '.join(smaller)})" if smaller else ""),
+                    verdict,
                 )
             )
         small = _find(rows, approach, min(sizes))
         if row and small and largest != min(sizes):
             growth = row["rss_largest_mb"] - small["rss_largest_mb"]
             growth_total = row["rss_total_mb"] - small["rss_total_mb"]
+            span = f"{_n(min(sizes))} → {_n(largest)} users"
             out.append(
                 (
-                    f"worker peak RSS grows < 30 MB, {_n(min(sizes))} → {_n(largest)} ({approach})",
-                    f"{growth:+.1f} MB, largest pool process ({small['rss_largest_mb']:.1f} → "
-                    f"{row['rss_largest_mb']:.1f} MB); worker total {growth_total:+.1f} MB",
-                    "met" if growth < TARGET_RSS_GROWTH_MB else "missed",
+                    f"worker peak RSS grows < 30 MB, {span}: largest pool process ({approach})",
+                    f"{growth:+.1f} MB ({small['rss_largest_mb']:.1f} → "
+                    f"{row['rss_largest_mb']:.1f} MB)",
+                    "met" if growth < TARGET_RSS_GROWTH_MB else
+                    f"missed by {growth - TARGET_RSS_GROWTH_MB:.1f} MB",
                 )
-            )
+            )  # fmt: skip
+            out.append(
+                (
+                    f"the same, worker total: main + {small['concurrency']} pool processes "
+                    f"({approach})",
+                    f"{growth_total:+.1f} MB ({small['rss_total_mb']:.1f} → "
+                    f"{row['rss_total_mb']:.1f} MB)",
+                    "met" if growth_total < TARGET_RSS_GROWTH_MB else
+                    f"missed by {growth_total - TARGET_RSS_GROWTH_MB:.1f} MB",
+                )
+            )  # fmt: skip
     real = worker_cpu_per_batch(results)
     if real:
         out.append(
@@ -328,6 +362,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
                 [last["users"], *[r["users"] for r in projected]],
                 [last["tokens_per_s"], *[r["tokens_per_s"] for r in projected]],
                 linestyle="--",
+                color=color,
+            )
+            ax.plot(
+                [r["users"] for r in projected],
+                [r["tokens_per_s"] for r in projected],
+                linestyle="none",
                 marker=marker,
                 markerfacecolor="white",
                 color=color,
@@ -350,7 +390,191 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(results: dict[str, Any], discussion: str = "") -> str:
+def _pct(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def discussion(results: dict[str, Any]) -> str:
+    """The targets discussed with the run's own figures: what was met, missed, and why."""
+    config = results["config"]
+    rows = rate_rows(results)
+    sizes = config["sizes"]
+    largest, smallest = max(sizes), min(sizes)
+    threads = config["workers"] * config["concurrency"]
+    limit, _, period = config["rate"].partition("/")
+    per_window = int(limit)
+    window_s = float(period.rstrip("s") or 1)
+    parts: list[str] = []
+    measured = [r for r in rows if not r["projected"] and r["approach"] != "bound"]
+    if measured and config["sfox_rule"] != "off":
+        worst = max(r["max_in_window"] for r in measured)
+        total_429 = sum(r["rate_limited"] for r in measured)
+        parts.append(
+            f"**429s.** {total_429} in {len(measured)} runs. The package's shared limiter "
+            f"allows {config['rate']}, {250 - per_window} requests under sFOX's 250 / 10 s, "
+            f"and the stand-in's busiest 10-second window held {worst}. The limiter stamps a "
+            "request when it admits it (on Redis's clock, for every worker), the stand-in when "
+            "it has read it; requests admitted together at a window's edge are read a few "
+            "milliseconds apart, which can shift up to about one per sender into the next "
+            "window. The plain loop's client-side limiter shows the same, and the margin of "
+            f"{250 - per_window} absorbs it."
+        )
+    mint = _find(rows, "package: mint tasks", largest)
+    bound = _find(rows, "bound", largest)
+    plain = _plain_for(rows, largest)
+    if mint and bound and plain and config["sfox_rule"] != "off":
+        requests = bound["requests"]
+        windows = max(math.ceil(requests / per_window) - 1, 0)
+        parts.append(
+            f"**The bound.** At {_n(largest)} users the mint tasks took {_s(mint['wall_s'])} s, "
+            f"{_pct(bound['wall_s'] / mint['wall_s'])} of the bound's throughput "
+            f"({_s(bound['wall_s'])} s = {_n(requests)} requests at {per_window}/"
+            f"{window_s:g} s). A sliding window lets the first {per_window} requests leave at "
+            f"once, so the last of {_n(requests)} can leave after {windows} × {window_s:g} s "
+            f"= {windows * window_s:g} s plus the time to send the final window's "
+            f"{requests - windows * per_window}: a run that keeps up with the limiter ends "
+            "just before the bound. The package is held by sFOX's rate, not by itself."
+        )
+        overhead = mint["wall_s"] - plain["wall_s"]
+        text = (
+            f"**Against the plain loop.** At {_n(largest)} users the package took "
+            f"{mint['wall_s'] / plain['wall_s']:.3f}× the time of the {threads}-thread loop "
+            f"({overhead:+.2f} s): both wait on the same window, and the difference is "
+            "sending the tasks, the workers picking them up, and reading "
+            f"{_n(largest)} sealed tokens back from the result backend."
+        )
+        below = [
+            (n, r, p, p1)
+            for n in sizes
+            if n < largest
+            and (r := _find(rows, "package: mint tasks", n))
+            and (p := _plain_for(rows, n))
+            and (p1 := _plain_for(rows, n, one_thread=True))
+        ]
+        if below:
+            detail = "; ".join(
+                f"{_n(n)} users: {r['wall_s'] / p['wall_s']:.2f}× the {threads}-thread loop, "
+                f"{r['wall_s'] / p1['wall_s']:.2f}× the 1-thread loop"
+                for n, r, p, p1 in below
+            )
+            text += (
+                f" Below the limit the target is missed ({detail}). Up to "
+                f"{_n(config['max_user_ids'])} users the mint task is *one* task: one pool "
+                "process sends its requests one after another, at the stand-in's latency "
+                "each, so it runs at the one-thread loop's pace while the "
+                f"{threads}-thread loop spends the first window's {per_window} requests "
+                f"{threads} at a time. Spreading one list over the workers is what "
+                "`with_user_tokens` is for (chunks minted in parallel, issue 3); its row "
+                "shows whether it closes the gap. Making a single mint task send "
+                "concurrently would change the Minter's design, so it is not done here."
+            )
+        parts.append(text)
+    small = _find(rows, "package: mint tasks", smallest)
+    if mint and small and largest != smallest:
+        middle = [
+            f"{r['rss_largest_mb']:.1f} MB at {_n(n)}"
+            for n in sizes
+            if (r := _find(rows, "package: mint tasks", n))
+        ]
+        parts.append(
+            f"**Memory.** The largest pool process peaked at {', '.join(middle)} users: "
+            f"{mint['rss_largest_mb'] - small['rss_largest_mb']:+.1f} MB from "
+            f"{_n(smallest)} to {_n(largest)}. A mint task holds at most "
+            f"{_n(config['max_user_ids'])} users (`SFOX_MAX_USER_IDS`) with their sealed "
+            "tokens and the JSON of its result, so one process's peak is bounded by that, "
+            "not by N; a process that ran several such tasks keeps some of the freed memory "
+            "(Python returns little to the OS). The worker's total (main + "
+            f"{small['concurrency']} pool processes) grew by "
+            f"{mint['rss_total_mb'] - small['rss_total_mb']:+.1f} MB because at "
+            f"{_n(largest)} users every pool process held such a task, where at "
+            f"{_n(smallest)} one did: the total is bounded by concurrency × task size, and "
+            "the per-process figure is the one the target can hold the package to."
+        )
+    real = worker_cpu_per_batch(results)
+    profile = results.get("profile") or {}
+    worker = profile.get("worker") or {}
+    if real and worker.get("components_ms"):
+        inproc = profile["in_process"]["measured"]
+        total = worker["total_ms"] or 1.0
+        shares = ", ".join(
+            f"{name} {value / total:.0%}"
+            for name, value in sorted(worker["components_ms"].items(), key=lambda kv: -kv[1])
+        )
+        per_second = real["ms"] * per_window / window_s / 1000
+        parts.append(
+            f"**CPU.** A 100-user batch costs {real['ms']:.2f} ms of CPU in a real worker "
+            f"({inproc['minter_ms']:.2f} ms in the Minter alone, without Celery): the 2 ms "
+            f"target is missed by {real['ms'] - TARGET_CPU_MS:.2f} ms. By py-spy's samples: "
+            f"{shares}. About half the Celery glue is JSON-encoding the result and writing "
+            "it to Redis, which is the task's product. Fixed here, in its own commit: "
+            "`normalise_expires` is cached (every token of an answer carries the same "
+            "expiry text), which took the parse of 100 entries from 0.32 to 0.08 ms in a "
+            "micro-benchmark. Not done, because each is a design change to report first: "
+            "Fernet costs about 8 µs a token (0.8 ms a batch) since `cryptography` builds "
+            "fresh AES-CBC and HMAC contexts for every token; an AES-GCM seal measured "
+            "1.9 µs a token (base64 included), about 0.6 ms a batch less, but it changes "
+            "the sealed format. The HTTP request through `requests` is about 0.7 ms; "
+            "`urllib3` alone would save part of it. None of this limits throughput: at "
+            f"sFOX's limit a worker sends {per_window / window_s:g} batches a second, "
+            f"{per_second:.2f} CPU-seconds per second, {per_second:.0%} of one core."
+        )
+    grid = [r for r in grid_rows(results) if not r["skipped"]]
+    if grid:
+        texts = []
+        for latency in sorted({r["latency"] for r in grid}):
+            pkg = [
+                r
+                for r in grid
+                if r["latency"] == latency and r["approach"].startswith("package: mint")
+            ]
+            loop = [
+                r for r in grid if r["latency"] == latency and r["approach"].startswith("plain")
+            ]
+            if not pkg or not loop:
+                continue
+            best_pkg = max(pkg, key=lambda r: r["tokens_per_s"])
+            best_loop = max(loop, key=lambda r: r["tokens_per_s"])
+            series = ", ".join(
+                f"{_n(r['tokens_per_s'])} at {r['concurrency']}"
+                for r in sorted(pkg, key=lambda r: r["concurrency"])
+            )
+            fake_peak = max(r["fake_cpu_s"] / r["wall_s"] for r in pkg + loop if r["wall_s"])
+            texts.append(
+                f"at {latency * 1000:g} ms latency the mint tasks made {series} tokens/s "
+                f"by concurrency (best {_n(best_pkg['tokens_per_s'])}, "
+                f"{best_pkg['tokens_per_s'] / (per_window / window_s * 100):.1f}× sFOX's limit), "
+                f"the plain loop at best {_n(best_loop['tokens_per_s'])}; the stand-in used at "
+                f"most {fake_peak:.0%} of a core"
+            )
+        parts.append(
+            "**The ceiling.** With the rate limits off, "
+            + "; ".join(texts)
+            + ". With latency, each pool process sends about one request per round trip "
+            "plus its own CPU, so throughput grows with concurrency; without latency the "
+            f"{results['machine']['cpus']} CPUs, shared by the workers, the stand-in, Redis "
+            "and the test client, are the limit, and the package's few milliseconds of CPU "
+            "per batch (against the bare loop's) set its ceiling. The stand-in's own cost "
+            "per request was halved in this branch (its expiry is formatted once per batch); "
+            "it is a single Python process, so a share near 100% of a core would mean it is "
+            "the bottleneck."
+        )
+    load = results.get("load") or {}
+    if load:
+        parts.append(
+            "**This machine.** Load average (1 min) when each section started: "
+            + ", ".join(f"{name} {values[0]:.2f}" for name, values in load.items())
+            + ". Other work on the machine (other test suites) can slow the CPU-bound "
+            "sections; CPU figures are therefore the least disturbed of several rounds."
+        )
+    if results["with_user_tokens"] != "measured":
+        parts.append(
+            f"**Pending.** {results['with_user_tokens']}: its rows are skipped. Once it "
+            "is merged, the same command measures it (`bench.noop` is its downstream)."
+        )
+    return "\n\n".join(parts)
+
+
+def markdown(results: dict[str, Any]) -> str:
     config = results["config"]
     machine = results["machine"]
     lines = [
@@ -423,12 +647,13 @@ def markdown(results: dict[str, Any], discussion: str = "") -> str:
     ]
     if results["with_user_tokens"] != "measured":
         lines += [f"*{results['with_user_tokens']}.*", ""]
-    if discussion:
-        lines += ["## Discussion", "", discussion.strip(), ""]
+    text = discussion(results)
+    if text:
+        lines += ["## Discussion", "", text, ""]
     return "\n".join(lines)
 
 
-def write(results: dict[str, Any], out: Path, discussion: str = "") -> None:
+def write(results: dict[str, Any], out: Path) -> None:
     """``RESULTS.md`` and ``chart.png`` in ``out``."""
     chart(results, out / "chart.png")
-    (out / "RESULTS.md").write_text(markdown(results, discussion))
+    (out / "RESULTS.md").write_text(markdown(results))

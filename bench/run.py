@@ -23,6 +23,7 @@ with no rate-limit waits, in well under a minute.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,11 +56,20 @@ from bench._plain import parse_rate
 
 #: A package rate no run reaches: the limiter still runs, it never waits.
 UNLIMITED_RATE = "10000000/10s"
+#: The profiled worker mints in this many rounds; the least disturbed one counts.
+PROFILE_ROUNDS = 3
 
 APPROACH_WUT = "package: with_user_tokens"
 APPROACH_MINT = "package: mint tasks"
-APPROACH_PLAIN = "plain loop, {threads} threads"
+APPROACH_PLAIN_N = "plain loop, {threads} threads"
 APPROACH_PLAIN_1 = "plain loop, 1 thread"
+
+
+def plain_approach(threads: int) -> str:
+    """The plain loop's name with its thread count."""
+    return APPROACH_PLAIN_1 if threads == 1 else APPROACH_PLAIN_N.format(threads=threads)
+
+
 APPROACH_NAIVE = "naive, 1 request per user"
 APPROACH_BOUND = "bound"
 
@@ -201,12 +212,18 @@ def parse_args(argv: list[str] | None) -> Config:
     return config
 
 
+def with_user_tokens() -> Callable[..., Any] | None:
+    """``tasks.with_user_tokens``, or None while this checkout does not have it (issue 3)."""
+    found: Callable[..., Any] | None = getattr(
+        importlib.import_module("tasks"), "with_user_tokens", None
+    )
+    return found
+
+
 def with_user_tokens_available() -> str:
     """Empty when ``tasks.with_user_tokens`` exists, else why it is skipped."""
-    try:
-        from tasks import with_user_tokens  # noqa: F401
-    except ImportError:
-        return "tasks.with_user_tokens is not in this checkout yet (issue 3): skipped"
+    if with_user_tokens() is None:
+        return "tasks.with_user_tokens is not in this checkout yet (issue 3)"
     return ""
 
 
@@ -223,6 +240,8 @@ class Bench:
         self.rows: list[Row] = []
         self.profile: dict[str, Any] = {}
         self.wut_skip = ""
+        #: Load average (1, 5, 15 min) when each section started: the machine may be shared.
+        self.load: dict[str, list[float]] = {}
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -276,7 +295,7 @@ class Bench:
     def record(self, row: Row) -> Row:
         self.rows.append(row)
         if row.skipped:
-            self.log(f"  {row.approach:30} N={row.users:>7,}: {row.skipped}")
+            self.log(f"  {row.approach:30} N={row.users:>7,}: skipped: {row.skipped}")
         elif row.projected:
             self.log(f"  {row.approach:30} N={row.users:>7,}: {row.wall_s:8.1f} s (projected)")
         else:
@@ -355,10 +374,11 @@ class Bench:
 
     def _with_user_tokens(self, ids: list[str], tag: str, timeout: float) -> int:
         from bench.tasks import noop
-        from tasks import with_user_tokens  # type: ignore[attr-defined]
 
+        build = with_user_tokens()
+        assert build is not None
         counter = f"bench:noop:{tag}"
-        with_user_tokens(ids, noop.s(counter=counter)).apply_async()
+        build(ids, noop.s(counter=counter)).apply_async()
         deadline = time.monotonic() + timeout
         arrived = 0
         while time.monotonic() < deadline:
@@ -398,16 +418,12 @@ class Bench:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise BenchError(f"{approach} did not finish for N={users}") from None
-            try:
-                cpu = process.cpu_times()
-                row.worker_cpu_s = cpu.user + cpu.system
-            except psutil.Error:
-                pass
         if proc.returncode != 0:
             raise BenchError(f"{approach} failed for N={users} (exit {proc.returncode})")
         outcome = json.loads(stdout)
         row.wall_s = float(outcome["wall_s"])
         row.tokens = int(outcome["tokens"])
+        row.worker_cpu_s = float(outcome["cpu_s"])
         row.fake_cpu_s = self.fake.cpu_seconds() - fake0
         row.rss_total_mb = row.rss_largest_mb = mb(sampler.peak.largest)
         row.notes.extend(outcome["errors"])
@@ -424,7 +440,7 @@ class Bench:
             f"{c.workers} worker(s) x {c.concurrency}"
         )
         self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
-        plain = APPROACH_PLAIN.format(threads=c.threads)
+        plain = plain_approach(c.threads)
         for users in c.sizes:
             self.run_package(
                 "rate", APPROACH_WUT, users, rate=c.rate, concurrency=c.concurrency,
@@ -480,7 +496,7 @@ class Bench:
                         concurrency=concurrency, chunk=c.grid_chunk,
                     )  # fmt: skip
                 self.run_plain(
-                    "grid", APPROACH_PLAIN.format(threads=concurrency * c.workers), "batch",
+                    "grid", plain_approach(concurrency * c.workers), "batch",
                     c.grid_users, threads=concurrency * c.workers, rate=UNLIMITED_RATE,
                 )  # fmt: skip
         self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
@@ -519,6 +535,7 @@ class Bench:
         out = self.log_dir / "worker-profile.txt"
         out.unlink(missing_ok=True)
         summary: dict[str, Any] = {}
+        rounds = []
         with workers:
             # Warm every pool process up: imports, sessions, pools, keys are not per batch.
             warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
@@ -531,22 +548,27 @@ class Bench:
             except (OSError, RuntimeError) as exc:
                 spy = None
                 summary["error"] = f"no py-spy profile: {exc}"
-            cpu0 = workers.cpu_seconds()
-            started = time.perf_counter()
-            self._mint_tasks(ids, c.grid_chunk, self._timeout(len(ids), UNLIMITED_RATE))
-            wall = time.perf_counter() - started
-            cpu = workers.cpu_seconds() - cpu0
+            # A few rounds, the least disturbed counts: the machine may be shared.
+            step = math.ceil(len(ids) / PROFILE_ROUNDS)
+            sent = 0
+            for start in range(0, len(ids), step):
+                part = ids[start : start + step]
+                cpu0 = workers.cpu_seconds()
+                self._mint_tasks(part, c.grid_chunk, self._timeout(len(part), UNLIMITED_RATE))
+                cpu = workers.cpu_seconds() - cpu0
+                total = int(self.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
+                rounds.append(cpu / max(total - sent, 1) * 1000)
+                sent = total
             if spy is not None:
                 spy.stop()
-        requests = int(self.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
         if spy is not None and out.exists():
-            summary.update(_profile.summarize_spy(out, requests))
+            summary.update(_profile.summarize_spy(out, sent))
         summary.update(
-            requests=requests,
+            requests=sent,
             tasks=math.ceil(len(ids) / min(c.grid_chunk, c.max_user_ids)),
             concurrency=c.concurrency,
-            wall_s=wall,
-            psutil_ms=cpu / max(requests, 1) * 1000,
+            rounds_ms=rounds,
+            psutil_ms=min(rounds),
         )
         return summary
 
@@ -556,12 +578,15 @@ class Bench:
         started = time.time()
         self.start()
         try:
-            if "rate" in self.config.sections:
-                self.section_rate()
-            if "grid" in self.config.sections:
-                self.section_grid()
-            if "profile" in self.config.sections:
-                self.section_profile()
+            sections = {
+                "rate": self.section_rate,
+                "grid": self.section_grid,
+                "profile": self.section_profile,
+            }
+            for name, section in sections.items():
+                if name in self.config.sections:
+                    self.load[name] = [round(x, 2) for x in os.getloadavg()]
+                    section()
         finally:
             self.stop()
         return self.results(time.time() - started)
@@ -598,6 +623,7 @@ class Bench:
                 "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             },
             "with_user_tokens": self.wut_skip or "measured",
+            "load": self.load,
             "rows": [row.as_json() for row in self.rows],
             "profile": self.profile,
         }

@@ -1,0 +1,88 @@
+"""The benchmark's smoke mode: the whole benchmark at tiny N, on real parts, no timings asserted.
+
+It runs in its own Redis database (``SFOX_BENCH_SMOKE_REDIS_URL``, default
+db 13), never the suite's: the benchmark empties its database at start and
+starts workers of its own on the default queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import REDIS_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_REDIS_URL = os.environ.get("SFOX_BENCH_SMOKE_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+pytest.importorskip(
+    "psutil", reason="the benchmark needs the bench extra: pip install -e '.[bench]'"
+)
+pytest.importorskip("matplotlib", reason="the benchmark needs the bench extra")
+
+
+@pytest.fixture
+def bench_redis() -> str:
+    """The benchmark's database, if it is not the suite's and no benchmark holds it."""
+    if BENCH_REDIS_URL.rstrip("/") == REDIS_URL.rstrip("/"):
+        pytest.fail(f"SFOX_BENCH_SMOKE_REDIS_URL must not be the suite's database {REDIS_URL}")
+    client = redis.Redis.from_url(BENCH_REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"Redis is not answering at {BENCH_REDIS_URL}")
+    if client.exists("bench:lock"):
+        pytest.skip(f"a benchmark is running on {BENCH_REDIS_URL}; set SFOX_BENCH_SMOKE_REDIS_URL")
+    return BENCH_REDIS_URL
+
+
+@pytest.mark.slow
+def test_smoke_run_measures_every_approach_and_writes_its_report(
+    bench_redis: str, tmp_path: Path
+) -> None:
+    """`python -m bench.run --smoke` runs every section and writes RESULTS.md, chart.png, JSON."""
+    # Given a private output folder and the benchmark's own database
+    command = [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)]
+    command += ["--redis-url", bench_redis]
+
+    # When the smoke benchmark runs
+    proc = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False
+    )
+
+    # Then it succeeds and every measured approach minted a token for every user
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    measured = [
+        row
+        for row in results["rows"]
+        if not row["skipped"] and not row["projected"] and row["approach"] != "bound"
+    ]
+    approaches = {row["approach"] for row in measured}
+    assert {
+        "package: mint tasks",
+        "plain loop, 1 thread",
+        "naive, 1 request per user",
+    } <= approaches
+    for row in measured:
+        assert row["tokens"] == row["users"], row
+        assert row["rate_limited"] == 0, row
+        assert row["requests"] > 0, row
+    package = [row for row in measured if row["approach"].startswith("package")]
+    assert all(row["rss_largest_mb"] > 0 and row["worker_cpu_s"] > 0 for row in package)
+    assert {row["section"] for row in measured} == {"rate", "grid"}
+    assert results["profile"]["in_process"]["measured"]["minter_ms"] > 0
+    assert results["profile"]["worker"]["psutil_ms"] > 0
+    # And its report, chart and raw results are where it was told
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert report.startswith("# Benchmark results")
+    assert "## Targets" in report
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # And it gave its database back
+    assert not redis.Redis.from_url(bench_redis).exists("bench:lock")
