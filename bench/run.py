@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -416,8 +417,11 @@ class Bench:
             try:
                 stdout, _ = proc.communicate(timeout=self._timeout(users, rate) * 100)
             except subprocess.TimeoutExpired:
-                proc.kill()
                 raise BenchError(f"{approach} did not finish for N={users}") from None
+            finally:
+                if proc.poll() is None:  # a timeout, or the benchmark itself was stopped
+                    proc.kill()
+                    proc.wait(5)
         if proc.returncode != 0:
             raise BenchError(f"{approach} failed for N={users} (exit {proc.returncode})")
         outcome = json.loads(stdout)
@@ -629,7 +633,14 @@ class Bench:
         }
 
 
+def _stop(signum: int, frame: Any) -> None:
+    # A background job ignores SIGINT: SIGTERM must unwind too, so that the workers and the
+    # stand-in are stopped and the database lock is given back.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     config = parse_args(argv)
     bench = Bench(config)
     try:
