@@ -86,6 +86,8 @@ enable_utc = True
 # -- sFOX --------------------------------------------------------------------------
 
 sfox_api_url = _env("SFOX_API_URL", DEFAULT_API_URL)
+# Hosts besides loopback that may be plain http://: only the dev stand-in on a private network.
+sfox_plain_http_hosts = _env("SFOX_PLAIN_HTTP_HOSTS")
 # The key name sFOX's documentation uses is honoured when ours is unset.
 sfox_enterprise_api_key = _env("SFOX_ENTERPRISE_API_KEY") or _env("ENTERPRISE_API_KEY")
 sfox_token_result_ttl = int(_env("SFOX_TOKEN_RESULT_TTL", str(DEFAULT_RESULT_TTL)) or 0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -82,8 +82,9 @@ class SfoxClient:
         timeouts: Timeouts | None = None,
         session: requests.Session | None = None,
         pool_size: int = 10,
+        plain_http_hosts: Collection[str] = (),
     ) -> None:
-        check_api_url(base_url)
+        check_api_url(base_url, plain_http_hosts)
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
         self._api_key = api_key

@@ -43,6 +43,7 @@ class Runtime:
                     s.api_url,
                     s.require_api_key(),
                     timeouts=Timeouts(connect=s.connect_timeout, read=s.read_timeout),
+                    plain_http_hosts=s.plain_http_hosts,
                 )
             return self._client
 
