@@ -100,10 +100,18 @@ def mint_user_tokens(
 def _check_settings(**_: Any) -> None:
     """Refuse to start a worker whose sFOX settings are wrong, saying which and why."""
     try:
-        settings = Settings.from_conf(app.conf)
+        Settings.from_conf(app.conf)
     except ConfigurationError as exc:
         logger.critical("refusing to start: %s", exc.message)
         raise SystemExit(f"sfox-tokens: {exc.message}") from None
+
+
+@signals.celeryd_after_setup.connect
+def _announce_settings(**_: Any) -> None:
+    """Say at start-up, once logging is set up, where minting goes and what is off."""
+    # worker_init (above) runs before the worker configures logging: lines logged
+    # there never reach the worker's log.
+    settings = Settings.from_conf(app.conf)
     if is_plain_http_off_host(settings.api_url):
         logger.warning(
             "SFOX_API_URL %s is plain http:// (allowed by SFOX_PLAIN_HTTP_HOSTS): "

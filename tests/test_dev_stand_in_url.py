@@ -7,6 +7,7 @@ import pytest
 from tasks._client import SfoxClient
 from tasks._exceptions import ConfigurationError
 from tasks._settings import Settings, check_api_url, is_plain_http_off_host
+from tests.workers import WorkerProcess
 
 
 def test_named_host_may_be_plain_http():
@@ -44,3 +45,20 @@ def test_https_and_loopback_are_not_flagged():
     """Only plain http off loopback is flagged for the worker's start-up warning."""
     assert not is_plain_http_off_host("https://api.sfox.com")
     assert not is_plain_http_off_host("http://127.0.0.1:8900")
+
+
+@pytest.mark.slow
+def test_worker_accepts_a_named_plain_http_host_and_says_so(tmp_path, redis_client):
+    """A worker with the dev profile's URL and allowance starts, warning that it is dev-only."""
+    proc = WorkerProcess(
+        "devurl",
+        tmp_path,
+        env={"SFOX_API_URL": "http://fake-sfox:8900", "SFOX_PLAIN_HTTP_HOSTS": "fake-sfox"},
+        concurrency=1,
+        queues="devurl",
+        loglevel="INFO",
+    )
+    proc.start()
+    proc.stop()
+    assert "SFOX_API_URL http://fake-sfox:8900 is plain http://" in proc.log()
+    assert "sFOX at http://fake-sfox:8900;" in proc.log()
