@@ -234,7 +234,8 @@ class Minter:
                     else self.rate_limit_penalty
                 )
                 logger.warning(
-                    "sFOX answered 429: pausing every worker for %.1f s (%s)",
+                    "sFOX answered 429 to a %s: pausing every worker for %.1f s (%s)",
+                    what,
                     pause,
                     "Retry-After" if exc.retry_after is not None else "SFOX_RATE_LIMIT_PENALTY",
                 )
