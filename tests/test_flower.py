@@ -53,43 +53,6 @@ class Expected:
     user_ids: list[str] = field(default_factory=list)
 
 
-def mint_with_a_refused_user(fake: FakeSfox) -> list[Expected]:
-    """A mint of 12 users, one of whom sFOX refuses: SUCCESS, with a one-line summary."""
-    fake.refuse("flower-u7", status=404, message="user not found")
-    user_ids = [f"flower-u{i}" for i in range(1, 13)]
-    result = mint_user_tokens.delay(user_ids)
-    outcome = result.get(timeout=30)
-    assert len(outcome["tokens"]) == 11
-
-    def check(info: dict[str, Any]) -> None:
-        assert info["args"] == "[12 user IDs: flower-u1, flower-u2, flower-u3, … +9]"
-        assert info["kwargs"] == "{}"
-        assert info["result"] == "{tokens: 11 sealed, failed: 1 [flower-u7]}"
-
-    return [Expected(result.id, "sfox.mint_user_tokens", "SUCCESS", check, user_ids)]
-
-
-def mint_refused_whole(fake: FakeSfox) -> list[Expected]:
-    """A mint whose key sFOX rejects: FAILURE, with the operator's hint and no key."""
-    fake.inject(Fault.status(401))
-    result = mint_user_tokens.delay(["flower-x1"])
-    with pytest.raises(AuthenticationError):
-        result.get(timeout=30)
-
-    def check(info: dict[str, Any]) -> None:
-        assert "AuthenticationError" in info["exception"]
-        assert "Check SFOX_ENTERPRISE_API_KEY" in info["exception"]
-
-    return [Expected(result.id, "sfox.mint_user_tokens", "FAILURE", check, ["flower-x1"])]
-
-
-#: Every kind of job the Flower test runs. The nightly run adds itself here.
-SCENARIOS: list[Callable[[FakeSfox], list[Expected]]] = [
-    mint_with_a_refused_user,
-    mint_refused_whole,
-]
-
-
 class Flower:
     """A running Flower and what its API answered once every scenario's tasks had ended."""
 
@@ -152,6 +115,44 @@ class Flower:
         self.snapshot = {path: self.get(path) for path in paths}
 
 
+def mint_with_a_refused_user(fake: FakeSfox, flower: Flower) -> list[Expected]:
+    """A mint of 12 users, one of whom sFOX refuses: SUCCESS, with a one-line summary."""
+    fake.refuse("flower-u7", status=404, message="user not found")
+    user_ids = [f"flower-u{i}" for i in range(1, 13)]
+    result = mint_user_tokens.delay(user_ids)
+    outcome = result.get(timeout=30)
+    assert len(outcome["tokens"]) == 11
+
+    def check(info: dict[str, Any]) -> None:
+        assert info["args"] == "[12 user IDs: flower-u1, flower-u2, flower-u3, … +9]"
+        assert info["kwargs"] == "{}"
+        assert info["result"] == "{tokens: 11 sealed, failed: 1 [flower-u7]}"
+
+    return [Expected(result.id, "sfox.mint_user_tokens", "SUCCESS", check, user_ids)]
+
+
+def mint_refused_whole(fake: FakeSfox, flower: Flower) -> list[Expected]:
+    """A mint whose key sFOX rejects: FAILURE, with the operator's hint and no key."""
+    fake.inject(Fault.status(401))
+    result = mint_user_tokens.delay(["flower-x1"])
+    with pytest.raises(AuthenticationError):
+        result.get(timeout=30)
+
+    def check(info: dict[str, Any]) -> None:
+        assert "AuthenticationError" in info["exception"]
+        assert "Check SFOX_ENTERPRISE_API_KEY" in info["exception"]
+
+    return [Expected(result.id, "sfox.mint_user_tokens", "FAILURE", check, ["flower-x1"])]
+
+
+#: Every kind of job the Flower test runs, in order. Each gets the stand-in and the running
+#: Flower (to watch a long task's progress while it runs). The nightly run adds itself here.
+SCENARIOS: list[Callable[[FakeSfox, Flower], list[Expected]]] = [
+    mint_with_a_refused_user,
+    mint_refused_whole,
+]
+
+
 @pytest.fixture(scope="module")
 def flower(worker, fake_sfox_server, redis_client, tmp_path_factory):
     """Flower beside the session's worker, after every scenario ran and ended."""
@@ -185,7 +186,7 @@ def flower(worker, fake_sfox_server, redis_client, tmp_path_factory):
         worker_name = process.wait_for(worker_seen, 30, "the worker's heartbeat events")
         fake_sfox_server.reset()
         for scenario in SCENARIOS:
-            flower.expected += scenario(fake_sfox_server)
+            flower.expected += scenario(fake_sfox_server, flower)
         flower.plaintext_tokens = list(fake_sfox_server.issued_tokens)
         fake_sfox_server.reset()
 
