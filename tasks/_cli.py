@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+if TYPE_CHECKING:
+    from tasks._seal import Sealer
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -290,6 +293,13 @@ def cmd_mint(args: argparse.Namespace) -> int:
         if args.progress is not None
         else sys.stderr.isatty() and len(user_ids) > PROGRESS_MIN_USERS
     )
+    # Masks need the seal key, --reveal cannot do without it: know before minting anything.
+    try:
+        sealer: Sealer | None = get_runtime(app.conf).sealer
+    except ConfigurationError:
+        if args.reveal:
+            raise
+        sealer = None
     progress = Progress(len(user_ids), enabled=show_progress)
     started = time.monotonic()
     try:
@@ -308,12 +318,6 @@ def cmd_mint(args: argparse.Namespace) -> int:
         progress.close()
     elapsed = time.monotonic() - started
 
-    try:
-        sealer = get_runtime(app.conf).sealer
-    except ConfigurationError:
-        if args.reveal:
-            raise
-        sealer = None
     order = {user_id: index for index, user_id in enumerate(user_ids)}
     rows = []
     for outcome in sorted(outcomes, key=lambda o: order.get(o.user_id, len(order))):

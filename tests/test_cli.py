@@ -138,6 +138,14 @@ def test_mint_reveal_prints_the_plaintext_tokens(worker, fake_sfox):
     assert "do not store them" in out.stderr
 
 
+def test_reveal_without_the_seal_key_mints_nothing(fake_sfox):
+    """--reveal on a host that cannot open tokens is refused before a single token is minted."""
+    out = run("mint", "--reveal", "cli-n1", env={"SFOX_ENTERPRISE_API_KEY": ""})
+    assert_one_line_error(out, 2)
+    assert "SFOX_TOKEN_SEAL_KEY" in out.stderr
+    assert fake_sfox.count() == 0
+
+
 def test_long_list_is_split_into_tasks_with_progress(worker, fake_sfox, tmp_path):
     """A list over --per-task goes out as several mint tasks; --progress draws a bar on stderr."""
     ids = tmp_path / "ids.csv"
