@@ -47,6 +47,9 @@ result_backend_transport_options = {"visibility_timeout": _visibility_timeout}
 # Retry the broker connection at start-up instead of dying while Redis comes up.
 broker_connection_retry_on_startup = True
 
+# Several deployments may share one broker, each on its own queue.
+task_default_queue = _env("CELERY_TASK_DEFAULT_QUEUE", "celery")
+
 # -- serialisation -----------------------------------------------------------------
 
 # JSON only: no pickle, so no code execution from a forged message.
