@@ -41,8 +41,14 @@ result_backend = _env("CELERY_RESULT_BACKEND", broker_url)
 #: Seconds a message may stay unacknowledged before Redis hands it to another worker.
 #: It bounds recovery after a worker dies; it must exceed the longest task run and countdown.
 _visibility_timeout = int(_env("SFOX_VISIBILITY_TIMEOUT", "1800") or 1800)
-# Redis redelivers unacked messages after this; must outlast deadlines and countdowns.
-broker_transport_options = {"visibility_timeout": _visibility_timeout}
+# Workers sweep for abandoned messages every few seconds (kombu's default is every 100 s),
+# so a dead worker's messages come back within visibility_timeout plus this interval.
+_restore_interval = max(1, min(10, _visibility_timeout // 6))
+broker_transport_options = {
+    "visibility_timeout": _visibility_timeout,
+    "unacked_restore_interval": _restore_interval,
+    "unacked_restore_throttle": 1,
+}
 result_backend_transport_options = {"visibility_timeout": _visibility_timeout}
 # Retry the broker connection at start-up instead of dying while Redis comes up.
 broker_connection_retry_on_startup = True
