@@ -51,9 +51,16 @@ MAX_RUN_USERS = 1_000_000
 
 _PREFIX = "sfox:jit"
 
-# Shared by the scripts below: hand out chunks while fewer than `budget` users
-# are released-but-unfinished. KEYS: state hash, queue list, done set.
-_RELEASE = """
+# Shared by the scripts below. KEYS: 1 state hash, 2 queue list, 3 done set,
+# 4 released hash (chunk index -> chunk), 5 released-at zset, 6 finished set.
+# release(): hand out chunks while fewer than `budget` users are released but
+# unfinished, noting when each went out. stale(): chunks released longer ago
+# than `stale_after` and never finished (their sender died before sending).
+_COMMON = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local function release()
   local budget = tonumber(redis.call('HGET', KEYS[1], 'budget') or '0')
   local out = {}
@@ -64,9 +71,28 @@ local function release()
     if pending >= budget then break end
     local chunk = redis.call('LPOP', KEYS[2])
     if not chunk then break end
-    local n = tonumber(string.match(chunk, '^%d+|(%d+)|'))
-    redis.call('HINCRBY', KEYS[1], 'inflight', n)
+    local index, n = string.match(chunk, '^(%d+)|(%d+)|')
+    redis.call('HINCRBY', KEYS[1], 'inflight', tonumber(n))
+    redis.call('HSET', KEYS[4], index, chunk)
+    redis.call('ZADD', KEYS[5], now(), index)
     table.insert(out, chunk)
+  end
+  return out
+end
+local function stale(out, limit)
+  local after = tonumber(redis.call('HGET', KEYS[1], 'stale_after') or '0')
+  if after <= 0 then return out end
+  local t = now()
+  local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t - after, 'LIMIT', 0, limit)
+  for _, index in ipairs(old) do
+    local chunk = redis.call('HGET', KEYS[4], index)
+    if chunk and redis.call('SISMEMBER', KEYS[6], index) == 0 then
+      redis.call('ZADD', KEYS[5], t, index)
+      table.insert(out, chunk)
+    else
+      redis.call('HDEL', KEYS[4], index)
+      redis.call('ZREM', KEYS[5], index)
+    end
   end
   return out
 end
@@ -75,13 +101,13 @@ local function touch(ttl)
 end
 """
 
-# KEYS: state, queue, done, staged. ARGV: ttl, segment index, spec json, chunks...
+# ARGV: ttl, segment index, spec json, chunks...; KEYS[7] staged set.
 _STAGE = (
-    _RELEASE
+    _COMMON
     + """
 local spec = cjson.decode(ARGV[3])
 for k, v in pairs(spec) do redis.call('HSETNX', KEYS[1], k, v) end
-if redis.call('SADD', KEYS[4], ARGV[2]) == 1 then
+if redis.call('SADD', KEYS[7], ARGV[2]) == 1 then
   for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 end
 touch(tonumber(ARGV[1]))
@@ -89,27 +115,37 @@ return release()
 """
 )
 
-# KEYS: state, queue, done, finished. ARGV: ttl, chunk index, users, dispatched, failed.
+# ARGV: ttl, chunk index, users, dispatched, failed.
 _FINISH = (
-    _RELEASE
+    _COMMON
     + """
-if redis.call('SADD', KEYS[4], ARGV[2]) == 1 then
+if redis.call('SADD', KEYS[6], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'inflight', -tonumber(ARGV[3]))
   redis.call('HINCRBY', KEYS[1], 'dispatched', tonumber(ARGV[4]))
   redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[5]))
 end
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[2])
 touch(tonumber(ARGV[1]))
 return release()
 """
 )
 
-# KEYS: state, queue, done. ARGV: ttl, user id.
+# ARGV: ttl, user id.
 _DONE = (
-    _RELEASE
+    _COMMON
     + """
 redis.call('SADD', KEYS[3], ARGV[2])
 touch(tonumber(ARGV[1]))
-return release()
+return stale(release(), 1)
+"""
+)
+
+# ARGV: ttl.
+_SWEEP = (
+    _COMMON
+    + """
+return stale(release(), 100)
 """
 )
 
@@ -165,6 +201,19 @@ class JitRun:
         self.staged = f"{base}:staged"
         self.finished_set = f"{base}:finished"
         self.failed_users = f"{base}:failed"
+        self.released = f"{base}:released"
+        self.released_at = f"{base}:released-at"
+
+    def _keys(self, *extra: str) -> list[str]:
+        return [
+            self.state,
+            self.queue,
+            self.done_set,
+            self.released,
+            self.released_at,
+            self.finished_set,
+            *extra,
+        ]
 
     @classmethod
     def for_app(cls, run_id: str) -> JitRun:
@@ -176,7 +225,7 @@ class JitRun:
     def stage(self, segment: int, chunks: Sequence[_Chunk], spec: dict[str, Any]) -> list[_Chunk]:
         """Add a segment's chunks once; return the chunks released now."""
         released = self._script(_STAGE)(
-            keys=[self.state, self.queue, self.done_set, self.staged],
+            keys=self._keys(self.staged),
             args=[RUN_TTL, segment, json.dumps(spec), *(c.encode() for c in chunks)],
         )
         return [_Chunk.decode(c) for c in released]
@@ -184,16 +233,19 @@ class JitRun:
     def finish_chunk(self, chunk: _Chunk, dispatched: int, failed: int) -> list[_Chunk]:
         """Count a minted chunk once; return the chunks released now."""
         released = self._script(_FINISH)(
-            keys=[self.state, self.queue, self.done_set, self.finished_set],
+            keys=self._keys(),
             args=[RUN_TTL, chunk.index, len(chunk.user_ids), dispatched, failed],
         )
         return [_Chunk.decode(c) for c in released]
 
     def user_done(self, user_id: str) -> list[_Chunk]:
         """Mark one user's downstream work ended; return the chunks released now."""
-        released = self._script(_DONE)(
-            keys=[self.state, self.queue, self.done_set], args=[RUN_TTL, user_id]
-        )
+        released = self._script(_DONE)(keys=self._keys(), args=[RUN_TTL, user_id])
+        return [_Chunk.decode(c) for c in released]
+
+    def sweep(self) -> list[_Chunk]:
+        """Chunks to send: newly releasable ones, and ones whose sender died unsent."""
+        released = self._script(_SWEEP)(keys=self._keys(), args=[RUN_TTL])
         return [_Chunk.decode(c) for c in released]
 
     def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
@@ -238,6 +290,16 @@ def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[_Chunk]]:
     return [chunks[i : i + CHUNKS_PER_SEGMENT] for i in range(0, len(chunks), CHUNKS_PER_SEGMENT)]
 
 
+def stale_after(conf: Any) -> float:
+    """Seconds after which a released, unfinished chunk is taken as never sent.
+
+    Longer than any honest chunk task can take: a redelivery after the
+    visibility timeout, plus minting's whole retry deadline, plus a margin.
+    """
+    visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
+    return visibility + get_runtime(conf).settings.retry.deadline + 60
+
+
 def with_user_tokens(
     user_ids: Sequence[str],
     downstream: Signature,
@@ -266,6 +328,7 @@ def with_user_tokens(
     spec = {
         "total": len(ids),
         "budget": ahead * size,
+        "stale_after": stale_after(app.conf),
         "downstream": json.dumps(dict(downstream)),
     }
     return group(

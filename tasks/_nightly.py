@@ -38,7 +38,14 @@ from celery import Task
 
 from tasks._app import app
 from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._jit import CHUNKS_PER_SEGMENT, DEFAULT_AHEAD, JitRun, _Chunk, _send_chunks
+from tasks._jit import (
+    CHUNKS_PER_SEGMENT,
+    DEFAULT_AHEAD,
+    JitRun,
+    _Chunk,
+    _send_chunks,
+    stale_after,
+)
 from tasks._mint import Deferred
 from tasks._orders import Order, OrderError, client_order_id, load_orders
 from tasks._place import OrderOutcome, TokenHolder
@@ -332,6 +339,14 @@ def run_nightly_orders(
             self.send_event("task-progress", done=done, total=total)
             if total == 0 or progress.finished:
                 break
+            resent = run.jit.sweep()
+            if resent:
+                logger.warning(
+                    "nightly run for %s: sending %d chunk(s) again whose sender died unsent",
+                    day,
+                    len(resent),
+                )
+                _send_chunks(run.jit.run_id, resent)
             time.sleep(POLL_INTERVAL)
         summary = run.summary("done", started)
         run.set_flag("summary", json.dumps(summary))
@@ -354,6 +369,7 @@ def _dispatch(run: NightlyRun, chunk_size: int) -> None:
     spec = {
         "total": total,
         "budget": DEFAULT_AHEAD * chunk_size,
+        "stale_after": stale_after(app.conf),
         "downstream": json.dumps(dict(place_user_order.s(run_date=run.day.isoformat()))),
     }
     per_segment = chunk_size * CHUNKS_PER_SEGMENT

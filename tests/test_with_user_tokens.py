@@ -102,3 +102,24 @@ def test_no_message_holds_the_whole_list(worker, fake_sfox):
     assert max(sizes) < sum(sizes) / 2
     assert REDIS_URL  # the canvas was built without sending anything
     assert fake_sfox.count() == 0
+
+
+def test_chunk_released_but_never_sent_is_sent_again(redis_client):
+    """A chunk whose releasing task died before sending it comes back from a sweep, once due."""
+    from tasks._jit import _Chunk
+
+    run = JitRun(redis_client, "wut-lost")
+    chunks = [_Chunk(0, ["a", "b"]), _Chunk(1, ["c", "d"])]
+    spec = {"total": 4, "budget": 10, "stale_after": 0.3, "downstream": "{}"}
+    released = run.stage(0, chunks, spec)
+    assert [c.index for c in released] == [0, 1]
+    # Chunk 0 is minted and finished; chunk 1's sender "dies" before sending it.
+    run.finish_chunk(released[0], dispatched=2, failed=0)
+    assert run.sweep() == []  # not yet due
+    time.sleep(0.4)
+    again = run.sweep()
+    assert [(c.index, c.user_ids) for c in again] == [(1, ["c", "d"])]
+    assert run.sweep() == []  # re-stamped: not sent twice in a row
+    run.finish_chunk(again[0], dispatched=2, failed=0)
+    run.user_done("a"), run.user_done("b"), run.user_done("c"), run.user_done("d")
+    assert run.progress().finished
