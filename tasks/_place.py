@@ -158,7 +158,7 @@ class OrderPlacer:
             try:
                 return self.client.create_user_token(holder.user_id)
             except RateLimited as exc:
-                self._punished(exc)
+                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "a re-mint")
                 raise
 
         issued = self.policy.call(send, budget, what=f"token re-mint for {holder.user_id}")
@@ -173,20 +173,11 @@ class OrderPlacer:
         try:
             return self.client.create_order(token, side, body)
         except RateLimited as exc:
-            self._punished(exc)
+            self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "an order")
             raise
 
     def _acquire(self, limiter: Limiter) -> None:
         acquire(limiter, max_wait=self.policy.settings.inprocess_wait_max, sleep=self._sleep)
-
-    def _punished(self, exc: RateLimited) -> None:
-        pause = (
-            min(exc.retry_after, self.policy.settings.retry_after_max)
-            if exc.retry_after is not None
-            else self.rate_limit_penalty
-        )
-        logger.warning("sFOX answered 429 to an order: pausing every worker for %.1f s", pause)
-        self.limiter.pause(pause)
 
 
 def _error(exc: Exception) -> str:

@@ -91,6 +91,16 @@ def _check_settings(**_: Any) -> None:
     except ConfigurationError as exc:
         logger.critical("refusing to start: %s", exc.message)
         raise SystemExit(f"sfox-tokens: {exc.message}") from None
+    visibility = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+    longest = settings.retry.deadline + settings.retry.retry_after_max
+    if app.conf.broker_url.startswith(("redis", "rediss")) and visibility <= longest:
+        logger.warning(
+            "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest mint (%g s deadline plus "
+            "%g s Retry-After): Redis may hand a running task to a second worker",
+            visibility,
+            settings.retry.deadline,
+            settings.retry.retry_after_max,
+        )
     if not settings.api_key:
         logger.warning(
             "no sFOX enterprise key (SFOX_ENTERPRISE_API_KEY): mint tasks will fail until set"
