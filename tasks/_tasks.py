@@ -118,6 +118,16 @@ def _announce_settings(**_: Any) -> None:
             "for a local sFOX stand-in only, never with a real enterprise key",
             settings.api_url,
         )
+    visibility = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+    longest = settings.retry.deadline + settings.retry.retry_after_max
+    if app.conf.broker_url.startswith(("redis", "rediss")) and visibility <= longest:
+        logger.warning(
+            "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest mint (%g s deadline plus "
+            "%g s Retry-After): Redis may hand a running task to a second worker",
+            visibility,
+            settings.retry.deadline,
+            settings.retry.retry_after_max,
+        )
     if not settings.api_key:
         logger.warning(
             "no sFOX enterprise key (SFOX_ENTERPRISE_API_KEY): mint tasks will fail until set"

@@ -150,7 +150,7 @@ def test_worker_log_at_debug_says_what_happened_in_one_line_each(fake_sfox, tmp_
     line(r"sFOX user-token request for 12 user\(s\): attempt 1 of \d+ failed \(sFOX answered 503")
     line(r"retrying in \d+\.\d+ s")
     line(
-        r"sFOX answered 429 to a user-token request for 12 user\(s\): "
+        r"sFOX answered 429 to user-token request for 12 user\(s\): "
         r"pausing every worker for 0\.5 s \(SFOX_RATE_LIMIT_PENALTY\)"
     )
     line(r"sFOX rate-limit pause: waiting 0\.\d s before the next request")
