@@ -9,11 +9,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY tasks ./tasks
+# Beat keeps its schedule in /var/lib/sfox-beat (a volume in docker-compose.yml); the
+# directory exists, owned by the service user, so a fresh named volume inherits that owner.
 RUN pip install '.[flower]' \
-    && useradd --create-home --uid 10001 sfox
+    && useradd --create-home --uid 10001 sfox \
+    && install -d -o sfox -g sfox /var/lib/sfox-beat
 
-# Workers never need root; beat keeps its schedule file in the home directory.
+# No service needs root.
 USER sfox
+# Run from the home directory, so nothing in /app shadows the installed package.
 WORKDIR /home/sfox
 
 CMD ["celery", "-A", "tasks", "worker", "-l", "INFO"]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 
+from celery.schedules import crontab
+
+from tasks._exceptions import ConfigurationError
 from tasks._settings import (
     DEFAULT_API_URL,
     DEFAULT_RATE_LIMIT,
@@ -38,11 +41,20 @@ result_backend = _env("CELERY_RESULT_BACKEND", broker_url)
 #: Seconds a message may stay unacknowledged before Redis hands it to another worker.
 #: It bounds recovery after a worker dies; it must exceed the longest task run and countdown.
 _visibility_timeout = int(_env("SFOX_VISIBILITY_TIMEOUT", "1800") or 1800)
-# Redis redelivers unacked messages after this; must outlast deadlines and countdowns.
-broker_transport_options = {"visibility_timeout": _visibility_timeout}
+# Workers sweep for abandoned messages every few seconds (kombu's default is every 100 s),
+# so a dead worker's messages come back within visibility_timeout plus this interval.
+_restore_interval = max(1, min(10, _visibility_timeout // 6))
+broker_transport_options = {
+    "visibility_timeout": _visibility_timeout,
+    "unacked_restore_interval": _restore_interval,
+    "unacked_restore_throttle": 1,
+}
 result_backend_transport_options = {"visibility_timeout": _visibility_timeout}
 # Retry the broker connection at start-up instead of dying while Redis comes up.
 broker_connection_retry_on_startup = True
+
+# Several deployments may share one broker, each on its own queue.
+task_default_queue = _env("CELERY_TASK_DEFAULT_QUEUE", "celery")
 
 # -- serialisation -----------------------------------------------------------------
 
@@ -86,6 +98,8 @@ enable_utc = True
 # -- sFOX --------------------------------------------------------------------------
 
 sfox_api_url = _env("SFOX_API_URL", DEFAULT_API_URL)
+# Hosts besides loopback that may be plain http://: only the dev stand-in on a private network.
+sfox_plain_http_hosts = _env("SFOX_PLAIN_HTTP_HOSTS")
 # The key name sFOX's documentation uses is honoured when ours is unset.
 sfox_enterprise_api_key = _env("SFOX_ENTERPRISE_API_KEY") or _env("ENTERPRISE_API_KEY")
 sfox_token_result_ttl = int(_env("SFOX_TOKEN_RESULT_TTL", str(DEFAULT_RESULT_TTL)) or 0)
@@ -104,3 +118,38 @@ sfox_retry_wait_initial = _env("SFOX_RETRY_WAIT_INITIAL")
 sfox_retry_wait_max = _env("SFOX_RETRY_WAIT_MAX")
 sfox_retry_inprocess_wait_max = _env("SFOX_RETRY_INPROCESS_WAIT_MAX")
 sfox_retry_after_max = _env("SFOX_RETRY_AFTER_MAX")
+
+# -- the nightly run ---------------------------------------------------------------
+
+sfox_nightly_orders_file = _env("SFOX_NIGHTLY_ORDERS_FILE")
+sfox_nightly_orders_source = _env("SFOX_NIGHTLY_ORDERS_SOURCE")
+# Seconds a coordinator's lease lasts without renewal; a crashed run resumes after it.
+sfox_nightly_lease = _env("SFOX_NIGHTLY_LEASE")
+
+
+def _cron(text: str) -> crontab:
+    fields = text.split()
+    if len(fields) != 5:
+        raise ConfigurationError(
+            f"SFOX_NIGHTLY_CRON={text!r} must have 5 fields: minute hour day month weekday"
+        )
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day_of_month,
+            month_of_year=month_of_year,
+            day_of_week=day_of_week,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"SFOX_NIGHTLY_CRON={text!r} is not valid cron: {exc}") from None
+
+
+# Beat fires the nightly run; a second firing for the same date does nothing.
+beat_schedule = {
+    "sfox-nightly-orders": {
+        "task": "sfox.run_nightly_orders",
+        "schedule": _cron(_env("SFOX_NIGHTLY_CRON", "0 2 * * *") or "0 2 * * *"),
+    },
+}

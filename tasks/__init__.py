@@ -1,7 +1,8 @@
 """Celery tasks that mint sFOX user auth tokens in batches and hand them, sealed, to jobs.
 
-The public surface is this module: :data:`app`, :func:`unseal`, and the
-exception tree. Tasks are registered under the names ``sfox.*``.
+The public surface is this module: :data:`app`, :func:`unseal`,
+:func:`with_user_tokens`, the tasks and the exception tree. Tasks are
+registered under the names ``sfox.*``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tasks._exceptions import (
     TransientError,
     TransportError,
 )
+from tasks._jit import with_user_tokens
+from tasks._nightly import place_user_order, run_nightly_orders
 from tasks._runtime import get_runtime
 from tasks._tasks import mint_user_tokens
 
@@ -37,11 +40,15 @@ __all__ = [
     "SealError",
     "ServerError",
     "SfoxError",
+    "TokenRejected",
     "TransientError",
     "TransportError",
     "app",
     "mint_user_tokens",
+    "place_user_order",
+    "run_nightly_orders",
     "unseal",
+    "with_user_tokens",
 ]
 
 

@@ -9,6 +9,7 @@ from celery.app import backends
 from celery.backends.redis import RedisBackend
 
 from tasks._backend import TokenRedisBackend
+from tasks._logs import hide_task_results_in_logs
 
 __all__ = ["app"]
 
@@ -30,3 +31,5 @@ class SfoxCelery(Celery):  # type: ignore[misc]
 
 app = SfoxCelery("tasks")
 app.config_from_object("celeryconfig")
+# Celery's "Task ... succeeded" line must not carry a result (sealed tokens, or worse).
+hide_task_results_in_logs()

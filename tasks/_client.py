@@ -16,7 +16,7 @@ import email.utils
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -31,6 +31,7 @@ from tasks._exceptions import (
     RateLimited,
     RequestRefused,
     ServerError,
+    TokenRejected,
     TransportError,
 )
 from tasks._settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, check_api_url
@@ -83,8 +84,9 @@ class SfoxClient:
         timeouts: Timeouts | None = None,
         session: requests.Session | None = None,
         pool_size: int = 10,
+        plain_http_hosts: Collection[str] = (),
     ) -> None:
-        check_api_url(base_url)
+        check_api_url(base_url, plain_http_hosts)
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
         self._api_key = api_key
@@ -148,11 +150,13 @@ class SfoxClient:
         """``POST /v1/orders/{side}`` with the user's token; sFOX's order as a dict."""
         if side not in ("buy", "sell"):
             raise ValueError(f"side must be 'buy' or 'sell', not {side!r}")
-        return self._post(f"/v1/orders/{side}", user_token, dict(order), "order")
+        return self._post(f"/v1/orders/{side}", user_token, dict(order), "order", user_token=True)
 
     # -- wire ----------------------------------------------------------------------
 
-    def _post(self, path: str, bearer: str, payload: Any, what: str) -> dict[str, Any]:
+    def _post(
+        self, path: str, bearer: str, payload: Any, what: str, *, user_token: bool = False
+    ) -> dict[str, Any]:
         url = self.base_url + path
         started = time.monotonic()
         try:
@@ -173,11 +177,13 @@ class SfoxClient:
                 f"sFOX {what} request failed in transport: {type(exc).__name__}"
             ) from None
         try:
-            return self._classify(response, what)
+            return self._classify(response, what, user_token=user_token)
         finally:
             response.close()
 
-    def _classify(self, response: requests.Response, what: str) -> dict[str, Any]:
+    def _classify(
+        self, response: requests.Response, what: str, *, user_token: bool = False
+    ) -> dict[str, Any]:
         status = response.status_code
         if 200 <= status < 300:
             try:
@@ -202,6 +208,11 @@ class SfoxClient:
             )
         if status in TRANSIENT_STATUSES:
             raise ServerError(f"{where}: {error}", status=status, retry_after=retry_after)
+        if status in (401, 403) and user_token:
+            raise TokenRejected(
+                f"{where}: {error}. The user's auth token expired or was revoked: mint a new one",
+                status=status,
+            )
         if status in (401, 403):
             raise AuthenticationError(
                 f"{where}: {error}. Check SFOX_ENTERPRISE_API_KEY: the key is wrong, "

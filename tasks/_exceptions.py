@@ -11,7 +11,8 @@
     │   ├── RateLimited            429
     │   └── MalformedResponse      a 2xx whose body is not the documented shape
     ├── PermanentError             sFOX refused the whole call: retrying will not help
-    │   └── AuthenticationError    401 / 403: the enterprise key is wrong or lacks rights
+    │   ├── AuthenticationError    401 / 403: the enterprise key is wrong or lacks rights
+    │   └── TokenRejected          401 / 403 to a user token: mint that user a new one
     ├── RequestRefused             400 / 404 / 422: perhaps one user spoiled the batch
     ├── RetriesExhausted           the retry budget or deadline ran out
     └── SealError                  a sealed token cannot be opened (expired, other key)
@@ -35,6 +36,7 @@ __all__ = [
     "SealError",
     "ServerError",
     "SfoxError",
+    "TokenRejected",
     "TransientError",
     "TransportError",
 ]
@@ -101,6 +103,10 @@ class PermanentError(SfoxError):
 
 class AuthenticationError(PermanentError):
     """sFOX refused the enterprise key (401 or 403)."""
+
+
+class TokenRejected(PermanentError):
+    """sFOX refused a user auth token (401 or 403): it expired or was revoked."""
 
 
 class RequestRefused(SfoxError):

@@ -228,17 +228,7 @@ class Minter:
             try:
                 return self.client.create_user_tokens(batch)
             except RateLimited as exc:
-                pause = (
-                    min(exc.retry_after, self.policy.settings.retry_after_max)
-                    if exc.retry_after is not None
-                    else self.rate_limit_penalty
-                )
-                logger.warning(
-                    "sFOX answered 429: pausing every worker for %.1f s (%s)",
-                    pause,
-                    "Retry-After" if exc.retry_after is not None else "SFOX_RATE_LIMIT_PENALTY",
-                )
-                self.limiter.pause(pause)
+                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, what)
                 raise
 
         return self.policy.call(send, progress.budget, what=what)

@@ -95,6 +95,10 @@ class Limiter(Protocol):
         """Make every user of this limiter wait at least ``seconds``."""
         ...
 
+    def sibling(self, rate: Rate, name: str) -> Limiter:
+        """A separate limiter named ``name`` on the same store."""
+        ...
+
 
 def acquire(
     limiter: Limiter, *, max_wait: float, sleep: Callable[[float], None] = time.sleep
@@ -136,6 +140,10 @@ class RedisLimiter:
         )
         return cls(client, rate)
 
+    def sibling(self, rate: Rate, name: str) -> RedisLimiter:
+        """Another limiter on the same Redis connections, e.g. one per sFOX account."""
+        return RedisLimiter(self._client, rate, prefix=f"{KEY_PREFIX}:{name}")
+
     def try_acquire(self) -> tuple[float, bool]:
         wait_us = int(
             self._acquire(
@@ -161,6 +169,7 @@ class LocalLimiter:
         self._lock = threading.Lock()
         self._log: deque[float] = deque()
         self._paused_until = 0.0
+        self._siblings: dict[str, LocalLimiter] = {}
 
     def try_acquire(self) -> tuple[float, bool]:
         with self._lock:
@@ -177,6 +186,14 @@ class LocalLimiter:
     def pause(self, seconds: float) -> None:
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def sibling(self, rate: Rate, name: str) -> LocalLimiter:
+        """Another in-process limiter, e.g. one per sFOX account (kept, so it remembers)."""
+        with self._lock:
+            limiter = self._siblings.get(name)
+            if limiter is None:
+                limiter = self._siblings[name] = LocalLimiter(rate, clock=self._clock)
+            return limiter
 
 
 def limiter_for(url: str | None, rate: Rate) -> Limiter:

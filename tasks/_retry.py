@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import tenacity
 
@@ -27,6 +27,11 @@ from tasks._exceptions import RateLimited, RetriesExhausted, TransientError
 from tasks._settings import RetrySettings
 
 __all__ = ["Budget", "Defer", "RetryPolicy"]
+
+
+class _Pausable(Protocol):
+    def pause(self, seconds: float) -> None: ...
+
 
 logger = logging.getLogger("tasks.retry")
 
@@ -108,6 +113,23 @@ class RetryPolicy:
         if exc.retry_after is not None:
             return min(exc.retry_after, self.settings.retry_after_max)
         return self.backoff(failures)
+
+    def pause_after_429(
+        self, limiter: _Pausable, exc: RateLimited, penalty: float, what: str
+    ) -> None:
+        """Pause every worker sharing ``limiter``: ``Retry-After`` if given, else ``penalty``."""
+        pause = (
+            min(exc.retry_after, self.settings.retry_after_max)
+            if exc.retry_after is not None
+            else penalty
+        )
+        logger.warning(
+            "sFOX answered 429 to %s: pausing every worker for %.1f s (%s)",
+            what,
+            pause,
+            "Retry-After" if exc.retry_after is not None else "SFOX_RATE_LIMIT_PENALTY",
+        )
+        limiter.pause(pause)
 
     def call(self, send: Callable[[], T], budget: Budget, *, what: str) -> T:
         """Run ``send`` until it succeeds, fails for good, or the budget runs out.

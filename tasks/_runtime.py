@@ -13,8 +13,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import redis
+
 from tasks._client import SfoxClient, Timeouts
+from tasks._exceptions import ConfigurationError
 from tasks._mint import Minter
+from tasks._place import OrderPlacer
 from tasks._ratelimit import Limiter, limiter_for
 from tasks._retry import RetryPolicy
 from tasks._seal import Sealer
@@ -33,6 +37,7 @@ class Runtime:
         self._client: SfoxClient | None = None
         self._limiter: Limiter | None = None
         self._sealer: Sealer | None = None
+        self._redis: redis.Redis[bytes] | None = None
 
     @property
     def client(self) -> SfoxClient:
@@ -43,6 +48,7 @@ class Runtime:
                     s.api_url,
                     s.require_api_key(),
                     timeouts=Timeouts(connect=s.connect_timeout, read=s.read_timeout),
+                    plain_http_hosts=s.plain_http_hosts,
                 )
             return self._client
 
@@ -61,6 +67,22 @@ class Runtime:
                 self._sealer = Sealer.for_keys(s.seal_keys, s.api_key, s.result_ttl)
             return self._sealer
 
+    @property
+    def redis(self) -> redis.Redis[bytes]:
+        """Redis for run bookkeeping: the limiter's."""
+        with self._lock:
+            if self._redis is None:
+                url = self.settings.limiter_url
+                if not url:
+                    raise ConfigurationError(
+                        "this needs Redis for its bookkeeping: set SFOX_LIMITER_URL, "
+                        "or use a Redis broker or result backend"
+                    )
+                self._redis = redis.Redis.from_url(
+                    url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+                )
+            return self._redis
+
     def policy(self) -> RetryPolicy:
         return RetryPolicy(self.settings.retry, sleep=self.sleep)
 
@@ -75,12 +97,24 @@ class Runtime:
             sleep=self.sleep,
         )
 
+    def placer(self, on_remint: Callable[[str], None]) -> OrderPlacer:
+        return OrderPlacer(
+            self.client,
+            self.limiter,
+            self.policy(),
+            self.sealer,
+            rate_limit_penalty=self.settings.rate_limit_penalty,
+            sleep=self.sleep,
+            on_remint=on_remint,
+        )
+
     def close(self) -> None:
         with self._lock:
             if self._client is not None:
                 self._client.close()
             self._client = None
             self._limiter = None
+            self._redis = None
 
 
 _lock = threading.Lock()

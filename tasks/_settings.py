@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +31,7 @@ __all__ = [
     "RetrySettings",
     "Settings",
     "check_api_url",
+    "is_plain_http_off_host",
 ]
 
 #: sFOX production.
@@ -120,9 +121,11 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     retry: RetrySettings = field(default_factory=RetrySettings)
+    #: Non-loopback hosts that may be reached over plain http (a dev stand-in on a private network).
+    plain_http_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check_api_url(self.api_url)
+        check_api_url(self.api_url, self.plain_http_hosts)
         _positive("SFOX_TOKEN_RESULT_TTL", self.result_ttl)
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ConfigurationError(
@@ -177,6 +180,11 @@ class Settings:
                 connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                 read_timeout=float(get("sfox_read_timeout", DEFAULT_READ_TIMEOUT)),
                 retry=retry,
+                plain_http_hosts=tuple(
+                    h.strip().lower()
+                    for h in str(get("sfox_plain_http_hosts", "")).split(",")
+                    if h.strip()
+                ),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None
@@ -191,21 +199,30 @@ class Settings:
         return self.api_key
 
 
-def check_api_url(url: str) -> None:
+def check_api_url(url: str, plain_http_hosts: Collection[str] = ()) -> None:
     """Refuse a base URL that would send the enterprise key in clear over a network.
 
-    ``https://`` is required, except for loopback hosts where a local stand-in runs.
+    ``https://`` is required, except for loopback hosts where a local stand-in runs,
+    and for hosts named one by one in ``SFOX_PLAIN_HTTP_HOSTS`` (the stand-in on a
+    private docker network).
     """
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme == "https" and host:
         return
-    if parts.scheme == "http" and _is_loopback(host):
+    if parts.scheme == "http" and host and (_is_loopback(host) or host in plain_http_hosts):
         return
     raise ConfigurationError(
         f"SFOX_API_URL={url!r} is refused: it must be https:// "
-        "(plain http:// is allowed only for loopback hosts such as 127.0.0.1)"
+        "(plain http:// is allowed only for loopback hosts such as 127.0.0.1, "
+        "or for hosts named in SFOX_PLAIN_HTTP_HOSTS)"
     )
+
+
+def is_plain_http_off_host(url: str) -> bool:
+    """True for a plain http:// URL whose host is not loopback (allowed only by opt-in)."""
+    parts = urlsplit(url)
+    return parts.scheme == "http" and not _is_loopback((parts.hostname or "").lower())
 
 
 def _is_loopback(host: str) -> bool:

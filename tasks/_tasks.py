@@ -11,6 +11,7 @@ so limiter waits never count against it.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task, signals
@@ -18,8 +19,9 @@ from celery import Task, signals
 from tasks._app import app
 from tasks._exceptions import ConfigurationError
 from tasks._mint import Deferred, MintResult, validate_user_ids
+from tasks._outcome import MintOutcome, summarise
 from tasks._runtime import get_runtime, reset_runtime
-from tasks._settings import Settings
+from tasks._settings import Settings, is_plain_http_off_host
 
 __all__ = ["MintTask", "mint_user_tokens"]
 
@@ -63,12 +65,13 @@ class MintTask(Task):  # type: ignore[misc]
 @app.task(bind=True, base=MintTask, name="sfox.mint_user_tokens", acks_late=True)
 def mint_user_tokens(
     self: MintTask, user_ids: list[str], _resume: dict[str, Any] | None = None
-) -> MintResult:
+) -> MintResult | MintOutcome:
     """Mint sealed sFOX user auth tokens for ``user_ids``: ``{"tokens": [..], "failed": [..]}``."""
     runtime = get_runtime(self.app.conf)
     distinct = validate_user_ids(user_ids, maximum=runtime.settings.max_user_ids)
+    started = time.monotonic()
     try:
-        return runtime.minter().mint(distinct, _resume)
+        result = runtime.minter().mint(distinct, _resume)
     except Deferred as deferred:
         logger.info(
             "mint of %d user(s) resumes from the broker in %.1f s (%s)",
@@ -81,16 +84,50 @@ def mint_user_tokens(
             countdown=deferred.countdown,
             kwargsrepr="{resume: …}",
         ) from None
+    logger.info(
+        "mint done for %d user(s) in %.2f s: %s",
+        len(distinct),
+        time.monotonic() - started,
+        summarise(result),
+    )
+    if self.request.called_directly or self.request.is_eager:
+        return result
+    # In a worker, Celery reprs the result for its event and Flower: make that repr short.
+    return MintOutcome(result)
 
 
 @signals.worker_init.connect
 def _check_settings(**_: Any) -> None:
     """Refuse to start a worker whose sFOX settings are wrong, saying which and why."""
     try:
-        settings = Settings.from_conf(app.conf)
+        Settings.from_conf(app.conf)
     except ConfigurationError as exc:
         logger.critical("refusing to start: %s", exc.message)
         raise SystemExit(f"sfox-tokens: {exc.message}") from None
+
+
+@signals.celeryd_after_setup.connect
+def _announce_settings(**_: Any) -> None:
+    """Say at start-up, once logging is set up, where minting goes and what is off."""
+    # worker_init (above) runs before the worker configures logging: lines logged
+    # there never reach the worker's log.
+    settings = Settings.from_conf(app.conf)
+    if is_plain_http_off_host(settings.api_url):
+        logger.warning(
+            "SFOX_API_URL %s is plain http:// (allowed by SFOX_PLAIN_HTTP_HOSTS): "
+            "for a local sFOX stand-in only, never with a real enterprise key",
+            settings.api_url,
+        )
+    visibility = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+    longest = settings.retry.deadline + settings.retry.retry_after_max
+    if app.conf.broker_url.startswith(("redis", "rediss")) and visibility <= longest:
+        logger.warning(
+            "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest mint (%g s deadline plus "
+            "%g s Retry-After): Redis may hand a running task to a second worker",
+            visibility,
+            settings.retry.deadline,
+            settings.retry.retry_after_max,
+        )
     if not settings.api_key:
         logger.warning(
             "no sFOX enterprise key (SFOX_ENTERPRISE_API_KEY): mint tasks will fail until set"

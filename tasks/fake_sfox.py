@@ -1225,9 +1225,9 @@ def _default_api_key() -> str:
     )
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(prog: str = "python -m tasks.fake_sfox") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.fake_sfox",
+        prog=prog,
         description="Serve a fake sFOX API (user tokens, orders) with fault injection.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -1265,9 +1265,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the fake until SIGINT/SIGTERM."""
-    args = _build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the fake until SIGINT/SIGTERM (``prog`` names the command in its help)."""
+    args = (_build_parser(prog) if prog else _build_parser()).parse_args(argv)
     try:
         fake = FakeSfox(
             args.api_key or _default_api_key(),

@@ -11,3 +11,28 @@ from tasks import app
 def echo(value: Any) -> Any:
     """Return ``value``: a task with the global result expiry, to compare TTLs."""
     return value
+
+
+@app.task(name="tests.record_token")
+def record_token(tag: str, user_token: dict[str, Any], delay: float = 0.0) -> str:
+    """A partner's downstream task: opens the token and notes which user it served."""
+    import time
+
+    import redis
+
+    from tasks import unseal
+
+    plaintext = unseal(user_token["token"])
+    if delay:
+        time.sleep(delay)
+    client = redis.Redis.from_url(app.conf.broker_url)
+    # Store only a digest: the test compares it with the stand-in's token, never the token.
+    import hashlib
+
+    client.hset(
+        f"tests:downstream:{tag}",
+        user_token["partner_user_id"],
+        hashlib.sha256(plaintext.encode()).hexdigest(),
+    )
+    client.hincrby(f"tests:downstream-calls:{tag}", user_token["partner_user_id"], 1)
+    return user_token["partner_user_id"]

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ class WorkerProcess:
         pool: str = "prefork",
         queues: str | None = None,
         loglevel: str = "DEBUG",
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         self.log_path = log_dir / f"{name}.log"
@@ -53,6 +55,7 @@ class WorkerProcess:
         ]
         if queues:
             self.args += ["-Q", queues]
+        self.args += list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:

@@ -1,0 +1,236 @@
+"""Configuration sanity checks (``sfox-tokens check``): one verdict per concern.
+
+Each check reads only the piece of configuration it is about, so one bad setting
+does not hide the state of the others. None prints a secret (URLs are shown with
+their passwords masked, the key only as "set"), every network step has a short
+timeout, and none has a side effect at sFOX: reachability is an unauthenticated
+``HEAD`` of the base URL. That sends no key and mints nothing; it proves DNS,
+TLS and a route to sFOX, not that the key is accepted, which only a real mint
+can prove.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import requests
+from kombu.connection import Connection
+from kombu.utils.url import maybe_sanitize_url
+
+from tasks._exceptions import ConfigurationError, SfoxError
+from tasks._ratelimit import KEY_PREFIX
+from tasks._seal import Sealer
+from tasks._settings import (
+    DEFAULT_API_URL,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RATE_LIMIT,
+    DEFAULT_RESULT_TTL,
+    Rate,
+    Settings,
+    check_api_url,
+)
+
+__all__ = ["DEFAULT_CHECK_TIMEOUT", "Check", "probe_broker", "run_checks", "safe_url"]
+
+#: Seconds any one network step of a check may take.
+DEFAULT_CHECK_TIMEOUT = 5.0
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict: ``ok`` True (ok), False (FAIL) or None (skipped)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+    @property
+    def status(self) -> str:
+        return {True: "ok", False: "FAIL", None: "skip"}[self.ok]
+
+    def line(self) -> str:
+        return f"{self.status:<4}  {self.name:<10}  {self.detail}"
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password masked."""
+    return str(maybe_sanitize_url(url))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _url(conf: Mapping[str, Any], name: str) -> str | None:
+    # Celery's own settings object resolves CELERY_BROKER_URL / CELERY_RESULT_BACKEND here.
+    value = getattr(conf, name, None)
+    return str(value) if isinstance(value, str) and value else conf.get(name) or None
+
+
+def _setting(conf: Mapping[str, Any], name: str, default: Any) -> Any:
+    value = conf.get(name)
+    return default if value is None or value == "" else value
+
+
+def _redis(url: str, timeout: float) -> redis.Redis[bytes]:
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+def probe_broker(url: str, timeout: float = DEFAULT_CHECK_TIMEOUT) -> str | None:
+    """None when the broker at ``url`` answers, else why not (one line, no password)."""
+    try:
+        if url.startswith(_REDIS_SCHEMES):
+            _redis(url, timeout).ping()
+        else:
+            with Connection(url, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call]
+                conn.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:  # any failure to connect is the answer here
+        return f"{safe_url(url)} does not answer: {_one_line(exc)}"
+    return None
+
+
+def _check_settings(conf: Mapping[str, Any]) -> Check:
+    try:
+        s = Settings.from_conf(conf)
+    except ConfigurationError as exc:
+        return Check("settings", False, exc.message)
+    return Check(
+        "settings",
+        True,
+        f"valid: batches of {s.batch_size}, up to {s.max_user_ids} user IDs a task, "
+        f"results live {s.result_ttl} s, {s.retry.attempts} attempts within "
+        f"{s.retry.deadline:g} s",
+    )
+
+
+def _check_redis(name: str, url: str | None, timeout: float, *, broker: bool) -> Check:
+    if not url:
+        return Check(name, False, "not configured")
+    if not url.startswith(_REDIS_SCHEMES):
+        if not broker:
+            return Check(name, None, f"{safe_url(url)}: only Redis result backends are checked")
+        problem = probe_broker(url, timeout)
+        return Check(name, problem is None, problem or f"{safe_url(url)} answers")
+    try:
+        client = _redis(url, timeout)
+        client.ping()
+    except redis.RedisError as exc:
+        return Check(name, False, f"{safe_url(url)} does not answer: {_one_line(exc)}")
+    try:
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown"))
+    except redis.RedisError:
+        policy = "unknown (CONFIG is disabled)"
+    if broker and policy not in ("noeviction",) and not policy.startswith("unknown"):
+        return Check(
+            name,
+            False,
+            f"{safe_url(url)} answers, but its maxmemory-policy is {policy}: Celery's "
+            "Redis transport needs noeviction, or queued tasks may vanish",
+        )
+    return Check(name, True, f"{safe_url(url)} answers (maxmemory-policy {policy})")
+
+
+def _check_key(conf: Mapping[str, Any]) -> Check:
+    if not conf.get("sfox_enterprise_api_key"):
+        return Check(
+            "api key",
+            False,
+            "not set: set SFOX_ENTERPRISE_API_KEY (or ENTERPRISE_API_KEY); minting fails without",
+        )
+    source = next(
+        (n for n in ("SFOX_ENTERPRISE_API_KEY", "ENTERPRISE_API_KEY") if os.environ.get(n)),
+        "the configuration",
+    )
+    return Check("api key", True, f"set, from {source} (not shown)")
+
+
+def _check_sfox(conf: Mapping[str, Any], timeout: float) -> Check:
+    url = str(_setting(conf, "sfox_api_url", DEFAULT_API_URL)).rstrip("/")
+    hosts = [h.strip().lower() for h in str(_setting(conf, "sfox_plain_http_hosts", "")).split(",")]
+    try:
+        check_api_url(url, [h for h in hosts if h])
+        connect = min(
+            float(_setting(conf, "sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)), timeout
+        )
+    except ConfigurationError as exc:
+        return Check("sFOX", False, exc.message)
+    except (TypeError, ValueError):
+        connect = min(DEFAULT_CONNECT_TIMEOUT, timeout)
+    session = requests.Session()
+    # The same network path as the client: no proxy or .netrc from the environment.
+    session.trust_env = False
+    try:
+        response = session.head(url + "/", timeout=(connect, timeout), allow_redirects=False)
+    except requests.RequestException as exc:
+        return Check("sFOX", False, f"{url} does not answer: {type(exc).__name__}")
+    finally:
+        session.close()
+    how = f"HTTP {response.status_code} to an unauthenticated HEAD /; no key sent, nothing minted"
+    if response.status_code >= 500:
+        return Check("sFOX", False, f"{url} answers with an error ({how}): down or in maintenance?")
+    return Check("sFOX", True, f"{url} answers ({how})")
+
+
+def _check_seal(conf: Mapping[str, Any]) -> Check:
+    keys = [k.strip() for k in str(_setting(conf, "sfox_token_seal_key", "")).split(",")]
+    keys = [k for k in keys if k]
+    try:
+        ttl = int(_setting(conf, "sfox_token_result_ttl", DEFAULT_RESULT_TTL))
+        sealer = Sealer.for_keys(keys, conf.get("sfox_enterprise_api_key") or None, ttl)
+        probe = secrets.token_urlsafe(16)
+        if sealer.unseal(sealer.seal(probe)) != probe:
+            return Check("seal key", False, "a token sealed and opened came back different")
+    except (SfoxError, TypeError, ValueError) as exc:
+        message = exc.message if isinstance(exc, SfoxError) else _one_line(exc)
+        return Check("seal key", False, message)
+    if keys:
+        source = f"SFOX_TOKEN_SEAL_KEY ({len(keys)} key{'s' if len(keys) > 1 else ''})"
+    else:
+        source = "derived from the enterprise key"
+    return Check("seal key", True, f"{source}: seals and opens; tokens open for {ttl} s")
+
+
+def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
+    text = str(_setting(conf, "sfox_rate_limit", DEFAULT_RATE_LIMIT))
+    try:
+        rate = Rate.parse(text)
+    except ConfigurationError as exc:
+        return Check("rate limit", False, exc.message)
+    what = f"{rate.limit} requests per {rate.period:g} s"
+    url = conf.get("sfox_limiter_url")
+    if not url:
+        return Check("rate limit", True, f"{what}, in-process only: not shared between workers")
+    try:
+        client = _redis(str(url), timeout)
+        pause_ms = int(client.pttl(f"{KEY_PREFIX}:pause"))
+    except redis.RedisError as exc:
+        return Check(
+            "rate limit", False, f"{what}; its Redis {safe_url(str(url))} does not answer: "
+            f"{_one_line(exc)}"
+        )  # fmt: skip
+    paused = (
+        f"; a 429 pause holds every worker for {pause_ms / 1000:.0f} s more" if pause_ms > 0 else ""
+    )
+    return Check(
+        "rate limit", True, f"{what}, shared by all workers through {safe_url(str(url))}{paused}"
+    )
+
+
+def run_checks(
+    conf: Mapping[str, Any], *, timeout: float = DEFAULT_CHECK_TIMEOUT
+) -> Iterator[Check]:
+    """Every check, in order, each as soon as it is done."""
+    yield _check_settings(conf)
+    yield _check_redis("broker", _url(conf, "broker_url"), timeout, broker=True)
+    yield _check_redis("backend", _url(conf, "result_backend"), timeout, broker=False)
+    yield _check_key(conf)
+    yield _check_sfox(conf, timeout)
+    yield _check_seal(conf)
+    yield _check_rate(conf, timeout)

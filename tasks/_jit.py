@@ -1,0 +1,413 @@
+"""Just-in-time fan-out: mint chunk by chunk, in step with the downstream tasks.
+
+:func:`with_user_tokens` returns a Celery group of *segment* tasks; no message
+holds more than one segment of user IDs. Each segment stages its chunks in a
+Redis list of the run, then the run proceeds by itself:
+
+- a chunk is *released* (handed to a ``sfox.jit_mint_chunk`` task) only while
+  fewer than ``ahead`` chunks' worth of users are minted-but-unfinished, so
+  tokens are minted in step with their use and none waits in a queue for long;
+- a chunk task mints its users (through the shared limiter), sends each
+  granted user's ``downstream`` signature with ``user_token=<entry>`` at once,
+  records the refused users, and releases more chunks;
+- each downstream task, when it ends (success or failure), runs a small
+  ``sfox.jit_done`` callback that marks its user done and releases more.
+
+Every counter moves in one Lua script, and moves once however often Celery
+redelivers a task: segments stage once, chunks finish once, users are done
+once. The run's keys expire after :data:`RUN_TTL` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Task, group
+from celery.canvas import Signature
+
+from tasks._app import app
+from tasks._exceptions import InvalidUserIds
+from tasks._mint import Deferred, validate_user_ids
+from tasks._runtime import get_runtime
+
+__all__ = ["JitRun", "RunProgress", "with_user_tokens"]
+
+logger = logging.getLogger("tasks.jit")
+
+#: Seconds a run's bookkeeping stays in Redis after its last change.
+RUN_TTL = 3 * 86400
+#: Chunks minted ahead of the downstream tasks' progress, by default.
+DEFAULT_AHEAD = 4
+#: Chunks per segment message.
+CHUNKS_PER_SEGMENT = 50
+#: Most user IDs one with_user_tokens call accepts.
+MAX_RUN_USERS = 1_000_000
+
+_PREFIX = "sfox:jit"
+
+# Shared by the scripts below. KEYS: 1 state hash, 2 queue list, 3 done set,
+# 4 released hash (chunk index -> chunk), 5 released-at zset, 6 finished set.
+# release(): hand out chunks while fewer than `budget` users are released but
+# unfinished, noting when each went out. stale(): chunks released longer ago
+# than `stale_after` and never finished (their sender died before sending).
+_COMMON = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function release()
+  local budget = tonumber(redis.call('HGET', KEYS[1], 'budget') or '0')
+  local out = {}
+  while true do
+    local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
+    local dispatched = tonumber(redis.call('HGET', KEYS[1], 'dispatched') or '0')
+    local pending = inflight + dispatched - redis.call('SCARD', KEYS[3])
+    if pending >= budget then break end
+    local chunk = redis.call('LPOP', KEYS[2])
+    if not chunk then break end
+    local index, n = string.match(chunk, '^(%d+)|(%d+)|')
+    redis.call('HINCRBY', KEYS[1], 'inflight', tonumber(n))
+    redis.call('HSET', KEYS[4], index, chunk)
+    redis.call('ZADD', KEYS[5], now(), index)
+    table.insert(out, chunk)
+  end
+  return out
+end
+local function stale(out, limit)
+  local after = tonumber(redis.call('HGET', KEYS[1], 'stale_after') or '0')
+  if after <= 0 then return out end
+  local t = now()
+  local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t - after, 'LIMIT', 0, limit)
+  for _, index in ipairs(old) do
+    local chunk = redis.call('HGET', KEYS[4], index)
+    if chunk and redis.call('SISMEMBER', KEYS[6], index) == 0 then
+      redis.call('ZADD', KEYS[5], t, index)
+      table.insert(out, chunk)
+    else
+      redis.call('HDEL', KEYS[4], index)
+      redis.call('ZREM', KEYS[5], index)
+    end
+  end
+  return out
+end
+local function touch(ttl)
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+"""
+
+# ARGV: ttl, segment index, spec json, chunks...; KEYS[7] staged set.
+_STAGE = (
+    _COMMON
+    + """
+local spec = cjson.decode(ARGV[3])
+for k, v in pairs(spec) do redis.call('HSETNX', KEYS[1], k, v) end
+if redis.call('SADD', KEYS[7], ARGV[2]) == 1 then
+  for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+end
+touch(tonumber(ARGV[1]))
+return release()
+"""
+)
+
+# ARGV: ttl, chunk index, users, dispatched, failed.
+_FINISH = (
+    _COMMON
+    + """
+if redis.call('SADD', KEYS[6], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'inflight', -tonumber(ARGV[3]))
+  redis.call('HINCRBY', KEYS[1], 'dispatched', tonumber(ARGV[4]))
+  redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[5]))
+end
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[2])
+touch(tonumber(ARGV[1]))
+return release()
+"""
+)
+
+# ARGV: ttl, user id.
+_DONE = (
+    _COMMON
+    + """
+redis.call('SADD', KEYS[3], ARGV[2])
+touch(tonumber(ARGV[1]))
+return stale(release(), 1)
+"""
+)
+
+# ARGV: ttl.
+_SWEEP = (
+    _COMMON
+    + """
+return stale(release(), 100)
+"""
+)
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run stands."""
+
+    total: int
+    dispatched: int
+    done: int
+    failed: int
+    queued_chunks: int
+    inflight: int
+
+    @property
+    def finished(self) -> bool:
+        """Every user either finished downstream or was refused."""
+        return (
+            self.total > 0
+            and self.done + self.failed >= self.total
+            and self.queued_chunks == 0
+            and self.inflight <= 0
+        )
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    index: int
+    user_ids: list[str]
+
+    def encode(self) -> str:
+        return f"{self.index}|{len(self.user_ids)}|{json.dumps(self.user_ids)}"
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> _Chunk:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        index, _count, body = text.split("|", 2)
+        return cls(int(index), list(json.loads(body)))
+
+
+class JitRun:
+    """The Redis bookkeeping of one run."""
+
+    def __init__(self, client: redis.Redis[bytes], run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        base = f"{_PREFIX}:{{{run_id}}}"  # one hash slot per run, for Redis Cluster
+        self.state = f"{base}:state"
+        self.queue = f"{base}:queue"
+        self.done_set = f"{base}:done"
+        self.staged = f"{base}:staged"
+        self.finished_set = f"{base}:finished"
+        self.failed_users = f"{base}:failed"
+        self.released = f"{base}:released"
+        self.released_at = f"{base}:released-at"
+
+    def _keys(self, *extra: str) -> list[str]:
+        return [
+            self.state,
+            self.queue,
+            self.done_set,
+            self.released,
+            self.released_at,
+            self.finished_set,
+            *extra,
+        ]
+
+    @classmethod
+    def for_app(cls, run_id: str) -> JitRun:
+        return cls(get_runtime(app.conf).redis, run_id)
+
+    def _script(self, source: str) -> Any:
+        return self.client.register_script(source)
+
+    def stage(self, segment: int, chunks: Sequence[_Chunk], spec: dict[str, Any]) -> list[_Chunk]:
+        """Add a segment's chunks once; return the chunks released now."""
+        released = self._script(_STAGE)(
+            keys=self._keys(self.staged),
+            args=[RUN_TTL, segment, json.dumps(spec), *(c.encode() for c in chunks)],
+        )
+        return [_Chunk.decode(c) for c in released]
+
+    def finish_chunk(self, chunk: _Chunk, dispatched: int, failed: int) -> list[_Chunk]:
+        """Count a minted chunk once; return the chunks released now."""
+        released = self._script(_FINISH)(
+            keys=self._keys(),
+            args=[RUN_TTL, chunk.index, len(chunk.user_ids), dispatched, failed],
+        )
+        return [_Chunk.decode(c) for c in released]
+
+    def user_done(self, user_id: str) -> list[_Chunk]:
+        """Mark one user's downstream work ended; return the chunks released now."""
+        released = self._script(_DONE)(keys=self._keys(), args=[RUN_TTL, user_id])
+        return [_Chunk.decode(c) for c in released]
+
+    def sweep(self) -> list[_Chunk]:
+        """Chunks to send: newly releasable ones, and ones whose sender died unsent."""
+        released = self._script(_SWEEP)(keys=self._keys(), args=[RUN_TTL])
+        return [_Chunk.decode(c) for c in released]
+
+    def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        mapping = {e["user_id"]: json.dumps(e) for e in entries}
+        if mapping:
+            with self.client.pipeline() as pipe:
+                pipe.hset(self.failed_users, mapping=mapping)
+                pipe.expire(self.failed_users, RUN_TTL)
+                pipe.execute()
+
+    def failed(self) -> dict[str, dict[str, Any]]:
+        """Users sFOX refused, with their ``failed`` entries."""
+        return {
+            k.decode(): json.loads(v) for k, v in self.client.hgetall(self.failed_users).items()
+        }
+
+    def spec(self) -> dict[str, str]:
+        raw = self.client.hgetall(self.state)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def progress(self) -> RunProgress:
+        with self.client.pipeline() as pipe:
+            pipe.hmget(self.state, "total", "dispatched", "failed", "inflight")
+            pipe.scard(self.done_set)
+            pipe.llen(self.queue)
+            (total, dispatched, failed, inflight), done, queued = pipe.execute()
+        return RunProgress(
+            total=int(total or 0),
+            dispatched=int(dispatched or 0),
+            done=int(done),
+            failed=int(failed or 0),
+            queued_chunks=int(queued),
+            inflight=int(inflight or 0),
+        )
+
+
+def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[_Chunk]]:
+    chunks = [
+        _Chunk(i // chunk_size, list(user_ids[i : i + chunk_size]))
+        for i in range(0, len(user_ids), chunk_size)
+    ]
+    return [chunks[i : i + CHUNKS_PER_SEGMENT] for i in range(0, len(chunks), CHUNKS_PER_SEGMENT)]
+
+
+def stale_after(conf: Any) -> float:
+    """Seconds after which a released, unfinished chunk is taken as never sent.
+
+    Longer than any honest chunk task can take: a redelivery after the
+    visibility timeout, plus minting's whole retry deadline, plus a margin.
+    """
+    visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
+    return visibility + get_runtime(conf).settings.retry.deadline + 60
+
+
+def with_user_tokens(
+    user_ids: Sequence[str],
+    downstream: Signature,
+    *,
+    ahead: int = DEFAULT_AHEAD,
+    chunk_size: int | None = None,
+    run_id: str | None = None,
+) -> Signature:
+    """A canvas that mints tokens for ``user_ids`` and calls ``downstream`` once per user.
+
+    Each granted user's ``downstream`` is sent with ``user_token=<that user's
+    entry from "tokens">`` (sealed) as soon as its chunk is minted; refused
+    users never reach it and are logged and kept with the run. At most
+    ``ahead`` chunks are minted ahead of the downstream tasks' progress.
+    Bad ``user_ids`` raise :class:`ValueError` here, before anything is sent.
+    """
+    ids = validate_user_ids(user_ids, maximum=MAX_RUN_USERS)
+    if not isinstance(downstream, Signature):
+        raise InvalidUserIds(
+            f"downstream must be a Celery signature (task.s(...)), not {type(downstream).__name__}"
+        )
+    if ahead < 1:
+        raise ValueError("ahead must be at least 1 chunk")
+    size = chunk_size or get_runtime(app.conf).settings.batch_size
+    run = run_id or uuid.uuid4().hex
+    spec = {
+        "total": len(ids),
+        "budget": ahead * size,
+        "stale_after": stale_after(app.conf),
+        "downstream": json.dumps(dict(downstream)),
+    }
+    return group(
+        jit_segment.si(run, index, [c.encode() for c in segment], spec).set(
+            argsrepr=f"[run {run[:12]}, segment {index}, {_users(segment)} users]"
+        )
+        for index, segment in enumerate(_segments(ids, size))
+    )
+
+
+def _users(chunks: Sequence[_Chunk]) -> int:
+    return sum(len(c.user_ids) for c in chunks)
+
+
+def _send_chunks(run_id: str, chunks: Sequence[_Chunk]) -> None:
+    for chunk in chunks:
+        jit_mint_chunk.apply_async(
+            (run_id, chunk.encode()),
+            argsrepr=f"[run {run_id[:12]}, chunk {chunk.index}, {len(chunk.user_ids)} users]",
+        )
+
+
+@app.task(name="sfox.jit_segment", acks_late=True)
+def jit_segment(
+    run_id: str, segment: int, chunks: list[str], spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Stage one segment of a with_user_tokens run and release the first chunks."""
+    run = JitRun.for_app(run_id)
+    released = run.stage(segment, [_Chunk.decode(c) for c in chunks], spec)
+    _send_chunks(run_id, released)
+    return {"run": run_id, "segment": segment, "chunks": len(chunks)}
+
+
+class _ChunkTask(Task):  # type: ignore[misc]
+    max_retries = None  # the carried budget bounds retries (see tasks._tasks)
+
+
+@app.task(bind=True, base=_ChunkTask, name="sfox.jit_mint_chunk", acks_late=True)
+def jit_mint_chunk(
+    self: Task, run_id: str, encoded: str, _resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Mint one chunk of a run, send each granted user's downstream, release more."""
+    chunk = _Chunk.decode(encoded)
+    run = JitRun.for_app(run_id)
+    runtime = get_runtime(self.app.conf)
+    try:
+        result = runtime.minter().mint(chunk.user_ids, _resume)
+    except Deferred as deferred:
+        raise self.retry(
+            kwargs={"_resume": deferred.state}, countdown=deferred.countdown, kwargsrepr="{resume}"
+        ) from None
+    spec = run.spec()
+    downstream = self.app.signature(json.loads(spec["downstream"]))
+    for entry in result["tokens"]:
+        user_id = entry["partner_user_id"]
+        sig = downstream.clone(kwargs={"user_token": entry})
+        sig.link(jit_done.si(run_id, user_id))
+        sig.link_error(jit_done.si(run_id, user_id))
+        sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
+    if result["failed"]:
+        run.record_failed(result["failed"])
+        logger.warning(
+            "run %s: %d user(s) refused, not sent downstream: %s",
+            run_id[:12],
+            len(result["failed"]),
+            ", ".join(f"{f['user_id']} ({f['status']})" for f in result["failed"][:20]),
+        )
+    released = run.finish_chunk(chunk, len(result["tokens"]), len(result["failed"]))
+    _send_chunks(run_id, released)
+    return {
+        "run": run_id,
+        "chunk": chunk.index,
+        "sent": len(result["tokens"]),
+        "failed": [f["user_id"] for f in result["failed"]],
+    }
+
+
+@app.task(bind=True, name="sfox.jit_done", acks_late=True, ignore_result=True)
+def jit_done(self: Task, run_id: str, user_id: str, *_: Any) -> None:
+    """A downstream task ended: mark its user done and release more chunks."""
+    released = JitRun.for_app(run_id).user_done(user_id)
+    _send_chunks(run_id, released)

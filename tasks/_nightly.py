@@ -1,0 +1,433 @@
+"""The nightly run: one recurring order per user, exactly once, on an at-least-once queue.
+
+``sfox.run_nightly_orders`` (fired by beat, the CLI, or anyone) coordinates a
+run for one date:
+
+1. **claim** the date: the first task id to claim it owns the run; any other
+   trigger for that date does nothing and says so, before any sFOX request.
+   A redelivery of the owner's own message (same task id) resumes the run;
+2. **stage** the orders in Redis (idempotent: each order once, keyed by its
+   deterministic ``client_order_id``); malformed rows are kept as errors;
+3. **fan out** through :mod:`tasks._jit`: tokens are minted chunk by chunk in
+   step with the order tasks, and each user's ``sfox.place_user_order`` gets
+   that user's sealed token;
+4. **watch** the run, reporting ``PROGRESS`` (done / total) for Flower, and
+   return the summary when every user is done.
+
+A lease (renewed while the coordinator lives) keeps two copies of the
+coordinator from working at once: Redis redelivers a long-running message
+after its visibility timeout, and that copy must wait, not double the work.
+Each order's outcome is written once (a placement always wins over the
+"already placed" of a concurrent duplicate), and sFOX itself refuses a reused
+``client_order_id`` within 24 hours, so a crash anywhere places no order twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import date, datetime, timezone
+from typing import Any
+
+import redis
+from celery import Task
+
+from tasks._app import app
+from tasks._exceptions import ConfigurationError, SfoxError
+from tasks._jit import (
+    CHUNKS_PER_SEGMENT,
+    DEFAULT_AHEAD,
+    JitRun,
+    _Chunk,
+    _send_chunks,
+    stale_after,
+)
+from tasks._mint import Deferred
+from tasks._orders import Order, OrderError, client_order_id, load_orders
+from tasks._place import OrderOutcome, TokenHolder
+from tasks._ratelimit import LimiterWait
+from tasks._retry import Defer
+from tasks._runtime import get_runtime
+
+__all__ = ["NightlyRun", "place_user_order", "run_nightly_orders"]
+
+logger = logging.getLogger("tasks.nightly")
+
+#: Seconds the run's records stay in Redis (the summary lives in the result backend).
+RUN_TTL = 3 * 86400
+#: Seconds between progress reports and lease renewals.
+POLL_INTERVAL = 1.0
+#: Most user IDs listed under one failure reason in the summary.
+MAX_IDS_PER_REASON = 1000
+#: Rows read and staged per Redis round trip.
+_STAGE_BATCH = 500
+
+# KEYS: orders, user_orders, users. ARGV: client_order_id, order json, user id.
+_STAGE_ORDER = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  local current = redis.call('HGET', KEYS[2], ARGV[3])
+  if not current then
+    redis.call('RPUSH', KEYS[3], ARGV[3])
+    current = ''
+  end
+  redis.call('HSET', KEYS[2], ARGV[3], current .. ARGV[1] .. ',')
+  return 1
+end
+return 0
+"""
+
+# KEYS: outcomes. ARGV: client_order_id, outcome json, 1 if it must win.
+_RECORD = """
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+class NightlyRun:
+    """The Redis records of one date's run."""
+
+    def __init__(self, client: redis.Redis[bytes], day: date) -> None:
+        self.client = client
+        self.day = day
+        base = f"sfox:nightly:{{{day.isoformat()}}}"
+        self.owner = f"{base}:owner"
+        self.lease = f"{base}:lease"
+        self.meta = f"{base}:meta"
+        self.orders = f"{base}:orders"
+        self.user_orders = f"{base}:user-orders"
+        self.users = f"{base}:users"
+        self.outcomes = f"{base}:outcomes"
+        self.errors = f"{base}:errors"
+        self.jit = JitRun(client, f"nightly-{day.isoformat()}")
+
+    # -- ownership -------------------------------------------------------------------
+
+    def claim(self, task_id: str) -> str | None:
+        """Own the date for ``task_id``; the other owner's id if someone else does."""
+        if self.client.set(self.owner, task_id, nx=True, ex=RUN_TTL):
+            return None
+        current = self.client.get(self.owner)
+        holder = current.decode() if current else ""
+        return None if holder == task_id else holder
+
+    def take_lease(self, token: str, seconds: float) -> bool:
+        return bool(self.client.set(self.lease, token, nx=True, px=int(seconds * 1000)))
+
+    def renew_lease(self, token: str, seconds: float) -> bool:
+        """Extend the lease if still ours (compare-and-set in one script)."""
+        script = self.client.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+        )
+        return bool(script(keys=[self.lease], args=[token, int(seconds * 1000)]))
+
+    def drop_lease(self, token: str) -> None:
+        script = self.client.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "return redis.call('DEL', KEYS[1]) end return 0"
+        )
+        script(keys=[self.lease], args=[token])
+
+    def flag(self, name: str) -> str | None:
+        value = self.client.hget(self.meta, name)
+        return value.decode() if value is not None else None
+
+    def set_flag(self, name: str, value: str) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.hset(self.meta, name, value)
+            pipe.expire(self.meta, RUN_TTL)
+            pipe.execute()
+
+    # -- staging ---------------------------------------------------------------------
+
+    def stage(self, items: Iterable[Order | OrderError]) -> tuple[int, int]:
+        """Store each order once and each row error; ``(orders, errors)`` seen."""
+        script = self.client.register_script(_STAGE_ORDER)
+        orders = errors = 0
+        pipe = self.client.pipeline(transaction=False)
+        pending = 0
+        for item in items:
+            if isinstance(item, OrderError):
+                errors += 1
+                pipe.hset(self.errors, str(item.line), json.dumps(item.to_dict()))
+            else:
+                orders += 1
+                coid = client_order_id(self.day, item.user_id, item.ref)
+                script(
+                    keys=[self.orders, self.user_orders, self.users],
+                    args=[coid, item.to_json(), item.user_id],
+                    client=pipe,
+                )
+            pending += 1
+            if pending >= _STAGE_BATCH:
+                pipe.execute()
+                pending = 0
+        for key in (self.orders, self.user_orders, self.users, self.errors):
+            pipe.expire(key, RUN_TTL)
+        pipe.execute()
+        return orders, errors
+
+    def user_count(self) -> int:
+        return int(self.client.llen(self.users))
+
+    def orders_of(self, user_id: str) -> list[tuple[str, Order]]:
+        raw = self.client.hget(self.user_orders, user_id)
+        coids = [c for c in (raw or b"").decode().split(",") if c]
+        if not coids:
+            return []
+        bodies = self.client.hmget(self.orders, coids)
+        return [(c, Order.from_json(b)) for c, b in zip(coids, bodies, strict=True) if b]
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def outcome(self, coid: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self.outcomes, coid)
+        return json.loads(raw) if raw else None
+
+    def record(self, coid: str, user_id: str, outcome: OrderOutcome) -> None:
+        script = self.client.register_script(_RECORD)
+        value = json.dumps({"user_id": user_id, "status": outcome.status, "reason": outcome.reason})
+        script(keys=[self.outcomes], args=[coid, value, "1" if outcome.status == "placed" else "0"])
+        self.client.expire(self.outcomes, RUN_TTL)
+
+    def count_remint(self) -> None:
+        self.client.hincrby(self.meta, "remints", 1)
+
+    # -- the summary -----------------------------------------------------------------
+
+    def summary(self, status: str, started: float | None = None) -> dict[str, Any]:
+        """The run's summary: counts, and the user IDs behind each failure reason."""
+        placed = already = 0
+        failed: dict[str, list[str]] = defaultdict(list)
+        for _coid, raw in self.client.hscan_iter(self.outcomes, count=1000):
+            entry = json.loads(raw)
+            if entry["status"] == "placed":
+                placed += 1
+            elif entry["status"] == "already_placed":
+                already += 1
+            else:
+                failed[entry["reason"]].append(entry["user_id"])
+        for user_id, refusal in self.jit.failed().items():
+            refused_with = refusal.get("status")
+            reason = (
+                f"token refused ({refused_with}): {refusal.get('error', '')}"
+                if refused_with is not None
+                else "token not issued: sFOX left the user out of its answer twice"
+            )
+            for _ in self.orders_of(user_id):
+                failed[reason].append(user_id)
+        progress = self.jit.progress()
+        errors = [json.loads(v) for v in self.client.hvals(self.errors)]
+        errors.sort(key=lambda e: e["line"])
+        return {
+            "run_date": self.day.isoformat(),
+            "status": status,
+            "users": self.user_count(),
+            "orders": int(self.client.hlen(self.orders)),
+            "tokens_minted": progress.dispatched + int(self.flag("remints") or 0),
+            "remints": int(self.flag("remints") or 0),
+            "placed": placed,
+            "already_placed": already,
+            "failed": {
+                reason: {"count": len(ids), "user_ids": sorted(set(ids))[:MAX_IDS_PER_REASON]}
+                for reason, ids in sorted(failed.items())
+            },
+            "failed_orders": sum(len(ids) for ids in failed.values()),
+            "skipped_rows": errors,
+            "duration_s": round(time.time() - started, 1) if started else None,
+        }
+
+
+def _today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+def _lease_seconds(conf: Any) -> float:
+    return float(conf.get("sfox_nightly_lease") or 30.0)
+
+
+class NightlyTask(Task):  # type: ignore[misc]
+    """Base of the coordinator: waiting for another live copy is no failure."""
+
+    max_retries = None
+
+
+@app.task(
+    bind=True,
+    base=NightlyTask,
+    name="sfox.run_nightly_orders",
+    acks_late=True,
+    # A run of 100,000 users takes over an hour at sFOX's rate limit.
+    time_limit=6 * 3600,
+    soft_time_limit=6 * 3600 - 60,
+)
+def run_nightly_orders(
+    self: NightlyTask, run_date: str | None = None, orders_file: str | None = None
+) -> dict[str, Any]:
+    """Place tonight's orders, each once; return the run's summary."""
+    day = date.fromisoformat(run_date) if run_date else _today()
+    runtime = get_runtime(self.app.conf)
+    run = NightlyRun(runtime.redis, day)
+    task_id = self.request.id or uuid.uuid4().hex
+
+    owner = run.claim(task_id)
+    if owner is not None:
+        logger.warning(
+            "nightly run for %s is already under way or done (task %s): nothing to do",
+            day,
+            owner,
+        )
+        return {
+            "run_date": day.isoformat(),
+            "status": "skipped",
+            "reason": f"the run for {day} is already under way or done",
+            "owner": owner,
+        }
+
+    finished = run.flag("summary")
+    if finished:
+        return dict(json.loads(finished))
+
+    lease = uuid.uuid4().hex
+    lease_seconds = _lease_seconds(self.app.conf)
+    if not run.take_lease(lease, lease_seconds):
+        # Another copy of this very task is alive (Redis redelivered it): wait for it.
+        logger.info("nightly run for %s: another copy is working; checking again later", day)
+        raise self.retry(countdown=lease_seconds, kwargsrepr="{}")
+
+    started = float(run.flag("started") or time.time())
+    run.set_flag("started", str(started))
+    try:
+        if run.flag("staged") is None:
+            orders, errors = run.stage(
+                load_orders(
+                    path=orders_file or self.app.conf.get("sfox_nightly_orders_file"),
+                    source=None if orders_file else self.app.conf.get("sfox_nightly_orders_source"),
+                )
+            )
+            run.set_flag("staged", "1")
+            logger.info(
+                "nightly run for %s: %d order(s) for %d user(s) staged, %d row(s) skipped",
+                day,
+                orders,
+                run.user_count(),
+                errors,
+            )
+        if run.flag("dispatched") is None:
+            _dispatch(run, runtime.settings.batch_size)
+            run.set_flag("dispatched", "1")
+        else:
+            logger.info("nightly run for %s: resuming", day)
+        total = run.user_count()
+        while True:
+            if not run.renew_lease(lease, lease_seconds) and not run.take_lease(
+                lease, lease_seconds
+            ):
+                raise self.retry(countdown=lease_seconds, kwargsrepr="{}")
+            progress = run.jit.progress()
+            done = min(total, progress.done + progress.failed)
+            self.update_state(
+                state="PROGRESS", meta={"run_date": day.isoformat(), "done": done, "total": total}
+            )
+            self.send_event("task-progress", done=done, total=total)
+            if total == 0 or progress.finished:
+                break
+            resent = run.jit.sweep()
+            if resent:
+                logger.warning(
+                    "nightly run for %s: sending %d chunk(s) again whose sender died unsent",
+                    day,
+                    len(resent),
+                )
+                _send_chunks(run.jit.run_id, resent)
+            time.sleep(POLL_INTERVAL)
+        summary = run.summary("done", started)
+        run.set_flag("summary", json.dumps(summary))
+        logger.info(
+            "nightly run for %s done: %d placed, %d already placed, %d failed, %d users",
+            day,
+            summary["placed"],
+            summary["already_placed"],
+            summary["failed_orders"],
+            summary["users"],
+        )
+        return summary
+    finally:
+        run.drop_lease(lease)
+
+
+def _dispatch(run: NightlyRun, chunk_size: int) -> None:
+    """Stage the run's users with the fan-out, a segment at a time."""
+    total = run.user_count()
+    spec = {
+        "total": total,
+        "budget": DEFAULT_AHEAD * chunk_size,
+        "stale_after": stale_after(app.conf),
+        "downstream": json.dumps(dict(place_user_order.s(run_date=run.day.isoformat()))),
+    }
+    per_segment = chunk_size * CHUNKS_PER_SEGMENT
+    for segment, start in enumerate(range(0, total, per_segment)):
+        users = [u.decode() for u in run.client.lrange(run.users, start, start + per_segment - 1)]
+        chunks = [
+            _Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
+            for i in range((len(users) + chunk_size - 1) // chunk_size)
+        ]
+        _send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec))
+
+
+class PlaceTask(Task):  # type: ignore[misc]
+    """Base of the order task: limiter waits go back to the broker without counting."""
+
+    max_retries = None
+
+
+@app.task(bind=True, base=PlaceTask, name="sfox.place_user_order", acks_late=True)
+def place_user_order(
+    self: PlaceTask,
+    run_date: str,
+    user_token: dict[str, Any],
+    _resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Place the user's nightly order(s) with the user's token, each exactly once."""
+    if not isinstance(user_token, dict) or not user_token.get("partner_user_id"):
+        raise ConfigurationError("place_user_order needs user_token=<an entry from 'tokens'>")
+    day = date.fromisoformat(run_date)
+    runtime = get_runtime(self.app.conf)
+    run = NightlyRun(runtime.redis, day)
+    user_id = str(user_token["partner_user_id"])
+    holder = TokenHolder(user_id, (_resume or {}).get("token") or user_token)
+    holder.reminted = bool((_resume or {}).get("reminted"))
+    placer = runtime.placer(on_remint=lambda _user: run.count_remint())
+    counts: dict[str, int] = defaultdict(int)
+    for coid, order in run.orders_of(user_id):
+        if run.outcome(coid) is not None:
+            counts["done before"] += 1
+            continue
+        try:
+            outcome = placer.place(holder, order.side, order.body(day))
+        except (Defer, LimiterWait, Deferred) as wait:
+            countdown = getattr(wait, "countdown", None) or getattr(wait, "seconds", 1.0)
+            raise self.retry(
+                kwargs={
+                    "_resume": {
+                        "token": {"token": holder.sealed, "expires": holder.expires},
+                        "reminted": holder.reminted,
+                    }
+                },
+                countdown=countdown,
+                kwargsrepr=f"{{user_token: <sealed token for {user_id}>, resume}}",
+            ) from None
+        except SfoxError as exc:
+            outcome = OrderOutcome("failed", exc.message)
+        run.record(coid, user_id, outcome)
+        counts[outcome.status] += 1
+        if outcome.status == "failed":
+            logger.warning("user %s: order %s failed: %s", user_id, coid, outcome.reason)
+    return {"user_id": user_id, **counts}

@@ -1,0 +1,184 @@
+"""Placing one user's order with that user's token: the order side of the sFOX client.
+
+Knows nothing of Celery. The sealed token is opened at the moment of use; a
+token that has expired (or that sFOX answers with 401) is replaced once by
+minting one for that user alone, and the order is tried again. Every sFOX
+call goes through the shared per-IP limiter and the user's own per-account
+limiter (sFOX allows 60 order requests per second per account), and through
+the same retry policy as minting. A timeout after sending is safe to retry:
+the ``client_order_id`` makes sFOX refuse a second copy, which is recorded as
+"already placed".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks._client import SfoxClient
+from tasks._exceptions import (
+    PermanentError,
+    RateLimited,
+    RequestRefused,
+    RetriesExhausted,
+    SealError,
+    TokenRejected,
+)
+from tasks._ratelimit import Limiter, acquire
+from tasks._retry import Budget, RetryPolicy
+from tasks._seal import Sealer
+from tasks._settings import Rate
+
+__all__ = ["ACCOUNT_RATE", "OrderOutcome", "OrderPlacer", "is_duplicate_rejection"]
+
+logger = logging.getLogger("tasks.orders")
+
+#: sFOX's documented order limit per account.
+ACCOUNT_RATE = Rate(60, 1.0)
+
+#: Words that mark sFOX's (undocumented) answer to a reused client_order_id.
+_DUPLICATE_MARKERS = ("client_order_id", "duplicate", "already")
+
+
+def is_duplicate_rejection(exc: Exception) -> bool:
+    """Whether a refusal reads as "this client_order_id was used already".
+
+    sFOX does not document the status or text; any 4xx refusal that mentions
+    the id or a duplicate is taken as one, since our ids are deterministic.
+    """
+    if not isinstance(exc, (RequestRefused, PermanentError)) or isinstance(exc, TokenRejected):
+        return False
+    text = (getattr(exc, "error", "") or exc.message).lower()
+    return any(marker in text for marker in _DUPLICATE_MARKERS)
+
+
+@dataclass(frozen=True)
+class OrderOutcome:
+    """What became of one order."""
+
+    #: ``placed``, ``already_placed`` or ``failed``.
+    status: str
+    reason: str = ""
+    order_id: Any = None
+
+
+class TokenHolder:
+    """One user's token for the length of a task: sealed at rest, re-minted at most once."""
+
+    def __init__(self, user_id: str, entry: dict[str, Any]) -> None:
+        self.user_id = user_id
+        self.sealed = str(entry.get("token", ""))
+        self.expires = str(entry.get("expires", ""))
+        self.reminted = False
+
+
+class OrderPlacer:
+    """Places orders for users with their own tokens."""
+
+    def __init__(
+        self,
+        client: SfoxClient,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        sealer: Sealer,
+        *,
+        rate_limit_penalty: float,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        on_remint: Callable[[str], None] = lambda _user: None,
+    ) -> None:
+        self.client = client
+        self.limiter = limiter
+        self.policy = policy
+        self.sealer = sealer
+        self.rate_limit_penalty = rate_limit_penalty
+        self._sleep = sleep
+        self._clock = clock
+        self._on_remint = on_remint
+
+    def place(self, holder: TokenHolder, side: str, body: dict[str, Any]) -> OrderOutcome:
+        """Place one order; an :class:`OrderOutcome` for every outcome but a deferral."""
+        budget = Budget(started_at=self._clock())
+        what = f"order {body.get('client_order_id')} for {holder.user_id}"
+        for _ in range(2):  # the second pass only after one re-mint
+            token = self._plaintext(holder, budget)
+            try:
+                answer = self.policy.call(
+                    functools.partial(self._send, holder.user_id, token, side, body),
+                    budget,
+                    what=what,
+                )
+            except TokenRejected:
+                if holder.reminted:
+                    return OrderOutcome("failed", "token refused by sFOX after a fresh mint")
+                logger.info(
+                    "user %s: sFOX refused the token (401); minting a new one", holder.user_id
+                )
+                self._remint(holder, budget)
+                continue
+            except (RequestRefused, PermanentError) as exc:
+                if is_duplicate_rejection(exc):
+                    return OrderOutcome("already_placed", "client_order_id used before")
+                return OrderOutcome("failed", f"order rejected ({exc.status}): {_error(exc)}")
+            except RetriesExhausted as exc:
+                return OrderOutcome("failed", f"sFOX unavailable: {exc.message}")
+            return OrderOutcome("placed", order_id=answer.get("id"))
+        return OrderOutcome("failed", "token refused by sFOX after a fresh mint")
+
+    def _plaintext(self, holder: TokenHolder, budget: Budget) -> str:
+        if not holder.reminted and self._expired(holder.expires):
+            logger.info(
+                "user %s: token expired at %s; minting a new one", holder.user_id, holder.expires
+            )
+            self._remint(holder, budget)
+        try:
+            return self.sealer.unseal(holder.sealed)
+        except SealError:
+            if holder.reminted:
+                raise
+            logger.info("user %s: sealed token too old to open; minting a new one", holder.user_id)
+            self._remint(holder, budget)
+            return self.sealer.unseal(holder.sealed)
+
+    def _expired(self, expires: str) -> bool:
+        try:
+            moment = datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return False  # unknown: let sFOX judge, a 401 leads to a re-mint
+        return moment.timestamp() <= self._clock() + 5
+
+    def _remint(self, holder: TokenHolder, budget: Budget) -> None:
+        def send() -> Any:
+            self._acquire(self.limiter)
+            try:
+                return self.client.create_user_token(holder.user_id)
+            except RateLimited as exc:
+                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "a re-mint")
+                raise
+
+        issued = self.policy.call(send, budget, what=f"token re-mint for {holder.user_id}")
+        holder.sealed = self.sealer.seal(issued.token)
+        holder.expires = issued.expires
+        holder.reminted = True
+        self._on_remint(holder.user_id)
+
+    def _send(self, user_id: str, token: str, side: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._acquire(self.limiter)
+        self._acquire(self.limiter.sibling(ACCOUNT_RATE, f"account:{user_id}"))
+        try:
+            return self.client.create_order(token, side, body)
+        except RateLimited as exc:
+            self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "an order")
+            raise
+
+    def _acquire(self, limiter: Limiter) -> None:
+        acquire(limiter, max_wait=self.policy.settings.inprocess_wait_max, sleep=self._sleep)
+
+
+def _error(exc: Exception) -> str:
+    return getattr(exc, "error", "") or getattr(exc, "message", str(exc))

@@ -1,0 +1,262 @@
+"""The nightly run end to end: real workers, real Redis, the stand-in's orders endpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from datetime import date
+from decimal import Decimal
+
+import pytest
+
+from tasks import place_user_order, run_nightly_orders
+from tasks._nightly import NightlyRun
+from tasks._seal import Sealer, derive_seal_key
+from tasks.fake_sfox import Fault
+from tests.conftest import ENTERPRISE_KEY
+from tests.workers import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+QUEUE = "nightly-tests"
+NIGHTLY_ENV = {
+    "CELERY_TASK_DEFAULT_QUEUE": QUEUE,
+    # The stand-in has no rate limit here; the limiter is still in every call.
+    "SFOX_RATE_LIMIT": "5000/1s",
+    "SFOX_VISIBILITY_TIMEOUT": "6",
+    "SFOX_NIGHTLY_LEASE": "2",
+}
+
+
+def write_orders(tmp_path, users, *, extra_rows=""):
+    path = tmp_path / "orders.csv"
+    rows = ["user_id,side,currency_pair,algorithm_id,quantity,amount,price"]
+    rows += [f"{u},buy,btcusd,100,,25," for u in users]
+    path.write_text("\n".join(rows) + "\n" + extra_rows)
+    return str(path)
+
+
+def start_workers(tmp_path, fake_sfox, count=1, concurrency=4, name="nightly"):
+    env = {**NIGHTLY_ENV, "SFOX_API_URL": fake_sfox.url}
+    return [
+        WorkerProcess(
+            f"{name}{i}", tmp_path, env=env, concurrency=concurrency, queues=QUEUE, loglevel="INFO"
+        ).start()
+        for i in range(count)
+    ]
+
+
+def run(day, orders, **options):
+    return run_nightly_orders.apply_async(
+        kwargs={"run_date": day, "orders_file": orders}, queue=QUEUE, **options
+    )
+
+
+def orders_by_user(fake_sfox):
+    return Counter(order.user_id for order in fake_sfox.orders)
+
+
+@pytest.fixture
+def nightly_workers(fake_sfox, redis_client, tmp_path):
+    workers = start_workers(tmp_path, fake_sfox)
+    yield workers
+    for w in workers:
+        w.stop()
+
+
+def test_thousand_users_each_get_exactly_one_order(nightly_workers, fake_sfox, tmp_path):
+    """1,000 users, 3 refused, 2 orders rejected: every other user gets one order; it adds up."""
+    users = [f"acct-{i:04d}" for i in range(1000)]
+    for refused in ("acct-0007", "acct-0500", "acct-0999"):
+        fake_sfox.refuse(refused, status=404, message="user not found")
+    fake_sfox.inject(
+        Fault.status(422, body="insufficient funds", path="/v1/orders"),
+        Fault.status(422, body="insufficient funds", path="/v1/orders"),
+    )
+    orders = write_orders(tmp_path, users, extra_rows="bad-row,buy,btcusd,999,,1,\n")
+    summary = run("2026-11-27", orders).get(timeout=240)
+
+    placed = orders_by_user(fake_sfox)
+    assert all(n == 1 for n in placed.values())
+    assert len(placed) == 995
+    assert summary["users"] == 1000 and summary["orders"] == 1000
+    assert summary["placed"] == 995 and summary["already_placed"] == 0
+    assert summary["failed_orders"] == 5
+    assert summary["placed"] + summary["already_placed"] + summary["failed_orders"] == 1000
+    refused = summary["failed"]["token refused (404): user not found"]
+    assert refused == {"count": 3, "user_ids": ["acct-0007", "acct-0500", "acct-0999"]}
+    rejected = summary["failed"]["order rejected (422): insufficient funds"]
+    assert rejected["count"] == 2 and not set(rejected["user_ids"]) & set(placed)
+    assert summary["skipped_rows"] == [
+        {"line": 1002, "user_id": "bad-row", "error": summary["skipped_rows"][0]["error"]}
+    ]
+    assert summary["tokens_minted"] == 997 and summary["remints"] == 0
+
+
+def test_second_trigger_for_the_same_date_does_nothing(nightly_workers, fake_sfox, tmp_path):
+    """Firing the nightly task twice for one date gives one run; the second sends nothing."""
+    orders = write_orders(tmp_path, [f"twice-{i}" for i in range(50)])
+    first = run("2026-11-20", orders)
+    second = run("2026-11-20", orders)
+    results = [first.get(timeout=120), second.get(timeout=120)]
+    skipped = [r for r in results if r["status"] == "skipped"]
+    done = [r for r in results if r["status"] == "done"]
+    assert len(skipped) == 1 and len(done) == 1
+    assert "already under way or done" in skipped[0]["reason"]
+    assert len(fake_sfox.orders) == 50
+    before = fake_sfox.count()
+    third = run("2026-11-20", orders).get(timeout=60)
+    assert third["status"] == "skipped" and fake_sfox.count() == before
+
+
+def test_killed_pool_processes_leave_every_order_exactly_once(fake_sfox, redis_client, tmp_path):
+    """SIGKILL the pool processes mid-run: afterwards each order exists once, none missing."""
+    fake_sfox.configure(latency=0.01)
+    users = [f"kill-{i}" for i in range(300)]
+    workers = start_workers(tmp_path, fake_sfox, concurrency=3)
+    try:
+        result = run("2026-11-21", write_orders(tmp_path, users))
+        assert wait_until(lambda: len(fake_sfox.orders) >= 60)
+        for child in children(workers[0].proc.pid):
+            os.kill(child, signal.SIGKILL)
+        summary = result.get(timeout=240)
+    finally:
+        for w in workers:
+            w.stop()
+    placed = orders_by_user(fake_sfox)
+    assert set(placed) == set(users) and all(n == 1 for n in placed.values())
+    assert summary["placed"] + summary["already_placed"] == 300
+
+
+def test_killed_worker_replaced_by_another_finishes_the_run(fake_sfox, redis_client, tmp_path):
+    """SIGKILL the whole worker mid-run, start another: each order exists once, none missing."""
+    fake_sfox.configure(latency=0.01)
+    users = [f"crash-{i}" for i in range(300)]
+    first = start_workers(tmp_path, fake_sfox, concurrency=3, name="doomed")[0]
+    result = run("2026-11-22", write_orders(tmp_path, users))
+    try:
+        assert wait_until(lambda: len(fake_sfox.orders) >= 60)
+        for child in children(first.proc.pid):
+            os.kill(child, signal.SIGKILL)
+        first.proc.kill()
+        first.proc.wait(10)
+        placed_at_crash = len(fake_sfox.orders)
+        assert placed_at_crash < 300
+    finally:
+        first.stop()
+    second = start_workers(tmp_path, fake_sfox, concurrency=3, name="heir")[0]
+    try:
+        summary = result.get(timeout=240)
+    finally:
+        second.stop()
+    placed = orders_by_user(fake_sfox)
+    assert set(placed) == set(users) and all(n == 1 for n in placed.values())
+    assert summary["status"] == "done"
+    assert summary["placed"] + summary["already_placed"] == 300
+
+
+def test_run_survives_killed_redis_connections(nightly_workers, fake_sfox, redis_client, tmp_path):
+    """CLIENT KILL every worker connection to Redis mid-run: the run still completes."""
+    fake_sfox.configure(latency=0.005)
+    users = [f"ck-{i}" for i in range(300)]
+    result = run("2026-11-23", write_orders(tmp_path, users))
+    assert wait_until(lambda: len(fake_sfox.orders) >= 50)
+    me = redis_client.client_id()
+    for client in redis_client.client_list():
+        if int(client["id"]) != me:
+            redis_client.client_kill_filter(_id=client["id"])
+    summary = result.get(timeout=240)
+    placed = orders_by_user(fake_sfox)
+    assert set(placed) == set(users) and all(n == 1 for n in placed.values())
+    assert summary["placed"] + summary["already_placed"] == 300
+
+
+def test_expired_sealed_token_is_reminted_and_the_order_placed(
+    nightly_workers, fake_sfox, redis_client, tmp_path
+):
+    """A downstream task whose sealed token is past the TTL mints a new one, once, and succeeds."""
+    day = date(2026, 11, 24)
+    stage_one_order(redis_client, day, "late-user")
+    old = Sealer([derive_seal_key(ENTERPRISE_KEY)], 900, clock=lambda: time.time() - 3600)
+    entry = {
+        "partner_user_id": "late-user",
+        "token": old.seal("stale"),
+        "expires": "2099-01-01T00:00:00Z",
+    }
+    result = place_user_order.apply_async(
+        kwargs={"run_date": day.isoformat(), "user_token": entry}, queue=QUEUE
+    ).get(timeout=60)
+    assert result["placed"] == 1
+    assert [o.user_id for o in fake_sfox.orders] == ["late-user"]
+    assert fake_sfox.count("/v1/enterprise/user-tokens/late-user") == 1
+    assert NightlyRun(redis_client, day).flag("remints") == "1"
+
+
+def test_token_rejected_with_401_is_reminted_once(nightly_workers, fake_sfox, redis_client):
+    """sFOX's 401 for a user token leads to one re-mint and a placed order; never a loop."""
+    day = date(2026, 11, 25)
+    stage_one_order(redis_client, day, "revoked-user")
+    from tasks import mint_user_tokens
+
+    entry = mint_user_tokens.apply_async((["revoked-user"],), queue=QUEUE).get(timeout=60)[
+        "tokens"
+    ][0]
+    fake_sfox.expire_all_tokens("revoked-user")
+    result = place_user_order.apply_async(
+        kwargs={"run_date": day.isoformat(), "user_token": entry}, queue=QUEUE
+    ).get(timeout=60)
+    assert result["placed"] == 1
+    assert fake_sfox.count("/v1/enterprise/user-tokens/revoked-user") == 1
+    # Every token it gets is refused: one re-mint, then the order is reported failed.
+    stage_one_order(redis_client, day, "always-refused", ref="x")
+    fake_sfox.inject(Fault.status(401, path="/v1/orders"), Fault.status(401, path="/v1/orders"))
+    entry = mint_user_tokens.apply_async((["always-refused"],), queue=QUEUE).get(timeout=60)[
+        "tokens"
+    ][0]
+    result = place_user_order.apply_async(
+        kwargs={"run_date": day.isoformat(), "user_token": entry}, queue=QUEUE
+    ).get(timeout=60)
+    assert result["failed"] == 1
+    assert fake_sfox.count("/v1/enterprise/user-tokens/always-refused") == 1
+
+
+def test_reused_client_order_id_is_recorded_as_already_placed(
+    nightly_workers, fake_sfox, redis_client
+):
+    """An order whose client_order_id sFOX has seen is 'already placed', not a failure."""
+    day = date(2026, 11, 26)
+    stage_one_order(redis_client, day, "dup-user")
+    from tasks import mint_user_tokens
+
+    entry = mint_user_tokens.apply_async((["dup-user"],), queue=QUEUE).get(timeout=60)["tokens"][0]
+    kwargs = {"run_date": day.isoformat(), "user_token": entry}
+    assert place_user_order.apply_async(kwargs=kwargs, queue=QUEUE).get(timeout=60)["placed"] == 1
+    run_ = NightlyRun(redis_client, day)
+    redis_client.delete(run_.outcomes)  # as if the outcome was lost in a crash
+    again = place_user_order.apply_async(kwargs=kwargs, queue=QUEUE).get(timeout=60)
+    assert again["already_placed"] == 1 and len(fake_sfox.orders) == 1
+
+
+def stage_one_order(redis_client, day, user_id, ref="#1"):
+    from tasks._orders import Order
+
+    NightlyRun(redis_client, day).stage(
+        [Order(user_id, "buy", "btcusd", 100, None, Decimal("25"), None, ref, 2)]
+    )
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def wait_until(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

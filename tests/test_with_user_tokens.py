@@ -1,0 +1,125 @@
+"""with_user_tokens end to end: a partner's own downstream task behind token minting."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+
+from tasks import with_user_tokens
+from tasks._jit import JitRun
+from tests.conftest import REDIS_URL
+from tests.testtasks import record_token
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(predicate, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_each_granted_user_reaches_downstream_once_with_its_own_token(
+    worker, fake_sfox, redis_client
+):
+    """350 users, one refused: 349 downstream calls, each with that user's own token."""
+    ids = [f"partner-{i}" for i in range(350)]
+    fake_sfox.refuse("partner-123", status=404, message="user not found")
+    run_id = "wut-basic"
+    with_user_tokens(ids, record_token.s("basic"), run_id=run_id, chunk_size=50).apply_async()
+    run = JitRun(redis_client, run_id)
+    assert wait_for(lambda: run.progress().finished)
+    seen = {
+        k.decode(): v.decode() for k, v in redis_client.hgetall("tests:downstream:basic").items()
+    }
+    calls = redis_client.hvals("tests:downstream-calls:basic")
+    assert set(seen) == set(ids) - {"partner-123"}
+    assert all(int(c) == 1 for c in calls)
+    issued = {
+        u: hashlib.sha256(t.encode()).hexdigest() for t, (u, _) in fake_sfox.issued_tokens.items()
+    }
+    assert all(seen[u] == issued[u] for u in seen)
+    assert run.failed() == {
+        "partner-123": {"user_id": "partner-123", "status": 404, "error": "user not found"}
+    }
+
+
+def test_minting_stays_a_bounded_number_of_chunks_ahead(worker, fake_sfox, redis_client):
+    """With a slow downstream, released-but-unfinished users never exceed ahead+1 chunks."""
+    ids = [f"jit-{i}" for i in range(300)]
+    run_id = "wut-jit"
+    run = JitRun(redis_client, run_id)
+    peaks: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            p = run.progress()
+            peaks.append(p.inflight + p.dispatched - p.done)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with_user_tokens(
+            ids, record_token.s("jit", delay=0.01), run_id=run_id, chunk_size=10, ahead=2
+        ).apply_async()
+        assert wait_for(lambda: run.progress().finished, timeout=90)
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(peaks) <= (2 + 1) * 10
+    # Minting was spread over the run, not done up front: many token requests, few at once.
+    assert fake_sfox.count("/v1/enterprise/user-tokens") == 30
+
+
+@pytest.mark.parametrize("bad", ["u1", [], ["ok", ""], [3], None])
+def test_bad_user_ids_raise_at_the_call(worker, fake_sfox, redis_client, bad):
+    """Bad user_ids raise ValueError when the canvas is built; nothing is queued or sent."""
+    with pytest.raises(ValueError):
+        with_user_tokens(bad, record_token.s("bad"))
+    assert redis_client.llen("celery") == 0 and fake_sfox.count() == 0
+
+
+def test_downstream_must_be_a_signature(worker):
+    """A downstream that is not a Celery signature is refused at the call."""
+    with pytest.raises(ValueError, match="signature"):
+        with_user_tokens(["a"], "tests.record_token")
+
+
+def test_no_message_holds_the_whole_list(worker, fake_sfox):
+    """A large list is cut into segment messages, none holding all the users."""
+    ids = [f"big-{i}" for i in range(12_000)]
+    canvas = with_user_tokens(ids, record_token.s("big"))
+    sizes = [sum(len(c.split("|", 2)[2]) for c in sig.args[2]) for sig in canvas.tasks]
+    assert len(canvas.tasks) > 1
+    assert max(sizes) < sum(sizes) / 2
+    assert REDIS_URL  # the canvas was built without sending anything
+    assert fake_sfox.count() == 0
+
+
+def test_chunk_released_but_never_sent_is_sent_again(redis_client):
+    """A chunk whose releasing task died before sending it comes back from a sweep, once due."""
+    from tasks._jit import _Chunk
+
+    run = JitRun(redis_client, "wut-lost")
+    chunks = [_Chunk(0, ["a", "b"]), _Chunk(1, ["c", "d"])]
+    spec = {"total": 4, "budget": 10, "stale_after": 0.3, "downstream": "{}"}
+    released = run.stage(0, chunks, spec)
+    assert [c.index for c in released] == [0, 1]
+    # Chunk 0 is minted and finished; chunk 1's sender "dies" before sending it.
+    run.finish_chunk(released[0], dispatched=2, failed=0)
+    assert run.sweep() == []  # not yet due
+    time.sleep(0.4)
+    again = run.sweep()
+    assert [(c.index, c.user_ids) for c in again] == [(1, ["c", "d"])]
+    assert run.sweep() == []  # re-stamped: not sent twice in a row
+    run.finish_chunk(again[0], dispatched=2, failed=0)
+    run.user_done("a"), run.user_done("b"), run.user_done("c"), run.user_done("d")
+    assert run.progress().finished
