@@ -1,8 +1,8 @@
 """The real parts a benchmark run starts and watches: Redis, the stand-in, workers.
 
 - :class:`BenchRedis`: the benchmark's own Redis database. It is checked,
-  locked against a second benchmark, emptied at the start, and its limiter
-  keys are removed between runs so every run starts with an empty window.
+  locked against a second benchmark, and emptied before every run, so each
+  starts with an empty limiter window and no leftover messages.
 - :class:`FakeProcess`: ``python -m tasks.fake_sfox`` in its own process (its
   CPU must not share a GIL with the client being measured), driven through
   its ``/_fake/`` control API.
@@ -78,15 +78,13 @@ class BenchRedis:
             self.client.delete(LOCK_KEY)
 
     def wipe(self) -> None:
-        """Empty the database (but for the lock): queues, results and limiter state."""
+        """Empty the database but for the lock: queues, results, runs, limiter logs and pauses.
+
+        Done before every run, so each starts on an empty limiter window.
+        """
         for key in self.client.scan_iter(count=1000):
             if key != LOCK_KEY.encode():
                 self.client.delete(key)
-
-    def reset_limiter(self) -> None:
-        """Forget every sliding log and pause, so the next run starts on an empty window."""
-        for key in self.client.scan_iter(match="sfox:ratelimit:*", count=1000):
-            self.client.delete(key)
 
 
 class FakeProcess:
@@ -297,6 +295,31 @@ class Workers:
             time.sleep(0.05)
         self.stop()
         raise BenchError(f"workers did not become ready in {START_TIMEOUT:g} s; see {self.log_dir}")
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no message is queued or unacknowledged (in kombu's Redis layout).
+
+        With late acks a message stays unacknowledged until its task ends, so this is
+        "every task sent so far has run": stopping workers with work in flight can leave
+        a warm shutdown waiting for it.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline:
+            queue = self.env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
+            busy = self.redis.llen(queue) + self.redis.hlen("unacked")
+            quiet = quiet + 1 if busy == 0 else 0
+            if quiet >= 3:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def logs(self) -> list[str]:
+        """What the workers have logged so far."""
+        texts = []
+        for path in sorted(self.log_dir.glob(f"worker-{self.tag}-*.log")):
+            texts.append(path.read_text(errors="replace"))
+        return texts
 
     def pool_processes(self) -> list[psutil.Process]:
         return [p for root in self.processes for p in tree(root)[1:]]

@@ -8,11 +8,12 @@ Against a stand-in with no latency and no rate limit:
   limiter call). Each is the best of a few runs: the machine may be shared,
   and other work only ever adds CPU time.
 - :class:`Spy` samples a real prefork worker (main and pool processes) with
-  py-spy while it mints: a sampling profiler counts only threads on a CPU,
-  costs the worker almost nothing, and sees the Celery glue as well as the
-  package. :func:`summarize_spy` splits the samples into components by the
-  deepest package entry point on each stack, and names the hot spots by the
-  function on top of the stack.
+  py-spy while it mints: a sampling profiler counting only threads that hold
+  the GIL costs the worker almost nothing and sees the Celery glue as well as
+  the package. :func:`summarize_spy` splits the samples into components (for
+  mint tasks by the deepest package entry point on each stack, for
+  ``with_user_tokens`` by the task or process a sample was in) and names the
+  hot spots by the function on top of the stack.
 """
 
 from __future__ import annotations
@@ -170,40 +171,85 @@ def _short(frame: str) -> str:
     return f"{path}:{name}"
 
 
+def classify_mint(code: list[str], processes: list[str]) -> str:
+    """A mint task's sample: the deepest package entry point on its stack, else glue."""
+    for frame in reversed(code):
+        match = next((c for c, n, s in _ENTRY if _frame_matches(frame, n, s)), None)
+        if match:
+            return match
+    return GLUE
+
+
+#: Components of a with_user_tokens run's worker CPU.
+WUT_MAIN = "worker main process: receive, dispatch, events, pool upkeep"
+WUT_MINT = "minting in jit_mint_chunk (the Minter)"
+WUT_SEND = "sending downstream tasks in jit_mint_chunk"
+WUT_DONE = "jit_done callback task"
+WUT_NOOP = "the no-op downstream task's own body"
+WUT_POOL = "pool processes: tracing, link callbacks, events, results"
+
+
+def classify_wut(code: list[str], processes: list[str]) -> str:
+    """A with_user_tokens sample: which task, or which part of the worker, it was in."""
+    if len(processes) <= 1:
+        return WUT_MAIN
+    names = [frame.partition(" (")[0] for frame in code]
+    if "Minter.mint" in names:
+        return WUT_MINT
+    if "jit_mint_chunk" in names or "jit_segment" in names:
+        return WUT_SEND
+    if "jit_done" in names:
+        return WUT_DONE
+    if "noop" in names:
+        return WUT_NOOP
+    return WUT_POOL
+
+
 def summarize_spy(
-    path: Path, batches: int, *, rate: int = SPY_RATE, top: int = 12
+    path: Path,
+    units: int,
+    *,
+    rate: int = SPY_RATE,
+    top: int = 12,
+    classify: Callable[[list[str], list[str]], str] = classify_mint,
+    marker: str = "Channel._create_client",
 ) -> dict[str, Any]:
-    """Per-batch CPU (ms) by component and the top functions, from py-spy's raw output."""
+    """Per-unit CPU (ms) by component and the top functions, from py-spy's raw output.
+
+    A unit is a batch (mint tasks) or a user (with_user_tokens). ``marker`` names a
+    function whose inclusive share is reported on its own (kombu building a Redis
+    client object for every message it publishes).
+    """
     components: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     main_process = 0
+    marked = 0
     total = 0
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
-            continue
+            continue  # py-spy reads memory of a running process: a few lines come out garbled
         count = int(count_text)
         frames = stack.split(";")
         processes = [f for f in frames if f.startswith("process ")]
         code = [f for f in frames if not f.startswith("process ")]
-        component = GLUE
-        for frame in reversed(code):
-            match = next((c for c, n, s in _ENTRY if _frame_matches(frame, n, s)), None)
-            if match:
-                component = match
-                break
-        components[component] += count
-        if code:
-            leaves[_short(code[-1])] += count
+        if not code:
+            continue
+        components[classify(code, processes)] += count
+        leaves[_short(code[-1])] += count
         if len(processes) <= 1:
             main_process += count
+        if any(frame.startswith(marker + " (") for frame in code):
+            marked += count
         total += count
-    per = 1000.0 / rate / max(batches, 1)
+    per = 1000.0 / rate / max(units, 1)
     return {
-        "batches": batches,
+        "units": units,
         "samples": total,
         "total_ms": total * per,
         "main_process_ms": main_process * per,
+        "marker": marker,
+        "marker_share": marked / total if total else 0.0,
         "components_ms": {name: count * per for name, count in components.most_common()},
         "hot_spots": [
             {"function": name, "ms": count * per, "share": count / total if total else 0.0}

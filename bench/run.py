@@ -57,6 +57,8 @@ from bench._plain import parse_rate
 
 #: A package rate no run reaches: the limiter still runs, it never waits.
 UNLIMITED_RATE = "10000000/10s"
+#: Seconds without a single user arriving downstream before a with_user_tokens run is given up.
+STALL_S = 120.0
 #: The profiled worker mints in this many rounds; the least disturbed one counts.
 PROFILE_ROUNDS = 3
 
@@ -125,7 +127,9 @@ class Config:
     grid_latency: list[float]
     grid_users: int
     grid_chunk: int
+    grid_wut_users: int
     profile_users: int
+    profile_wut_users: int
     sections: list[str]
     redis_url: str
     out: Path
@@ -165,7 +169,14 @@ def parse_args(argv: list[str] | None) -> Config:
     add("--grid-latency", default="0,0.05")
     add("--grid-users", type=int, default=20_000)
     add("--grid-chunk", type=int, default=1_000, help="users per mint task in the grid")
+    add(
+        "--grid-wut-users",
+        type=int,
+        default=2_000,
+        help="users per with_user_tokens run in the grid (one task per user: slower)",
+    )
     add("--profile-users", type=int, default=50_000)
+    add("--profile-wut-users", type=int, default=5_000)
     add("--sections", default="rate,grid,profile", help="any of rate, grid, profile")
     add(
         "--redis-url",
@@ -192,7 +203,9 @@ def parse_args(argv: list[str] | None) -> Config:
         grid_latency=_floats(args.grid_latency),
         grid_users=args.grid_users,
         grid_chunk=args.grid_chunk,
+        grid_wut_users=args.grid_wut_users,
         profile_users=args.profile_users,
+        profile_wut_users=args.profile_wut_users,
         sections=[s.strip() for s in args.sections.split(",") if s.strip()],
         redis_url=args.redis_url,
         out=args.out or (ROOT / "bench" / ("out/smoke" if args.smoke else "")),
@@ -209,7 +222,9 @@ def parse_args(argv: list[str] | None) -> Config:
         config.grid_latency = [0.0]
         config.grid_users = 1_000
         config.grid_chunk = 250
+        config.grid_wut_users = 200
         config.profile_users = 1_000
+        config.profile_wut_users = 200
     return config
 
 
@@ -285,8 +300,12 @@ class Bench:
         self.redis.unlock()
 
     def reset(self) -> None:
-        """Empty limiter window, no pause, a stand-in with no history or penalty."""
-        self.redis.reset_limiter()
+        """Empty limiter window, no pause, no leftover messages, a stand-in with no history.
+
+        Between runs no worker is running, so the whole database can go: a run that timed
+        out must not leave messages for the next run's workers.
+        """
+        self.redis.wipe()
         self.fake.reset()
 
     def log(self, message: str) -> None:
@@ -349,10 +368,17 @@ class Bench:
             else:
                 row.tokens = self._with_user_tokens(ids, tag, self._timeout(users, rate))
             row.wall_s = time.perf_counter() - started
+            # The last users' callbacks may still be running: let them end before stopping.
+            workers.wait_idle()
             row.worker_cpu_s = workers.cpu_seconds() - cpu0
             row.fake_cpu_s = self.fake.cpu_seconds() - fake0
         row.rss_total_mb = mb(sampler.peak.total)
         row.rss_largest_mb = mb(sampler.peak.largest)
+        lost = sum(log.count("Connection to broker lost") for log in workers.logs())
+        if lost:
+            row.notes.append(
+                f"the workers lost their broker connection {lost} time(s) during the run"
+            )
         self._fake_counts(row)
         if row.tokens != users:
             row.notes.append(f"{users - row.tokens} user(s) got no token")
@@ -380,12 +406,13 @@ class Bench:
         assert build is not None
         counter = f"bench:noop:{tag}"
         build(ids, noop.s(counter=counter)).apply_async()
-        deadline = time.monotonic() + timeout
-        arrived = 0
-        while time.monotonic() < deadline:
+        # One Celery task per user runs far below the rate limit's pace: wait while users
+        # keep arriving, and give up only when none has for STALL_S.
+        arrived, last, changed = 0, -1, time.monotonic()
+        while arrived < len(ids) and time.monotonic() - changed < max(STALL_S, timeout / 10):
             arrived = int(self.redis.client.get(counter) or 0)
-            if arrived >= len(ids):
-                break
+            if arrived != last:
+                last, changed = arrived, time.monotonic()
             time.sleep(0.02)
         return arrived
 
@@ -494,11 +521,14 @@ class Bench:
         for latency in c.grid_latency:
             self.fake.configure(latency=latency)
             for concurrency in c.grid_concurrency:
-                for approach in (APPROACH_WUT, APPROACH_MINT):
-                    self.run_package(
-                        "grid", approach, c.grid_users, rate=UNLIMITED_RATE,
-                        concurrency=concurrency, chunk=c.grid_chunk,
-                    )  # fmt: skip
+                self.run_package(
+                    "grid", APPROACH_WUT, c.grid_wut_users, rate=UNLIMITED_RATE,
+                    concurrency=concurrency, chunk=c.grid_chunk,
+                )  # fmt: skip
+                self.run_package(
+                    "grid", APPROACH_MINT, c.grid_users, rate=UNLIMITED_RATE,
+                    concurrency=concurrency, chunk=c.grid_chunk,
+                )  # fmt: skip
                 self.run_plain(
                     "grid", plain_approach(concurrency * c.workers), "batch",
                     c.grid_users, threads=concurrency * c.workers, rate=UNLIMITED_RATE,
@@ -515,6 +545,13 @@ class Bench:
             batch_size=c.batch_size,
         )  # fmt: skip
         self.profile["worker"] = self._profile_worker()
+        if not self.wut_skip:
+            self.profile["wut"] = self._profile_wut()
+            wut = self.profile["wut"]
+            self.log(
+                f"  with_user_tokens: {wut['psutil_ms_per_user']:.2f} ms of worker CPU per user "
+                f"({wut['users']:,} users in {wut['wall_s']:.1f} s)"
+            )
         measured = self.profile["in_process"]["measured"]
         worker = self.profile["worker"]
         self.log(
@@ -576,6 +613,53 @@ class Bench:
         )
         return summary
 
+    def _profile_wut(self) -> dict[str, Any]:
+        """A with_user_tokens run into the no-op, its worker CPU per user and its stacks."""
+        c = self.config
+        self.reset()
+        workers = Workers(
+            self.worker_env(UNLIMITED_RATE),
+            self.log_dir,
+            count=1,
+            concurrency=c.concurrency,
+            redis_client=self.redis.client,
+        )
+        ids = [f"wut-{index:07d}" for index in range(c.profile_wut_users)]
+        out = self.log_dir / "wut-profile.txt"
+        out.unlink(missing_ok=True)
+        summary: dict[str, Any] = {}
+        with workers:
+            warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
+            self._with_user_tokens(warm, "warm", 120)
+            workers.wait_idle()
+            self.fake.reset()
+            try:
+                spy: _profile.Spy | None = _profile.Spy(
+                    workers.processes[0].pid, out, self.log_dir / "py-spy-wut.log"
+                )
+            except (OSError, RuntimeError) as exc:
+                spy = None
+                summary["error"] = f"no py-spy profile: {exc}"
+            cpu0, started = workers.cpu_seconds(), time.perf_counter()
+            users = self._with_user_tokens(ids, "profile", 600)
+            wall = time.perf_counter() - started
+            workers.wait_idle()
+            cpu = workers.cpu_seconds() - cpu0
+            if spy is not None:
+                spy.stop()
+        requests = int(self.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
+        if spy is not None and out.exists():
+            summary.update(_profile.summarize_spy(out, users, classify=_profile.classify_wut))
+        summary.update(
+            users=users,
+            requests=requests,
+            concurrency=c.concurrency,
+            wall_s=wall,
+            psutil_ms_per_user=cpu / max(users, 1) * 1000,
+            psutil_ms_per_batch=cpu / max(requests, 1) * 1000,
+        )
+        return summary
+
     # -- all of it -------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -622,7 +706,9 @@ class Bench:
                 "naive_max": c.naive_max,
                 "grid_users": c.grid_users,
                 "grid_chunk": c.grid_chunk,
+                "grid_wut_users": c.grid_wut_users,
                 "profile_users": c.profile_users,
+                "profile_wut_users": c.profile_wut_users,
                 "smoke": c.smoke,
                 "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             },
