@@ -1,5 +1,5 @@
 # One command each: `make demo` runs the main job, `make test` the whole suite,
-# `make bench` the throughput benchmark (about 15 minutes; writes bench/RESULTS.md).
+# `make bench` the throughput benchmark (about 25 minutes; writes bench/RESULTS.md).
 # Both create .venv and install the project into it first when needed.
 
 PYTHON ?= python3
