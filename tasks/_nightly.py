@@ -43,8 +43,8 @@ from tasks._jit import (
     CHUNKS_PER_SEGMENT,
     DEFAULT_AHEAD,
     JitRun,
-    _Chunk,
-    _send_chunks,
+    Chunk,
+    send_chunks,
     stale_after,
 )
 from tasks._mint import Deferred
@@ -360,7 +360,7 @@ def run_nightly_orders(
                     day,
                     len(resent),
                 )
-                _send_chunks(run.jit.run_id, resent)
+                send_chunks(run.jit.run_id, resent)
             time.sleep(POLL_INTERVAL)
         summary = run.summary("done", started)
         run.set_flag("summary", json.dumps(summary))
@@ -397,10 +397,10 @@ def _dispatch(run: NightlyRun, chunk_size: int) -> None:
     for segment, start in enumerate(range(0, total, per_segment)):
         users = [u.decode() for u in run.client.lrange(run.users, start, start + per_segment - 1)]
         chunks = [
-            _Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
+            Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
             for i in range((len(users) + chunk_size - 1) // chunk_size)
         ]
-        _send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec))
+        send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec))
 
 
 class PlaceTask(Task):  # type: ignore[misc]
