@@ -42,8 +42,8 @@ from tasks._exceptions import ConfigurationError, SfoxError
 from tasks._jit import (
     CHUNKS_PER_SEGMENT,
     DEFAULT_AHEAD,
-    JitRun,
     Chunk,
+    JitRun,
     send_chunks,
     stale_after,
 )
