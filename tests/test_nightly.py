@@ -169,8 +169,10 @@ def test_run_survives_killed_redis_connections(nightly_workers, fake_sfox, redis
     result = run("2026-11-23", write_orders(tmp_path, users))
     assert wait_until(lambda: len(fake_sfox.orders) >= 50)
     me = redis_client.client_id()
+    # Only this suite's database: other suites and the benchmark share the Redis server.
+    db = str(redis_client.connection_pool.connection_kwargs.get("db", 0))
     for client in redis_client.client_list():
-        if int(client["id"]) != me:
+        if int(client["id"]) != me and client.get("db") == db:
             redis_client.client_kill_filter(_id=client["id"])
     summary = result.get(timeout=240)
     placed = orders_by_user(fake_sfox)
