@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY tasks ./tasks
+COPY examples ./examples
 # Beat keeps its schedule in /var/lib/sfox-beat (a volume in docker-compose.yml); the
 # directory exists, owned by the service user, so a fresh named volume inherits that owner.
 RUN pip install '.[flower]' \

@@ -36,7 +36,7 @@ from tasks._exceptions import InvalidUserIds
 from tasks._mint import Deferred, validate_user_ids
 from tasks._runtime import get_runtime
 
-__all__ = ["JitRun", "RunProgress", "with_user_tokens"]
+__all__ = ["Chunk", "JitRun", "RunProgress", "send_chunks", "stale_after", "with_user_tokens"]
 
 logger = logging.getLogger("tasks.jit")
 
@@ -173,7 +173,7 @@ class RunProgress:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class Chunk:
     index: int
     user_ids: list[str]
 
@@ -181,7 +181,7 @@ class _Chunk:
         return f"{self.index}|{len(self.user_ids)}|{json.dumps(self.user_ids)}"
 
     @classmethod
-    def decode(cls, text: str | bytes) -> _Chunk:
+    def decode(cls, text: str | bytes) -> Chunk:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         index, _count, body = text.split("|", 2)
@@ -222,31 +222,31 @@ class JitRun:
     def _script(self, source: str) -> Any:
         return self.client.register_script(source)
 
-    def stage(self, segment: int, chunks: Sequence[_Chunk], spec: dict[str, Any]) -> list[_Chunk]:
+    def stage(self, segment: int, chunks: Sequence[Chunk], spec: dict[str, Any]) -> list[Chunk]:
         """Add a segment's chunks once; return the chunks released now."""
         released = self._script(_STAGE)(
             keys=self._keys(self.staged),
             args=[RUN_TTL, segment, json.dumps(spec), *(c.encode() for c in chunks)],
         )
-        return [_Chunk.decode(c) for c in released]
+        return [Chunk.decode(c) for c in released]
 
-    def finish_chunk(self, chunk: _Chunk, dispatched: int, failed: int) -> list[_Chunk]:
+    def finish_chunk(self, chunk: Chunk, dispatched: int, failed: int) -> list[Chunk]:
         """Count a minted chunk once; return the chunks released now."""
         released = self._script(_FINISH)(
             keys=self._keys(),
             args=[RUN_TTL, chunk.index, len(chunk.user_ids), dispatched, failed],
         )
-        return [_Chunk.decode(c) for c in released]
+        return [Chunk.decode(c) for c in released]
 
-    def user_done(self, user_id: str) -> list[_Chunk]:
+    def user_done(self, user_id: str) -> list[Chunk]:
         """Mark one user's downstream work ended; return the chunks released now."""
         released = self._script(_DONE)(keys=self._keys(), args=[RUN_TTL, user_id])
-        return [_Chunk.decode(c) for c in released]
+        return [Chunk.decode(c) for c in released]
 
-    def sweep(self) -> list[_Chunk]:
+    def sweep(self) -> list[Chunk]:
         """Chunks to send: newly releasable ones, and ones whose sender died unsent."""
         released = self._script(_SWEEP)(keys=self._keys(), args=[RUN_TTL])
-        return [_Chunk.decode(c) for c in released]
+        return [Chunk.decode(c) for c in released]
 
     def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
         mapping = {e["user_id"]: json.dumps(e) for e in entries}
@@ -282,9 +282,9 @@ class JitRun:
         )
 
 
-def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[_Chunk]]:
+def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[Chunk]]:
     chunks = [
-        _Chunk(i // chunk_size, list(user_ids[i : i + chunk_size]))
+        Chunk(i // chunk_size, list(user_ids[i : i + chunk_size]))
         for i in range(0, len(user_ids), chunk_size)
     ]
     return [chunks[i : i + CHUNKS_PER_SEGMENT] for i in range(0, len(chunks), CHUNKS_PER_SEGMENT)]
@@ -339,11 +339,11 @@ def with_user_tokens(
     )
 
 
-def _users(chunks: Sequence[_Chunk]) -> int:
+def _users(chunks: Sequence[Chunk]) -> int:
     return sum(len(c.user_ids) for c in chunks)
 
 
-def _send_chunks(run_id: str, chunks: Sequence[_Chunk]) -> None:
+def send_chunks(run_id: str, chunks: Sequence[Chunk]) -> None:
     for chunk in chunks:
         jit_mint_chunk.apply_async(
             (run_id, chunk.encode()),
@@ -357,8 +357,8 @@ def jit_segment(
 ) -> dict[str, Any]:
     """Stage one segment of a with_user_tokens run and release the first chunks."""
     run = JitRun.for_app(run_id)
-    released = run.stage(segment, [_Chunk.decode(c) for c in chunks], spec)
-    _send_chunks(run_id, released)
+    released = run.stage(segment, [Chunk.decode(c) for c in chunks], spec)
+    send_chunks(run_id, released)
     return {"run": run_id, "segment": segment, "chunks": len(chunks)}
 
 
@@ -371,7 +371,7 @@ def jit_mint_chunk(
     self: Task, run_id: str, encoded: str, _resume: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Mint one chunk of a run, send each granted user's downstream, release more."""
-    chunk = _Chunk.decode(encoded)
+    chunk = Chunk.decode(encoded)
     run = JitRun.for_app(run_id)
     runtime = get_runtime(self.app.conf)
     try:
@@ -397,7 +397,7 @@ def jit_mint_chunk(
             ", ".join(f"{f['user_id']} ({f['status']})" for f in result["failed"][:20]),
         )
     released = run.finish_chunk(chunk, len(result["tokens"]), len(result["failed"]))
-    _send_chunks(run_id, released)
+    send_chunks(run_id, released)
     return {
         "run": run_id,
         "chunk": chunk.index,
@@ -410,4 +410,4 @@ def jit_mint_chunk(
 def jit_done(self: Task, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
     released = JitRun.for_app(run_id).user_done(user_id)
-    _send_chunks(run_id, released)
+    send_chunks(run_id, released)

@@ -29,8 +29,9 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -41,13 +42,14 @@ from tasks._exceptions import ConfigurationError, SfoxError
 from tasks._jit import (
     CHUNKS_PER_SEGMENT,
     DEFAULT_AHEAD,
+    Chunk,
     JitRun,
-    _Chunk,
-    _send_chunks,
+    send_chunks,
     stale_after,
 )
 from tasks._mint import Deferred
 from tasks._orders import Order, OrderError, client_order_id, load_orders
+from tasks._outcome import ShortRepr, summarise_nightly
 from tasks._place import OrderOutcome, TokenHolder
 from tasks._ratelimit import LimiterWait
 from tasks._retry import Defer
@@ -258,6 +260,15 @@ class NightlyTask(Task):  # type: ignore[misc]
 
     max_retries = None
 
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        # Flower shows this: the date and the file's name, not a long path.
+        given = kwargs or {}
+        parts = [f"run_date: {given.get('run_date') or 'today'}"]
+        if given.get("orders_file"):
+            parts.append(f"orders: {Path(str(given['orders_file'])).name[:40]}")
+        options.setdefault("kwargsrepr", "{" + ", ".join(parts) + "}")
+        return super().apply_async(args, kwargs, **options)
+
 
 @app.task(
     bind=True,
@@ -270,7 +281,7 @@ class NightlyTask(Task):  # type: ignore[misc]
 )
 def run_nightly_orders(
     self: NightlyTask, run_date: str | None = None, orders_file: str | None = None
-) -> dict[str, Any]:
+) -> Mapping[str, Any]:
     """Place tonight's orders, each once; return the run's summary."""
     day = date.fromisoformat(run_date) if run_date else _today()
     runtime = get_runtime(self.app.conf)
@@ -284,16 +295,19 @@ def run_nightly_orders(
             day,
             owner,
         )
-        return {
-            "run_date": day.isoformat(),
-            "status": "skipped",
-            "reason": f"the run for {day} is already under way or done",
-            "owner": owner,
-        }
+        return _short(
+            self,
+            {
+                "run_date": day.isoformat(),
+                "status": "skipped",
+                "reason": f"the run for {day} is already under way or done",
+                "owner": owner,
+            },
+        )
 
     finished = run.flag("summary")
     if finished:
-        return dict(json.loads(finished))
+        return _short(self, json.loads(finished))
 
     lease = uuid.uuid4().hex
     lease_seconds = _lease_seconds(self.app.conf)
@@ -346,7 +360,7 @@ def run_nightly_orders(
                     day,
                     len(resent),
                 )
-                _send_chunks(run.jit.run_id, resent)
+                send_chunks(run.jit.run_id, resent)
             time.sleep(POLL_INTERVAL)
         summary = run.summary("done", started)
         run.set_flag("summary", json.dumps(summary))
@@ -358,9 +372,16 @@ def run_nightly_orders(
             summary["failed_orders"],
             summary["users"],
         )
-        return summary
+        return _short(self, summary)
     finally:
         run.drop_lease(lease)
+
+
+def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
+    """In a worker, the summary with a one-line repr for Celery's event and Flower."""
+    if task.request.called_directly or task.request.is_eager:
+        return summary
+    return ShortRepr(summary, summarise_nightly(summary))
 
 
 def _dispatch(run: NightlyRun, chunk_size: int) -> None:
@@ -376,10 +397,10 @@ def _dispatch(run: NightlyRun, chunk_size: int) -> None:
     for segment, start in enumerate(range(0, total, per_segment)):
         users = [u.decode() for u in run.client.lrange(run.users, start, start + per_segment - 1)]
         chunks = [
-            _Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
+            Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
             for i in range((len(users) + chunk_size - 1) // chunk_size)
         ]
-        _send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec))
+        send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec))
 
 
 class PlaceTask(Task):  # type: ignore[misc]

@@ -16,7 +16,7 @@ from typing import Any
 
 from tasks._mint import MintResult
 
-__all__ = ["MintOutcome", "summarise"]
+__all__ = ["MintOutcome", "ShortRepr", "summarise", "summarise_nightly"]
 
 #: Failed user IDs named in a summary; the count says how many more there are.
 SUMMARY_IDS = 5
@@ -36,16 +36,28 @@ def summarise(result: Mapping[str, Any]) -> str:
     return text + "}"
 
 
-class MintOutcome(Mapping[str, Any]):
-    """A mint's result as Celery's worker holds it: the contract's dict, with a short repr."""
+def summarise_nightly(summary: Mapping[str, Any]) -> str:
+    """``{run 2026-11-27 done: 1000 users, 995 placed, 0 already, 5 failed}``."""
+    if summary.get("status") == "skipped":
+        return f"{{run {summary.get('run_date')} skipped: already under way or done}}"
+    return (
+        f"{{run {summary.get('run_date')} {summary.get('status')}: "
+        f"{summary.get('users', 0)} users, {summary.get('placed', 0)} placed, "
+        f"{summary.get('already_placed', 0)} already, {summary.get('failed_orders', 0)} failed}}"
+    )
 
-    __slots__ = ("_result",)
 
-    def __init__(self, result: MintResult) -> None:
+class ShortRepr(Mapping[str, Any]):
+    """A task's result dict as Celery's worker holds it: the same dict, with a short repr."""
+
+    __slots__ = ("_result", "_text")
+
+    def __init__(self, result: Mapping[str, Any], text: str) -> None:
         self._result = result
+        self._text = text
 
     def __getitem__(self, key: str) -> Any:
-        return self._result[key]  # type: ignore[literal-required]
+        return self._result[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._result)
@@ -53,9 +65,18 @@ class MintOutcome(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._result)
 
-    def __json__(self) -> MintResult:
+    def __json__(self) -> Mapping[str, Any]:
         """What kombu's JSON encoder writes: the plain result dict."""
         return self._result
 
     def __repr__(self) -> str:
-        return summarise(self._result)
+        return self._text
+
+
+class MintOutcome(ShortRepr):
+    """A mint's result as Celery's worker holds it: ``{tokens: 11 sealed, failed: 1 [u7]}``."""
+
+    __slots__ = ()
+
+    def __init__(self, result: MintResult) -> None:
+        super().__init__(result, summarise(result))

@@ -145,11 +145,49 @@ def mint_refused_whole(fake: FakeSfox, flower: Flower) -> list[Expected]:
     return [Expected(result.id, "sfox.mint_user_tokens", "FAILURE", check, ["flower-x1"])]
 
 
+def nightly_run_in_progress(fake: FakeSfox, flower: Flower) -> list[Expected]:
+    """A nightly run of 40 users: Flower shows PROGRESS with counts while it runs, then SUCCESS."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from tasks import run_nightly_orders
+
+    users = [f"flower-n{i}" for i in range(40)]
+    orders = Path(tempfile.mkdtemp()) / "orders.csv"
+    orders.write_text(
+        "user_id,side,currency_pair,algorithm_id,amount\n"
+        + "".join(f"{u},buy,btcusd,100,25\n" for u in users)
+    )
+    fake.configure(latency=0.05)
+    result = run_nightly_orders.apply_async(
+        kwargs={"run_date": "2026-10-05", "orders_file": str(orders)}
+    )
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    while not result.ready() and time.monotonic() < deadline:
+        info = flower.tasks().get(result.id)
+        if info and info.get("state") == "PROGRESS":
+            seen.append(info)
+        time.sleep(0.05)
+    summary = result.get(timeout=10)
+    fake.configure(latency=0.0)
+    assert summary["placed"] == 40
+    assert seen, "Flower never showed the run's PROGRESS state"
+
+    def check(info: dict[str, Any]) -> None:
+        assert info["kwargs"] == "{run_date: 2026-10-05, orders: orders.csv}"
+        assert info["result"] == "{run 2026-10-05 done: 40 users, 40 placed, 0 already, 0 failed}"
+
+    return [Expected(result.id, "sfox.run_nightly_orders", "SUCCESS", check, users)]
+
+
 #: Every kind of job the Flower test runs, in order. Each gets the stand-in and the running
 #: Flower (to watch a long task's progress while it runs). The nightly run adds itself here.
 SCENARIOS: list[Callable[[FakeSfox, Flower], list[Expected]]] = [
     mint_with_a_refused_user,
     mint_refused_whole,
+    nightly_run_in_progress,
 ]
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import date
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +21,7 @@ from tasks._nightly import NightlyRun
 from tasks._seal import Sealer, derive_seal_key
 from tasks.fake_sfox import Fault
 from tests.conftest import ENTERPRISE_KEY
-from tests.workers import WorkerProcess
+from tests.workers import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -262,3 +266,91 @@ def wait_until(predicate, timeout=120.0):
             return True
         time.sleep(0.05)
     return False
+
+
+def sfox_tokens(*args, timeout=120):
+    script = Path(sys.executable).with_name("sfox-tokens")
+    return subprocess.run(
+        [str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_triggers_a_run_shows_the_summary_and_refuses_a_second(
+    nightly_workers, fake_sfox, tmp_path
+):
+    """`sfox-tokens nightly` runs now and prints the summary; again for that date: skipped, 0."""
+    orders = write_orders(tmp_path, [f"cli-{i}" for i in range(20)])
+    first = sfox_tokens("nightly", "--date", "2026-10-02", "--orders", orders, "--queue", QUEUE)
+    assert first.returncode == 0, first.stderr
+    assert "nightly run for 2026-10-02: done" in first.stdout
+    assert re.search(r"placed\s+20", first.stdout)
+    second = sfox_tokens("nightly", "--date", "2026-10-02", "--orders", orders, "--queue", QUEUE)
+    assert second.returncode == 0
+    assert "skipped" in second.stdout and "already under way or done" in second.stdout
+    assert len(fake_sfox.orders) == 20
+
+
+def test_cli_exit_code_says_some_orders_failed(nightly_workers, fake_sfox, tmp_path):
+    """A run with a refused user and a skipped row exits 1 and names both."""
+    fake_sfox.refuse("cli-bad", status=404, message="user not found")
+    orders = write_orders(tmp_path, ["cli-ok", "cli-bad"], extra_rows="cli-x,hold,btcusd,100,1,,\n")
+    out = sfox_tokens("nightly", "--date", "2026-10-03", "--orders", orders, "--queue", QUEUE)
+    assert out.returncode == 1
+    assert "token refused (404): user not found: cli-bad" in out.stdout
+    assert "skipped line 4" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--date", "27/11/2026"], "YYYY-MM-DD"),
+        (["--orders", "/nonexistent.csv"], "not a readable file"),
+        (["--timeout", "0"], "--timeout"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(args, message):
+    """Bad nightly arguments exit 2 with a one-line error and send nothing."""
+    out = sfox_tokens("nightly", *args)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_no_secret_in_the_debug_log_of_a_whole_nightly_run(
+    worker, events, fake_sfox, redis_client, tmp_path
+):
+    """A full nightly run through the DEBUG worker: no key or token in its log, events or Redis."""
+    from tests.test_worker import dump_redis
+
+    users = [f"scan-{i}" for i in range(30)]
+    fake_sfox.refuse("scan-3", status=422, message="user deactivated")
+    fake_sfox.inject(Fault.status(503, path="/v1/orders"))
+    summary = run_nightly_orders.apply_async(
+        kwargs={"run_date": "2026-10-04", "orders_file": write_orders(tmp_path, users)}
+    ).get(timeout=120)
+    assert summary["placed"] == 29
+    # An expired token, re-minted: its plaintext must not leak either.
+    day = date(2026, 10, 4)
+    stage_one_order(redis_client, day, "scan-remint", ref="extra")
+    stale = Sealer([derive_seal_key(ENTERPRISE_KEY)], 900, clock=lambda: time.time() - 3600)
+    place_user_order.apply_async(
+        kwargs={
+            "run_date": day.isoformat(),
+            "user_token": {
+                "partner_user_id": "scan-remint",
+                "token": stale.seal("stale-plain"),
+                "expires": "2099-01-01T00:00:00Z",
+            },
+        }
+    ).get(timeout=60)
+    time.sleep(1.0)
+    secrets_ = [ENTERPRISE_KEY, "stale-plain", *fake_sfox.issued_tokens]
+    assert len(secrets_) >= 31
+    log = worker.log()
+    assert "scan-1" in log and "nightly run for 2026-10-04" in log
+    event_text = json.dumps(events.events, default=str)
+    redis_text = dump_redis(redis_client)
+    for secret in secrets_:
+        assert secret not in log
+        assert secret not in event_text
+        assert secret not in redis_text

@@ -134,3 +134,13 @@ def test_missing_or_bad_sources_are_configuration_errors(kwargs):
     """No source, a missing file or an unloadable callable is a clear configuration error."""
     with pytest.raises(ConfigurationError):
         list(load_orders(**kwargs))
+
+
+def test_the_dev_stacks_sample_orders_are_all_valid():
+    """The sample file the dev stack's nightly run uses parses without a single error."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "nightly-orders.csv"
+    items = list(load_orders(path=str(path)))
+    assert items and all(isinstance(i, Order) for i in items)
+    assert len({(i.user_id, i.ref) for i in items}) == len(items)

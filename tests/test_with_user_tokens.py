@@ -106,10 +106,10 @@ def test_no_message_holds_the_whole_list(worker, fake_sfox):
 
 def test_chunk_released_but_never_sent_is_sent_again(redis_client):
     """A chunk whose releasing task died before sending it comes back from a sweep, once due."""
-    from tasks._jit import _Chunk
+    from tasks._jit import Chunk
 
     run = JitRun(redis_client, "wut-lost")
-    chunks = [_Chunk(0, ["a", "b"]), _Chunk(1, ["c", "d"])]
+    chunks = [Chunk(0, ["a", "b"]), Chunk(1, ["c", "d"])]
     spec = {"total": 4, "budget": 10, "stale_after": 0.3, "downstream": "{}"}
     released = run.stage(0, chunks, spec)
     assert [c.index for c in released] == [0, 1]
