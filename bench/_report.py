@@ -378,7 +378,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in rate_rows(results) if not r["skipped"]]
     approaches = sorted({r["approach"] for r in rows}, key=_order)
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     styles = {
         "package: with_user_tokens": ("tab:blue", "o", "-"),
         "package: mint tasks": ("tab:green", "s", "-"),
@@ -431,7 +431,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
