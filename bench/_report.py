@@ -772,8 +772,9 @@ def markdown(results: dict[str, Any]) -> str:
         "100 ms with psutil: for the package, the largest single pool process and the sum "
         "of the worker's main and pool processes; for the loops, their one process.",
         "- *of bound*: the bound's time over the run's (above 100% at small N because the "
-        "sliding window lets the first full window's requests go at once). *time vs plain "
-        "loop*: the run's time over the plain loop's with the package's parallelism.",
+        "sliding window lets the first full window's requests go at once). *time ÷ plain "
+        "loop*: the run's time over the plain loop's, with the package's parallelism and "
+        "with one thread.",
         "",
         "## The pipeline's own ceiling (rate limits off)",
         "",
