@@ -364,6 +364,8 @@ def jit_segment(
 
 class _ChunkTask(Task):  # type: ignore[misc]
     max_retries = None  # the carried budget bounds retries (see tasks._tasks)
+    #: Killed past this: far beyond minting's own deadline (SFOX_RETRY_DEADLINE).
+    time_limit = 3600
 
 
 @app.task(bind=True, base=_ChunkTask, name="sfox.jit_mint_chunk", acks_late=True)

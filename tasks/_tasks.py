@@ -42,6 +42,8 @@ class MintTask(Task):  # type: ignore[misc]
 
     #: Celery's counter is off; the carried budget bounds retries instead.
     max_retries = None
+    #: Killed past this: far beyond minting's own deadline (SFOX_RETRY_DEADLINE).
+    time_limit = 3600
     #: Keep the human "succeeded" line and task events short: a result holds ciphertext.
     resultrepr_maxsize = 160
 
