@@ -652,11 +652,10 @@ def discussion(results: dict[str, Any]) -> str:
                     "processes recycled by `worker_max_tasks_per_child` are forked from "
                     "that bigger main process, so they start bigger too (RSS counts the "
                     "pages they share with it). It is bounded by tasks per hour, not by N, "
-                    "and it is a setting's side effect rather than the package's: a time "
-                    "limit on the package's own tasks only (the mint and chunk tasks), "
-                    "instead of every task, would remove it for downstream tasks and "
-                    "callbacks. Not changed here: that setting belongs to the core and "
-                    "operations work."
+                    "and it is a setting's side effect rather than the package's: "
+                    "`celeryconfig.py` now puts time limits on the package's long tasks "
+                    "only (mint, chunk, nightly coordinator), so per-user tasks arm no "
+                    "timer; if this paragraph still shows growth, look elsewhere."
                 )
         parts.append(text)
     grid = [r for r in grid_rows(results) if not r["skipped"]]
