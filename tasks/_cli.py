@@ -377,21 +377,27 @@ def _add_mint(sub: Any) -> None:
         metavar="N",
         help=f"users per mint task (default {DEFAULT_PER_TASK}, at most SFOX_MAX_USER_IDS)",
     )
-    mint.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_MINT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up waiting for the workers after this long (default {DEFAULT_MINT_TIMEOUT:g})",
-    )
-    mint.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"progress bar on stderr (default: on for over {PROGRESS_MIN_USERS} users "
+    _add_waiting(
+        mint,
+        timeout=DEFAULT_MINT_TIMEOUT,
+        timeout_help=f"give up waiting for the workers after this long "
+        f"(default {DEFAULT_MINT_TIMEOUT:g})",
+        progress_help=f"progress bar on stderr (default: on for over {PROGRESS_MIN_USERS} users "
         "when stderr is a terminal)",
     )
     mint.set_defaults(func=cmd_mint)
+
+
+def _add_waiting(
+    parser: argparse.ArgumentParser, *, timeout: float, timeout_help: str, progress_help: str
+) -> None:
+    """--timeout and --progress, for commands that wait on the workers."""
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, metavar="SECONDS", help=timeout_help
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help=progress_help
+    )
 
 
 # -- nightly ------------------------------------------------------------------------
@@ -498,18 +504,11 @@ def _add_nightly(sub: Any) -> None:
         "--orders", metavar="FILE", help="orders file (default: SFOX_NIGHTLY_ORDERS_FILE/SOURCE)"
     )
     nightly.add_argument("--queue", metavar="QUEUE", help="send the run to this queue")
-    nightly.add_argument(
-        "--timeout",
-        type=float,
-        default=6 * 3600.0,
-        metavar="SECONDS",
-        help="stop waiting after this long (the run goes on); default 6 h",
-    )
-    nightly.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: on when stderr is a terminal)",
+    _add_waiting(
+        nightly,
+        timeout=6 * 3600.0,
+        timeout_help="stop waiting after this long (the run goes on); default 6 h",
+        progress_help="progress bar on stderr (default: on when stderr is a terminal)",
     )
     nightly.set_defaults(func=cmd_nightly)
 
