@@ -52,18 +52,34 @@ MAX_RUN_USERS = 1_000_000
 _PREFIX = "sfox:jit"
 
 # Shared by the scripts below. KEYS: 1 state hash, 2 queue list, 3 done set,
-# 4 released hash (chunk index -> chunk), 5 released-at zset, 6 finished set.
+# 4 released hash (chunk index -> chunk), 5 released-at zset, 6 finished set,
+# 7 released-by hash (chunk index -> id of the task that must send it).
+# ARGV[1] is the keys' TTL, ARGV[2] the calling task's id ('' outside a task).
 # release(): hand out chunks while fewer than `budget` users are released but
-# unfinished, noting when each went out. stale(): chunks released longer ago
-# than `stale_after` and never finished (their sender died before sending).
+# unfinished, noting when and by whom each went out. mine(): chunks this very
+# task released before and that never finished: a redelivered task died
+# between taking them and sending them, so it sends them again. stale(): chunks
+# released longer ago than `stale_after` and never finished, whoever took them.
 _COMMON = """
+local SENDER = ARGV[2]
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local function release()
-  local budget = tonumber(redis.call('HGET', KEYS[1], 'budget') or '0')
+local function mine()
   local out = {}
+  if SENDER == '' then return out end
+  local all = redis.call('HGETALL', KEYS[7])
+  for i = 1, #all, 2 do
+    if all[i + 1] == SENDER and redis.call('SISMEMBER', KEYS[6], all[i]) == 0 then
+      local chunk = redis.call('HGET', KEYS[4], all[i])
+      if chunk then table.insert(out, chunk) end
+    end
+  end
+  return out
+end
+local function release(out)
+  local budget = tonumber(redis.call('HGET', KEYS[1], 'budget') or '0')
   while true do
     local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
     local dispatched = tonumber(redis.call('HGET', KEYS[1], 'dispatched') or '0')
@@ -75,9 +91,15 @@ local function release()
     redis.call('HINCRBY', KEYS[1], 'inflight', tonumber(n))
     redis.call('HSET', KEYS[4], index, chunk)
     redis.call('ZADD', KEYS[5], now(), index)
+    redis.call('HSET', KEYS[7], index, SENDER)
     table.insert(out, chunk)
   end
   return out
+end
+local function forget(index)
+  redis.call('HDEL', KEYS[4], index)
+  redis.call('ZREM', KEYS[5], index)
+  redis.call('HDEL', KEYS[7], index)
 end
 local function stale(out, limit)
   local after = tonumber(redis.call('HGET', KEYS[1], 'stale_after') or '0')
@@ -88,10 +110,10 @@ local function stale(out, limit)
     local chunk = redis.call('HGET', KEYS[4], index)
     if chunk and redis.call('SISMEMBER', KEYS[6], index) == 0 then
       redis.call('ZADD', KEYS[5], t, index)
+      redis.call('HSET', KEYS[7], index, SENDER)
       table.insert(out, chunk)
     else
-      redis.call('HDEL', KEYS[4], index)
-      redis.call('ZREM', KEYS[5], index)
+      forget(index)
     end
   end
   return out
@@ -101,51 +123,53 @@ local function touch(ttl)
 end
 """
 
-# ARGV: ttl, segment index, spec json, chunks...; KEYS[7] staged set.
+# ARGV: ttl, sender, segment index, spec json, chunks...; KEYS[8] staged set.
 _STAGE = (
     _COMMON
     + """
-local spec = cjson.decode(ARGV[3])
+local out = mine()
+local spec = cjson.decode(ARGV[4])
 for k, v in pairs(spec) do redis.call('HSETNX', KEYS[1], k, v) end
-if redis.call('SADD', KEYS[7], ARGV[2]) == 1 then
-  for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+if redis.call('SADD', KEYS[8], ARGV[3]) == 1 then
+  for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 end
 touch(tonumber(ARGV[1]))
-return release()
+return release(out)
 """
 )
 
-# ARGV: ttl, chunk index, users, dispatched, failed.
+# ARGV: ttl, sender, chunk index, users, dispatched, failed.
 _FINISH = (
     _COMMON
     + """
-if redis.call('SADD', KEYS[6], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'inflight', -tonumber(ARGV[3]))
-  redis.call('HINCRBY', KEYS[1], 'dispatched', tonumber(ARGV[4]))
-  redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[5]))
+local out = mine()
+if redis.call('SADD', KEYS[6], ARGV[3]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'inflight', -tonumber(ARGV[4]))
+  redis.call('HINCRBY', KEYS[1], 'dispatched', tonumber(ARGV[5]))
+  redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[6]))
 end
-redis.call('HDEL', KEYS[4], ARGV[2])
-redis.call('ZREM', KEYS[5], ARGV[2])
+forget(ARGV[3])
 touch(tonumber(ARGV[1]))
-return release()
+return release(out)
 """
 )
 
-# ARGV: ttl, user id.
+# ARGV: ttl, sender, user id.
 _DONE = (
     _COMMON
     + """
-redis.call('SADD', KEYS[3], ARGV[2])
+local out = mine()
+redis.call('SADD', KEYS[3], ARGV[3])
 touch(tonumber(ARGV[1]))
-return stale(release(), 1)
+return stale(release(out), 1)
 """
 )
 
-# ARGV: ttl.
+# ARGV: ttl, sender.
 _SWEEP = (
     _COMMON
     + """
-return stale(release(), 100)
+return stale(release(mine()), 100)
 """
 )
 
@@ -203,6 +227,7 @@ class JitRun:
         self.failed_users = f"{base}:failed"
         self.released = f"{base}:released"
         self.released_at = f"{base}:released-at"
+        self.released_by = f"{base}:released-by"
 
     def _keys(self, *extra: str) -> list[str]:
         return [
@@ -212,6 +237,7 @@ class JitRun:
             self.released,
             self.released_at,
             self.finished_set,
+            self.released_by,
             *extra,
         ]
 
@@ -222,30 +248,39 @@ class JitRun:
     def _script(self, source: str) -> Any:
         return self.client.register_script(source)
 
-    def stage(self, segment: int, chunks: Sequence[Chunk], spec: dict[str, Any]) -> list[Chunk]:
-        """Add a segment's chunks once; return the chunks released now."""
-        released = self._script(_STAGE)(
-            keys=self._keys(self.staged),
-            args=[RUN_TTL, segment, json.dumps(spec), *(c.encode() for c in chunks)],
+    # Each returns the chunks the caller must send now. ``sender`` is the calling
+    # task's id: when Celery redelivers that task after a crash, the chunks it took
+    # but may never have sent come back to it.
+
+    def stage(
+        self, segment: int, chunks: Sequence[Chunk], spec: dict[str, Any], *, sender: str = ""
+    ) -> list[Chunk]:
+        """Add a segment's chunks once."""
+        return self._run(
+            _STAGE,
+            [segment, json.dumps(spec), *(c.encode() for c in chunks)],
+            sender,
+            self.staged,
         )
-        return [Chunk.decode(c) for c in released]
 
-    def finish_chunk(self, chunk: Chunk, dispatched: int, failed: int) -> list[Chunk]:
-        """Count a minted chunk once; return the chunks released now."""
-        released = self._script(_FINISH)(
-            keys=self._keys(),
-            args=[RUN_TTL, chunk.index, len(chunk.user_ids), dispatched, failed],
+    def finish_chunk(
+        self, chunk: Chunk, dispatched: int, failed: int, *, sender: str = ""
+    ) -> list[Chunk]:
+        """Count a minted chunk once."""
+        return self._run(_FINISH, [chunk.index, len(chunk.user_ids), dispatched, failed], sender)
+
+    def user_done(self, user_id: str, *, sender: str = "") -> list[Chunk]:
+        """Mark one user's downstream work ended."""
+        return self._run(_DONE, [user_id], sender)
+
+    def sweep(self, *, sender: str = "") -> list[Chunk]:
+        """Newly releasable chunks, and ones whose sender died unsent."""
+        return self._run(_SWEEP, [], sender)
+
+    def _run(self, script: str, args: list[Any], sender: str, *extra_keys: str) -> list[Chunk]:
+        released = self._script(script)(
+            keys=self._keys(*extra_keys), args=[RUN_TTL, sender or "", *args]
         )
-        return [Chunk.decode(c) for c in released]
-
-    def user_done(self, user_id: str) -> list[Chunk]:
-        """Mark one user's downstream work ended; return the chunks released now."""
-        released = self._script(_DONE)(keys=self._keys(), args=[RUN_TTL, user_id])
-        return [Chunk.decode(c) for c in released]
-
-    def sweep(self) -> list[Chunk]:
-        """Chunks to send: newly releasable ones, and ones whose sender died unsent."""
-        released = self._script(_SWEEP)(keys=self._keys(), args=[RUN_TTL])
         return [Chunk.decode(c) for c in released]
 
     def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
@@ -357,7 +392,9 @@ def jit_segment(
 ) -> dict[str, Any]:
     """Stage one segment of a with_user_tokens run and release the first chunks."""
     run = JitRun.for_app(run_id)
-    released = run.stage(segment, [Chunk.decode(c) for c in chunks], spec)
+    released = run.stage(
+        segment, [Chunk.decode(c) for c in chunks], spec, sender=jit_segment.request.id or ""
+    )
     send_chunks(run_id, released)
     return {"run": run_id, "segment": segment, "chunks": len(chunks)}
 
@@ -398,7 +435,9 @@ def jit_mint_chunk(
             len(result["failed"]),
             ", ".join(f"{f['user_id']} ({f['status']})" for f in result["failed"][:20]),
         )
-    released = run.finish_chunk(chunk, len(result["tokens"]), len(result["failed"]))
+    released = run.finish_chunk(
+        chunk, len(result["tokens"]), len(result["failed"]), sender=self.request.id or ""
+    )
     send_chunks(run_id, released)
     return {
         "run": run_id,
@@ -411,5 +450,5 @@ def jit_mint_chunk(
 @app.task(bind=True, name="sfox.jit_done", acks_late=True, ignore_result=True)
 def jit_done(self: Task, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
-    released = JitRun.for_app(run_id).user_done(user_id)
+    released = JitRun.for_app(run_id).user_done(user_id, sender=self.request.id or "")
     send_chunks(run_id, released)

@@ -335,7 +335,7 @@ def run_nightly_orders(
                 errors,
             )
         if run.flag("dispatched") is None:
-            _dispatch(run, runtime.settings.batch_size)
+            _dispatch(run, runtime.settings.batch_size, task_id)
             run.set_flag("dispatched", "1")
         else:
             logger.info("nightly run for %s: resuming", day)
@@ -353,7 +353,7 @@ def run_nightly_orders(
             self.send_event("task-progress", done=done, total=total)
             if total == 0 or progress.finished:
                 break
-            resent = run.jit.sweep()
+            resent = run.jit.sweep(sender=task_id)
             if resent:
                 logger.warning(
                     "nightly run for %s: sending %d chunk(s) again whose sender died unsent",
@@ -384,7 +384,7 @@ def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
     return ShortRepr(summary, summarise_nightly(summary))
 
 
-def _dispatch(run: NightlyRun, chunk_size: int) -> None:
+def _dispatch(run: NightlyRun, chunk_size: int, sender: str) -> None:
     """Stage the run's users with the fan-out, a segment at a time."""
     total = run.user_count()
     spec = {
@@ -400,7 +400,7 @@ def _dispatch(run: NightlyRun, chunk_size: int) -> None:
             Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
             for i in range((len(users) + chunk_size - 1) // chunk_size)
         ]
-        send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec))
+        send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec, sender=sender))
 
 
 class PlaceTask(Task):  # type: ignore[misc]

@@ -123,3 +123,22 @@ def test_chunk_released_but_never_sent_is_sent_again(redis_client):
     run.finish_chunk(again[0], dispatched=2, failed=0)
     run.user_done("a"), run.user_done("b"), run.user_done("c"), run.user_done("d")
     assert run.progress().finished
+
+
+def test_redelivered_task_sends_again_the_chunks_it_took(redis_client):
+    """A task redelivered after dying between taking chunks and sending them gets them back."""
+    from tasks._jit import Chunk
+
+    run = JitRun(redis_client, "wut-redelivered")
+    chunks = [Chunk(0, ["a"]), Chunk(1, ["b"]), Chunk(2, ["c"])]
+    spec = {"total": 3, "budget": 2, "stale_after": 3600, "downstream": "{}"}
+    taken = run.stage(0, chunks, spec, sender="segment-task")
+    assert [c.index for c in taken] == [0, 1]
+    # Another task finds nothing of its own to resend, and no room for more.
+    assert run.sweep(sender="other-task") == []
+    # The segment task, redelivered with the same id, is handed its two chunks again.
+    again = run.stage(0, chunks, spec, sender="segment-task")
+    assert [c.index for c in again] == [0, 1]
+    # Once a chunk is finished it is nobody's to resend.
+    run.finish_chunk(again[0], dispatched=1, failed=0, sender="chunk-task-0")
+    assert [c.index for c in run.sweep(sender="segment-task")] == [1]
