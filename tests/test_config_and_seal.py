@@ -158,3 +158,68 @@ def test_retry_after_forms():
     now = time.time()
     assert 28 <= parse_retry_after(formatdate(now + 30, usegmt=True), now=now) <= 30
     assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"ENTERPRISE_API_KEY": "docs-name"}, "docs-name"),
+        ({"ENTERPRISE_API_KEY": "docs-name", "SFOX_ENTERPRISE_API_KEY": "ours"}, "ours"),
+        ({}, "None"),
+    ],
+)
+def test_enterprise_key_falls_back_to_the_name_in_sfoxs_docs(env, expected):
+    """ENTERPRISE_API_KEY is read when SFOX_ENTERPRISE_API_KEY is unset, never preferred."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ENTERPRISE_API_KEY", "SFOX_ENTERPRISE_API_KEY")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", "import celeryconfig; print(celeryconfig.sfox_enterprise_api_key)"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("cron", ["0 2 * *", "61 2 * * *", "a b c d e"])
+def test_bad_nightly_cron_is_refused_naming_the_variable(cron):
+    """A malformed SFOX_NIGHTLY_CRON stops the configuration from loading, saying why."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import celeryconfig"],
+        env={**os.environ, "SFOX_NIGHTLY_CRON": cron},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "SFOX_NIGHTLY_CRON" in out.stderr
+
+
+def test_nightly_cron_becomes_the_beat_entry():
+    """SFOX_NIGHTLY_CRON (UTC) is the schedule of the beat entry for sfox.run_nightly_orders."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import celeryconfig as c; e = c.beat_schedule['sfox-nightly-orders']; "
+        "print(e['task'], sorted(e['schedule'].hour), sorted(e['schedule'].minute), c.timezone)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "SFOX_NIGHTLY_CRON": "30 3 * * *"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["sfox.run_nightly_orders", "[3]", "[30]", "UTC"]
