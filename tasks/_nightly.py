@@ -47,7 +47,6 @@ from tasks._jit import (
     send_chunks,
     stale_after,
 )
-from tasks._mint import Deferred
 from tasks._orders import Order, OrderError, client_order_id, load_orders
 from tasks._outcome import ShortRepr, summarise_nightly
 from tasks._place import OrderOutcome, TokenHolder
@@ -433,8 +432,9 @@ def place_user_order(
             continue
         try:
             outcome = placer.place(holder, order.side, order.body(day))
-        except (Defer, LimiterWait, Deferred) as wait:
-            countdown = getattr(wait, "countdown", None) or getattr(wait, "seconds", 1.0)
+        except (Defer, LimiterWait) as wait:
+            # Placing never mints a list, so these two are the only long waits it meets.
+            countdown = wait.countdown if isinstance(wait, Defer) else wait.seconds
             raise self.retry(
                 kwargs={
                     "_resume": {
