@@ -10,8 +10,13 @@ Redis list of the run, then the run proceeds by itself:
 - a chunk task mints its users (through the shared limiter), sends each
   granted user's ``downstream`` signature with ``user_token=<entry>`` at once,
   records the refused users, and releases more chunks;
-- each downstream task, when it ends (success or failure), runs a small
-  ``sfox.jit_done`` callback that marks its user done and releases more.
+- each downstream task, when it ends, marks its user done and releases more:
+  on success from a ``task_postrun`` handler in the worker that ran it (the
+  message carries the run and user in a ``sfox_jit`` header), on failure from
+  a small ``sfox.jit_done`` errback, which Celery also sends when the worker's
+  main process records the failure (hard time limit, lost worker). With
+  ``done_callbacks=True`` success sends ``sfox.jit_done`` too, for downstream
+  tasks that run on workers which never import ``tasks``.
 
 Every counter moves in one Lua script, and moves once however often Celery
 redelivers a task: segments stage once, chunks finish once, users are done
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import Task, group
+from celery import Task, group, signals
 from celery.canvas import Signature
 
 from tasks._app import app
@@ -48,6 +53,8 @@ DEFAULT_AHEAD = 4
 CHUNKS_PER_SEGMENT = 50
 #: Most user IDs one with_user_tokens call accepts.
 MAX_RUN_USERS = 1_000_000
+#: Message header naming the run and user of a downstream task: ``[run_id, user_id]``.
+DONE_HEADER = "sfox_jit"
 
 _PREFIX = "sfox:jit"
 
@@ -342,6 +349,7 @@ def with_user_tokens(
     ahead: int = DEFAULT_AHEAD,
     chunk_size: int | None = None,
     run_id: str | None = None,
+    done_callbacks: bool = False,
 ) -> Signature:
     """A canvas that mints tokens for ``user_ids`` and calls ``downstream`` once per user.
 
@@ -350,6 +358,12 @@ def with_user_tokens(
     users never reach it and are logged and kept with the run. At most
     ``ahead`` chunks are minted ahead of the downstream tasks' progress.
     Bad ``user_ids`` raise :class:`ValueError` here, before anything is sent.
+
+    A worker that imports ``tasks`` (``celery -A tasks worker``, or an app that
+    imports it) marks a downstream task's user done when the task succeeds, at
+    the cost of one Redis call. Pass ``done_callbacks=True`` when ``downstream``
+    runs on workers that do not import ``tasks``: every success then sends a
+    ``sfox.jit_done`` task instead, a second Celery task per user.
     """
     ids = validate_user_ids(user_ids, maximum=MAX_RUN_USERS)
     if not isinstance(downstream, Signature):
@@ -365,6 +379,7 @@ def with_user_tokens(
         "budget": ahead * size,
         "stale_after": stale_after(app.conf),
         "downstream": json.dumps(dict(downstream)),
+        "done_callbacks": int(done_callbacks),
     }
     return group(
         jit_segment.si(run, index, [c.encode() for c in segment], spec).set(
@@ -421,11 +436,16 @@ def jit_mint_chunk(
         ) from None
     spec = run.spec()
     downstream = self.app.signature(json.loads(spec["downstream"]))
+    callbacks = spec.get("done_callbacks") == "1"
     for entry in result["tokens"]:
         user_id = entry["partner_user_id"]
         sig = downstream.clone(kwargs={"user_token": entry})
-        sig.link(jit_done.si(run_id, user_id))
-        sig.link_error(jit_done.si(run_id, user_id))
+        done = jit_done.si(run_id, user_id)
+        sig.link_error(done)
+        if callbacks:
+            sig.link(done)
+        else:
+            sig.set(headers={DONE_HEADER: [run_id, user_id]})
         sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
     if result["failed"]:
         run.record_failed(result["failed"])
@@ -452,3 +472,23 @@ def jit_done(self: Task, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
     released = JitRun.for_app(run_id).user_done(user_id, sender=self.request.id or "")
     send_chunks(run_id, released)
+
+
+@signals.task_postrun.connect
+def _downstream_succeeded(sender: Task | None = None, state: str | None = None, **_: Any) -> None:
+    """A downstream task of a run succeeded here: mark its user done, release more.
+
+    Failures are left to the ``sfox.jit_done`` errback, which Celery sends
+    whichever process records the failure; a retry is not an end.
+    """
+    if state != "SUCCESS" or sender is None:
+        return
+    mark = sender.request.get(DONE_HEADER)
+    if not mark:
+        return
+    try:
+        run_id, user_id = str(mark[0]), str(mark[1])
+        released = JitRun.for_app(run_id).user_done(user_id, sender=sender.request.id or "")
+        send_chunks(run_id, released)
+    except Exception:  # a signal handler must not fail the task that already succeeded
+        logger.exception("run %s: could not mark a downstream task done", str(mark[0])[:12])

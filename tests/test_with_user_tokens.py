@@ -11,7 +11,7 @@ import pytest
 from tasks import with_user_tokens
 from tasks._jit import JitRun
 from tests.conftest import REDIS_URL
-from tests.testtasks import record_token
+from tests.testtasks import flaky_downstream, record_token
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +142,51 @@ def test_redelivered_task_sends_again_the_chunks_it_took(redis_client):
     # Once a chunk is finished it is nobody's to resend.
     run.finish_chunk(again[0], dispatched=1, failed=0, sender="chunk-task-0")
     assert [c.index for c in run.sweep(sender="segment-task")] == [1]
+
+
+def _jit_done_runs(events, run_id: str) -> int:
+    return sum(
+        1
+        for e in events.events
+        if e.get("type") == "task-received"
+        and e.get("name") == "sfox.jit_done"
+        and run_id in str(e.get("args", ""))
+    )
+
+
+@pytest.mark.parametrize("done_callbacks", [False, True])
+def test_every_end_of_a_downstream_task_marks_its_user_done(
+    worker, fake_sfox, redis_client, events, done_callbacks
+):
+    """Successes, failures and retried tasks each mark their user done once, at their end.
+
+    By default a success is marked by the worker that ran it (no extra task); a
+    failure by the ``sfox.jit_done`` errback. A retry is no end: the run
+    finishes only after the retried attempt. ``done_callbacks=True`` sends
+    ``sfox.jit_done`` for every user instead.
+    """
+    ids = [f"end-{i}" for i in range(40)]
+    fails, retries = ["end-3", "end-27"], ["end-5", "end-38"]
+    tag = f"ends-{int(done_callbacks)}"
+    run_id = f"wut-{tag}-{time.time_ns()}"
+    run = JitRun(redis_client, run_id)
+    with_user_tokens(
+        ids,
+        flaky_downstream.s(tag, fail=fails, retry_once=retries, retry_countdown=1.0),
+        run_id=run_id,
+        chunk_size=10,
+        ahead=1,
+        done_callbacks=done_callbacks,
+    ).apply_async()
+    assert wait_for(lambda: run.progress().finished, timeout=90)
+    # Finished means ended: the retried users' second attempts have already run.
+    ok = {m.decode() for m in redis_client.smembers(f"tests:flaky-ok:{tag}")}
+    assert ok == set(ids) - set(fails)
+    attempts = {
+        k.decode(): int(v) for k, v in redis_client.hgetall(f"tests:flaky-attempts:{tag}").items()
+    }
+    assert {u: n for u, n in attempts.items() if n != 1} == {u: 2 for u in retries}
+    progress = run.progress()
+    assert (progress.done, progress.dispatched, progress.failed) == (40, 40, 0)
+    time.sleep(1.0)  # let the last events arrive
+    assert _jit_done_runs(events, run_id) == (40 if done_callbacks else len(fails))

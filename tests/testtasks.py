@@ -36,3 +36,30 @@ def record_token(tag: str, user_token: dict[str, Any], delay: float = 0.0) -> st
     )
     client.hincrby(f"tests:downstream-calls:{tag}", user_token["partner_user_id"], 1)
     return user_token["partner_user_id"]
+
+
+@app.task(bind=True, name="tests.flaky_downstream")
+def flaky_downstream(
+    self: Any,
+    tag: str,
+    user_token: dict[str, Any],
+    fail: tuple[str, ...] | list[str] = (),
+    retry_once: tuple[str, ...] | list[str] = (),
+    retry_countdown: float = 1.0,
+) -> str:
+    """A downstream that fails for the users in ``fail`` and retries once for ``retry_once``.
+
+    Every attempt is counted in ``tests:flaky-attempts:<tag>``; an attempt that
+    succeeds adds its user to ``tests:flaky-ok:<tag>``.
+    """
+    import redis
+
+    user_id = user_token["partner_user_id"]
+    client = redis.Redis.from_url(app.conf.broker_url)
+    client.hincrby(f"tests:flaky-attempts:{tag}", user_id, 1)
+    if user_id in fail:
+        raise RuntimeError(f"downstream refuses {user_id}")
+    if user_id in retry_once and self.request.retries == 0:
+        raise self.retry(countdown=retry_countdown, max_retries=1)
+    client.sadd(f"tests:flaky-ok:{tag}", user_id)
+    return user_id
