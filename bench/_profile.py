@@ -184,7 +184,8 @@ def classify_mint(code: list[str], processes: list[str]) -> str:
 WUT_MAIN = "worker main process: receive, dispatch, events, pool upkeep"
 WUT_MINT = "minting in jit_mint_chunk (the Minter)"
 WUT_SEND = "sending downstream tasks in jit_mint_chunk"
-WUT_DONE = "jit_done callback task"
+WUT_DONE = "jit_done task (failures, or done_callbacks=True)"
+WUT_MARK = "marking users done after the downstream (task_postrun handler)"
 WUT_NOOP = "the no-op downstream task's own body"
 WUT_POOL = "pool processes: tracing, link callbacks, events, results"
 
@@ -198,6 +199,8 @@ def classify_wut(code: list[str], processes: list[str]) -> str:
         return WUT_MINT
     if "jit_mint_chunk" in names or "jit_segment" in names:
         return WUT_SEND
+    if "_downstream_succeeded" in names:
+        return WUT_MARK
     if "jit_done" in names:
         return WUT_DONE
     if "noop" in names:

@@ -64,6 +64,7 @@ PROFILE_ROUNDS = 3
 
 APPROACH_WUT = "package: with_user_tokens"
 APPROACH_MINT = "package: mint tasks"
+APPROACH_CELERY = "Celery alone: a no-op task per user, no minting"
 APPROACH_PLAIN_N = "plain loop, {threads} threads"
 APPROACH_PLAIN_1 = "plain loop, 1 thread"
 
@@ -365,6 +366,8 @@ class Bench:
             started = time.perf_counter()
             if approach == APPROACH_MINT:
                 row.tokens = self._mint_tasks(ids, chunk, self._timeout(users, rate))
+            elif approach == APPROACH_CELERY:
+                row.tokens = self._celery_alone(users, tag, self._timeout(users, rate))
             else:
                 row.tokens = self._with_user_tokens(ids, tag, self._timeout(users, rate))
             row.wall_s = time.perf_counter() - started
@@ -406,10 +409,22 @@ class Bench:
         assert build is not None
         counter = f"bench:noop:{tag}"
         build(ids, noop.s(counter=counter)).apply_async()
+        return self._arrivals(counter, len(ids), timeout)
+
+    def _celery_alone(self, users: int, tag: str, timeout: float) -> int:
+        from bench.tasks import fanout
+
+        counter = f"bench:noop:{tag}"
+        size = self.config.batch_size
+        for first in range(0, users, size):
+            fanout.delay(first, min(size, users - first), counter)
+        return self._arrivals(counter, users, timeout)
+
+    def _arrivals(self, counter: str, users: int, timeout: float) -> int:
         # One Celery task per user runs far below the rate limit's pace: wait while users
         # keep arriving, and give up only when none has for STALL_S.
         arrived, last, changed = 0, -1, time.monotonic()
-        while arrived < len(ids) and time.monotonic() - changed < max(STALL_S, timeout / 10):
+        while arrived < users and time.monotonic() - changed < max(STALL_S, timeout / 10):
             arrived = int(self.redis.client.get(counter) or 0)
             if arrived != last:
                 last, changed = arrived, time.monotonic()
@@ -478,6 +493,10 @@ class Bench:
                 chunk=c.max_user_ids,
             )  # fmt: skip
             self.run_package(
+                "rate", APPROACH_CELERY, users, rate=c.rate, concurrency=c.concurrency,
+                chunk=c.max_user_ids,
+            )  # fmt: skip
+            self.run_package(
                 "rate", APPROACH_MINT, users, rate=c.rate, concurrency=c.concurrency,
                 chunk=c.max_user_ids,
             )  # fmt: skip
@@ -523,6 +542,10 @@ class Bench:
             for concurrency in c.grid_concurrency:
                 self.run_package(
                     "grid", APPROACH_WUT, c.grid_wut_users, rate=UNLIMITED_RATE,
+                    concurrency=concurrency, chunk=c.grid_chunk,
+                )  # fmt: skip
+                self.run_package(
+                    "grid", APPROACH_CELERY, c.grid_wut_users, rate=UNLIMITED_RATE,
                     concurrency=concurrency, chunk=c.grid_chunk,
                 )  # fmt: skip
                 self.run_package(

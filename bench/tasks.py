@@ -39,6 +39,19 @@ def noop(user_token: dict[str, Any], counter: str = COUNTER_KEY) -> None:
     _client().incr(counter)
 
 
+@app.task(name="bench.fanout", ignore_result=True)
+def fanout(first: int, count: int, counter: str = COUNTER_KEY) -> None:
+    """Send ``count`` ``bench.noop`` tasks the way a with_user_tokens chunk does, minting nothing.
+
+    Celery's own pace for one tiny task per user on these workers: the ceiling
+    ``with_user_tokens`` into a no-op downstream can approach.
+    """
+    downstream = noop.s(counter=counter)
+    for index in range(first, first + count):
+        entry = {"partner_user_id": f"celery-{index:07d}", "token": "-", "expires": ""}
+        downstream.clone(kwargs={"user_token": entry}).apply_async()
+
+
 @signals.worker_ready.connect
 def _mark_ready(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "unknown"

@@ -104,6 +104,16 @@ class EventRecorder:
         self._ready = threading.Event()
 
     def _run(self) -> None:
+        # Some tests kill every client connection (CLIENT KILL): connect again then.
+        while not self._stop.is_set():
+            try:
+                self._capture()
+            except Exception:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.2)
+
+    def _capture(self) -> None:
         with self.app.connection_for_read() as conn:
             receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
             self._ready.set()
