@@ -107,6 +107,8 @@ sfox_plain_http_hosts = _env("SFOX_PLAIN_HTTP_HOSTS")
 sfox_enterprise_api_key = _env("SFOX_ENTERPRISE_API_KEY") or _env("ENTERPRISE_API_KEY")
 sfox_token_result_ttl = int(_env("SFOX_TOKEN_RESULT_TTL", str(DEFAULT_RESULT_TTL)) or 0)
 sfox_token_batch_size = _env("SFOX_TOKEN_BATCH_SIZE")
+# Requests one mint task keeps in flight at once, all still through the shared limiter.
+sfox_mint_concurrency = _env("SFOX_MINT_CONCURRENCY")
 sfox_max_user_ids = _env("SFOX_MAX_USER_IDS")
 sfox_rate_limit = _env("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT)
 sfox_rate_limit_penalty = _env("SFOX_RATE_LIMIT_PENALTY", str(DEFAULT_RATE_LIMIT_PENALTY))

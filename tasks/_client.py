@@ -3,7 +3,11 @@
 It knows the endpoints, the wire format and the meaning of each status, and
 nothing of Celery, retries or rate limits: every failure becomes one of the
 exceptions in :mod:`tasks._exceptions`, and the layers above decide what to
-do. One :class:`requests.Session` per client keeps connections pooled.
+do. Connections are pooled in :class:`requests.Session` objects the client
+keeps and reuses; each request borrows one that no other thread is using, so
+one client may serve several threads at once (requests does not promise that
+one session is safe to share between threads: its cookie jar is iterated
+without a lock while another thread's response may add to it).
 
 Secrets: the enterprise key lives only in the session's headers; bodies of
 successful answers (which hold tokens) are never echoed into a message, and
@@ -15,8 +19,10 @@ from __future__ import annotations
 import email.utils
 import functools
 import logging
+import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -90,16 +96,46 @@ class SfoxClient:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
         self._api_key = api_key
-        self._session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
-        self._session.mount("https://", adapter)
-        self._session.mount("http://", adapter)
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        first = self._prepare(session or requests.Session())
+        #: Every session made, and those no request is using now (last used first).
+        self._sessions: list[requests.Session] = [first]
+        self._idle: list[requests.Session] = [first]
+
+    def _prepare(self, session: requests.Session) -> requests.Session:
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
         # Never let a proxy setting or .netrc swap our Authorization header.
-        self._session.trust_env = False
-        self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+        session.trust_env = False
+        session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+        return session
+
+    @contextmanager
+    def _borrow(self) -> Iterator[requests.Session]:
+        """A session for one request, used by no other thread meanwhile.
+
+        One thread at a time always gets the same session back; ``K`` threads at
+        once make at most ``K`` sessions, kept with their connections for later.
+        """
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+        if session is None:
+            session = self._prepare(requests.Session())
+            with self._lock:
+                self._sessions.append(session)
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._idle.append(session)
 
     def close(self) -> None:
-        self._session.close()
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.close()
 
     # -- endpoints -----------------------------------------------------------------
 
@@ -160,13 +196,14 @@ class SfoxClient:
         url = self.base_url + path
         started = time.monotonic()
         try:
-            response = self._session.post(
-                url,
-                json=payload,
-                headers={"Authorization": f"Bearer {bearer}"},
-                timeout=self.timeouts.as_requests(),
-                allow_redirects=False,
-            )
+            with self._borrow() as session:
+                response = session.post(
+                    url,
+                    json=payload,
+                    headers={"Authorization": f"Bearer {bearer}"},
+                    timeout=self.timeouts.as_requests(),
+                    allow_redirects=False,
+                )
         except requests.Timeout as exc:
             raise TransportError(
                 f"sFOX {what} request timed out ({type(exc).__name__}) after "

@@ -3,7 +3,9 @@
 This is the whole algorithm of ``sfox.mint_user_tokens`` without Celery:
 
 - distinct IDs are sent in requests of ``batch_size``, each through the shared
-  limiter and the retry policy;
+  limiter and the retry policy, up to ``concurrency`` requests at once (each on
+  a thread of the mint's own, with its own retry count; answers are handled on
+  the calling thread);
 - answers are matched by ``partner_user_id``; a requested ID missing from a
   201 is asked for again once, alone, and is ``failed`` (status ``None``) if
   still missing;
@@ -11,14 +13,20 @@ This is the whole algorithm of ``sfox.mint_user_tokens`` without Celery:
   stand alone: each then goes to ``failed`` with sFOX's status and message,
   at a cost of about 2·log2(batch) extra requests per refused ID;
 - tokens are sealed the moment they arrive, so the progress that travels with
-  a broker countdown (:class:`Deferred`) never holds a plaintext token.
+  a broker countdown (:class:`Deferred`) never holds a plaintext token;
+- a wait too long for the worker (a long ``Retry-After``, the limiter's pause)
+  met by any request stops new requests; those in flight finish and are kept,
+  or go back on the queue if they must wait too, and then :class:`Deferred`
+  carries the whole queue. Any other error is raised once they have finished.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -101,39 +109,97 @@ def validate_user_ids(user_ids: object, *, maximum: int) -> list[str]:
 
 
 @dataclass
-class _Progress:
-    """Where a mint stands; round-trips through JSON for broker countdowns."""
+class _Batch:
+    """The user IDs of one request, with that request's own retry accounting."""
 
+    user_ids: list[str]
+    #: Failures in a row of this request; ``started_at`` is the whole mint's, for its deadline.
     budget: Budget
-    queue: list[list[str]]
+
+
+@dataclass
+class _Progress:
+    """Where a mint stands; round-trips through JSON for broker countdowns.
+
+    Shared by the threads of one mint: every change is made holding ``lock``.
+    """
+
+    #: When the mint first started (epoch seconds): the retry deadline counts from it.
+    started_at: float
+    queue: list[_Batch] = field(default_factory=list)
     reasked: set[str] = field(default_factory=set)
     tokens: dict[str, TokenEntry] = field(default_factory=dict)
     failed: dict[str, FailedEntry] = field(default_factory=dict)
     requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def batch(self, user_ids: Iterable[str]) -> _Batch:
+        """A new batch, with no failures yet, under this mint's deadline."""
+        return _Batch(list(user_ids), Budget(started_at=self.started_at))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "v": _STATE_VERSION,
-            "budget": self.budget.to_json(),
-            "queue": self.queue,
-            "reasked": sorted(self.reasked),
-            "tokens": list(self.tokens.values()),
-            "failed": list(self.failed.values()),
-            "requests": self.requests,
-        }
+        """The state a :class:`Deferred` carries (sealed tokens only).
+
+        The format is version 1's, plus ``retrying``: ``budget`` holds the first
+        queued batch's failures, as when one request was in flight at a time,
+        and ``retrying`` those of later batches that failed too (``[index,
+        failures, last failure]``). A reader that knows only version 1 ignores
+        it, and so gives those batches a fresh count; their deadline is the same.
+        """
+        with self.lock:
+            head = self.queue[0].budget if self.queue else Budget(started_at=self.started_at)
+            return {
+                "v": _STATE_VERSION,
+                "budget": Budget(
+                    started_at=self.started_at,
+                    failures=head.failures,
+                    last_failure=head.last_failure,
+                ).to_json(),
+                "queue": [list(batch.user_ids) for batch in self.queue],
+                "retrying": [
+                    [index, batch.budget.failures, batch.budget.last_failure]
+                    for index, batch in enumerate(self.queue)
+                    if index > 0 and batch.budget.failures
+                ],
+                "reasked": sorted(self.reasked),
+                "tokens": list(self.tokens.values()),
+                "failed": list(self.failed.values()),
+                "requests": self.requests,
+            }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, now: float) -> _Progress:
         if data.get("v") != _STATE_VERSION:
             raise ValueError("unknown mint progress format")
-        return cls(
-            budget=Budget.from_json(data.get("budget"), now=now),
-            queue=[list(batch) for batch in data["queue"]],
+        head = Budget.from_json(data.get("budget"), now=now)
+        progress = cls(
+            started_at=head.started_at,
             reasked=set(data.get("reasked", ())),
             tokens={entry["partner_user_id"]: entry for entry in data.get("tokens", ())},
             failed={entry["user_id"]: entry for entry in data.get("failed", ())},
             requests=int(data.get("requests", 0)),
         )
+        progress.queue = [progress.batch(user_ids) for user_ids in data["queue"]]
+        if progress.queue:
+            progress.queue[0].budget = head
+        for index, failures, last_failure in data.get("retrying", ()):
+            if 0 <= int(index) < len(progress.queue):
+                budget = progress.queue[int(index)].budget
+                budget.failures, budget.last_failure = int(failures), str(last_failure)
+        return progress
+
+
+class _Stopped(Exception):
+    """A request not (re)tried because its mint is stopping; its batch goes back on the queue."""
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A batch in flight: its place in dispatch order and when it left."""
+
+    order: int
+    batch: _Batch
+    started: float
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
@@ -142,7 +208,11 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
 
 
 class Minter:
-    """Mints tokens for lists of user IDs with one client, limiter, policy and sealer."""
+    """Mints tokens for lists of user IDs with one client, limiter, policy and sealer.
+
+    One :meth:`mint` keeps up to ``concurrency`` requests in flight, on threads
+    of its own that end with the call.
+    """
 
     def __init__(
         self,
@@ -153,14 +223,19 @@ class Minter:
         *,
         batch_size: int,
         rate_limit_penalty: float,
+        concurrency: int = 1,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.client = client
         self.limiter = limiter
         self.policy = policy
         self.sealer = sealer
         self.batch_size = batch_size
+        #: Requests in flight at once; 1 sends batches one after another on the caller's thread.
+        self.concurrency = concurrency
         self.rate_limit_penalty = rate_limit_penalty
         self._sleep = sleep
         self._clock = clock
@@ -171,73 +246,147 @@ class Minter:
         ``state`` resumes a mint that raised :class:`Deferred`.
         """
         now = self._clock()
-        progress = (
-            _Progress.from_json(state, now=now)
-            if state
-            else _Progress(
-                budget=Budget(started_at=now), queue=list(_chunks(user_ids, self.batch_size))
-            )
-        )
-        while progress.queue:
-            batch = progress.queue[0]
-            started = time.monotonic()
-            try:
-                issued = self._request(batch, progress)
-            except RequestRefused as exc:
-                progress.queue.pop(0)
-                self._refused(batch, exc, progress)
-                continue
-            except Defer as exc:
-                raise Deferred(exc.countdown, exc.reason, progress.to_json(), counts=True) from None
-            except LimiterWait as exc:
-                reason = "rate-limit pause after a 429" if exc.paused else "rate limit window full"
-                logger.info(
-                    "rate limiter asks for %.1f s (%s): task goes back to the broker, "
-                    "%d of %d users done",
-                    exc.seconds,
-                    reason,
-                    len(progress.tokens) + len(progress.failed),
-                    len(user_ids),
-                )
-                raise Deferred(exc.seconds, reason, progress.to_json(), counts=False) from None
-            progress.queue.pop(0)
-            self._accept(batch, issued, progress)
-            logger.info(
-                "minted %d of %d token(s) in one request in %.0f ms",
-                sum(1 for uid in batch if uid in issued),
-                len(batch),
-                (time.monotonic() - started) * 1000,
-            )
+        if state:
+            progress = _Progress.from_json(state, now=now)
+        else:
+            progress = _Progress(started_at=now)
+            progress.queue = [progress.batch(c) for c in _chunks(user_ids, self.batch_size)]
+        if self.concurrency == 1:
+            self._run(progress, len(user_ids), None)
+        else:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sfox-mint") as pool:
+                self._run(progress, len(user_ids), pool)
         return MintResult(
             tokens=[progress.tokens[uid] for uid in user_ids if uid in progress.tokens],
             failed=[progress.failed[uid] for uid in user_ids if uid in progress.failed],
         )
 
-    def _request(self, batch: list[str], progress: _Progress) -> dict[str, IssuedToken]:
-        what = f"user-token request for {len(batch)} user(s)"
+    def _run(self, progress: _Progress, total: int, pool: ThreadPoolExecutor | None) -> None:
+        """Send the queue, up to ``concurrency`` requests at once, and handle each answer.
+
+        Answers are handled here, on the calling thread, in the order they come.
+        A long wait (:class:`Defer`, :class:`LimiterWait`) or any other error
+        stops new batches; those in flight finish first, so no thread outlives
+        this call and no batch is lost or sent twice. Then the error is raised,
+        or, for waits, the batches that must wait go back to the front of the
+        queue and :class:`Deferred` carries it.
+        """
+        stopping = threading.Event()
+        in_flight: dict[Future[dict[str, IssuedToken]], _Sent] = {}
+        waits: list[Defer | LimiterWait] = []
+        put_back: list[_Sent] = []
+        error: Exception | None = None
+        sent = 0
+        try:
+            while True:
+                while not stopping.is_set() and len(in_flight) < self.concurrency:
+                    with progress.lock:
+                        if not progress.queue:
+                            break
+                        batch = progress.queue.pop(0)
+                    started = time.monotonic()
+                    future = self._start(pool, batch, progress, stopping)
+                    in_flight[future] = _Sent(sent, batch, started)
+                    sent += 1
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in [f for f in in_flight if f in done]:
+                    item = in_flight.pop(future)
+                    try:
+                        issued = future.result()
+                    except RequestRefused as exc:
+                        with progress.lock:
+                            self._refused(item.batch, exc, progress)
+                    except (Defer, LimiterWait, _Stopped) as exc:
+                        stopping.set()
+                        put_back.append(item)
+                        if not isinstance(exc, _Stopped):
+                            waits.append(exc)
+                    except Exception as exc:
+                        stopping.set()
+                        error = error or exc
+                    else:
+                        with progress.lock:
+                            self._accept(item.batch, issued, progress)
+                        logger.info(
+                            "minted %d of %d token(s) in one request in %.0f ms",
+                            sum(1 for uid in item.batch.user_ids if uid in issued),
+                            len(item.batch.user_ids),
+                            (time.monotonic() - item.started) * 1000,
+                        )
+        finally:
+            # Anything raised here (a soft time limit) stops the other threads' retries too.
+            stopping.set()
+        if error is not None:
+            raise error
+        if waits:
+            with progress.lock:
+                progress.queue[0:0] = [item.batch for item in sorted(put_back, key=_dispatched)]
+            raise self._deferred(max(waits, key=_wait_seconds), progress, total)
+
+    def _start(
+        self,
+        pool: ThreadPoolExecutor | None,
+        batch: _Batch,
+        progress: _Progress,
+        stopping: threading.Event,
+    ) -> Future[dict[str, IssuedToken]]:
+        """Send ``batch`` on a pool thread, or right here, to completion, without a pool."""
+        if pool is not None:
+            return pool.submit(self._request, batch, progress, stopping)
+        future: Future[dict[str, IssuedToken]] = Future()
+        try:
+            future.set_result(self._request(batch, progress, stopping))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def _deferred(self, exc: Defer | LimiterWait, progress: _Progress, total: int) -> Deferred:
+        if isinstance(exc, Defer):
+            return Deferred(exc.countdown, exc.reason, progress.to_json(), counts=True)
+        reason = "rate-limit pause after a 429" if exc.paused else "rate limit window full"
+        with progress.lock:
+            done = len(progress.tokens) + len(progress.failed)
+        logger.info(
+            "rate limiter asks for %.1f s (%s): task goes back to the broker, %d of %d users done",
+            exc.seconds,
+            reason,
+            done,
+            total,
+        )
+        return Deferred(exc.seconds, reason, progress.to_json(), counts=False)
+
+    def _request(
+        self, batch: _Batch, progress: _Progress, stopping: threading.Event
+    ) -> dict[str, IssuedToken]:
+        """One request for ``batch``, retried under its budget (runs on a pool thread)."""
+        what = f"user-token request for {len(batch.user_ids)} user(s)"
 
         def send() -> dict[str, IssuedToken]:
+            if stopping.is_set():
+                raise _Stopped(what)
             acquire(
                 self.limiter,
                 max_wait=min(
-                    self.policy.settings.inprocess_wait_max, self.policy.remaining(progress.budget)
+                    self.policy.settings.inprocess_wait_max, self.policy.remaining(batch.budget)
                 ),
                 sleep=self._sleep,
             )
-            progress.requests += 1
+            with progress.lock:
+                progress.requests += 1
             try:
-                return self.client.create_user_tokens(batch)
+                return self.client.create_user_tokens(batch.user_ids)
             except RateLimited as exc:
                 self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, what)
                 raise
 
-        return self.policy.call(send, progress.budget, what=what)
+        return self.policy.call(send, batch.budget, what=what)
 
-    def _accept(
-        self, batch: list[str], issued: dict[str, IssuedToken], progress: _Progress
-    ) -> None:
+    def _accept(self, batch: _Batch, issued: dict[str, IssuedToken], progress: _Progress) -> None:
+        """Seal ``batch``'s tokens, queue its missing users alone (caller holds the lock)."""
         missing = []
-        for user_id in batch:
+        for user_id in batch.user_ids:
             token = issued.get(user_id)
             if token is not None:
                 progress.tokens[user_id] = TokenEntry(
@@ -261,21 +410,31 @@ class Minter:
                 ", ".join(missing[:20]),
             )
             progress.reasked.update(missing)
-            progress.queue[0:0] = [[user_id] for user_id in missing]
+            progress.queue[0:0] = [progress.batch([user_id]) for user_id in missing]
 
-    def _refused(self, batch: list[str], exc: RequestRefused, progress: _Progress) -> None:
-        if len(batch) == 1:
-            user_id = batch[0]
+    def _refused(self, batch: _Batch, exc: RequestRefused, progress: _Progress) -> None:
+        """Fail a lone refused user, or queue both halves (caller holds the lock)."""
+        user_ids = batch.user_ids
+        if len(user_ids) == 1:
+            user_id = user_ids[0]
             progress.failed[user_id] = FailedEntry(
                 user_id=user_id, status=exc.status, error=exc.error
             )
             logger.warning("users refused by sFOX: 1 (%s: %s %s)", user_id, exc.status, exc.error)
             return
-        middle = len(batch) // 2
+        middle = len(user_ids) // 2
         logger.info(
             "sFOX refused a batch of %d with %s (%s): splitting it to find the refused user(s)",
-            len(batch),
+            len(user_ids),
             exc.status,
             exc.error,
         )
-        progress.queue[0:0] = [batch[:middle], batch[middle:]]
+        progress.queue[0:0] = [progress.batch(user_ids[:middle]), progress.batch(user_ids[middle:])]
+
+
+def _dispatched(item: _Sent) -> int:
+    return item.order
+
+
+def _wait_seconds(exc: Defer | LimiterWait) -> float:
+    return exc.countdown if isinstance(exc, Defer) else exc.seconds

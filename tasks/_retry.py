@@ -49,7 +49,12 @@ class Defer(Exception):
 
 @dataclass
 class Budget:
-    """Retry accounting for one task, JSON-able so it survives a broker countdown."""
+    """Retry accounting for one request, JSON-able so it survives a broker countdown.
+
+    A task with several requests in flight gives each its own budget, all with
+    the task's ``started_at``: they share one deadline, and one request's
+    failures are never reset by another's success.
+    """
 
     #: Wall-clock time (epoch seconds) the task first started.
     started_at: float

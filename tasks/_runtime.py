@@ -93,6 +93,7 @@ class Runtime:
             self.policy(),
             self.sealer,
             batch_size=self.settings.batch_size,
+            concurrency=self.settings.mint_concurrency,
             rate_limit_penalty=self.settings.rate_limit_penalty,
             sleep=self.sleep,
         )

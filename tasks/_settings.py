@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_USER_IDS",
+    "DEFAULT_MINT_CONCURRENCY",
     "DEFAULT_RATE_LIMIT",
     "DEFAULT_RATE_LIMIT_PENALTY",
     "DEFAULT_READ_TIMEOUT",
@@ -42,6 +43,8 @@ DEFAULT_RESULT_TTL = 900
 DEFAULT_BATCH_SIZE = 100
 #: Upper bound on ``SFOX_TOKEN_BATCH_SIZE``.
 MAX_BATCH_SIZE = 1000
+#: sFOX requests one mint task keeps in flight at once (its batches overlap).
+DEFAULT_MINT_CONCURRENCY = 4
 #: Requests per window shared by every worker: under sFOX's 250 / 10 s, with headroom.
 DEFAULT_RATE_LIMIT = "240/10s"
 #: Seconds sFOX makes a client wait after a 429 on its general limit.
@@ -112,6 +115,8 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     result_ttl: int = DEFAULT_RESULT_TTL
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: Requests one mint task sends at once; 1 sends its batches one after another.
+    mint_concurrency: int = DEFAULT_MINT_CONCURRENCY
     max_user_ids: int = DEFAULT_MAX_USER_IDS
     rate: Rate = field(default_factory=lambda: Rate.parse(DEFAULT_RATE_LIMIT))
     rate_limit_penalty: float = DEFAULT_RATE_LIMIT_PENALTY
@@ -130,6 +135,10 @@ class Settings:
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ConfigurationError(
                 f"SFOX_TOKEN_BATCH_SIZE={self.batch_size} must be between 1 and {MAX_BATCH_SIZE}"
+            )
+        if self.mint_concurrency < 1:
+            raise ConfigurationError(
+                f"SFOX_MINT_CONCURRENCY={self.mint_concurrency} must be at least 1"
             )
         _positive("SFOX_MAX_USER_IDS", self.max_user_ids)
         if self.rate_limit_penalty < 0:
@@ -170,6 +179,7 @@ class Settings:
                 api_key=get("sfox_enterprise_api_key", None),
                 result_ttl=int(get("sfox_token_result_ttl", DEFAULT_RESULT_TTL)),
                 batch_size=int(get("sfox_token_batch_size", DEFAULT_BATCH_SIZE)),
+                mint_concurrency=int(get("sfox_mint_concurrency", DEFAULT_MINT_CONCURRENCY)),
                 max_user_ids=int(get("sfox_max_user_ids", DEFAULT_MAX_USER_IDS)),
                 rate=Rate.parse(str(get("sfox_rate_limit", DEFAULT_RATE_LIMIT))),
                 rate_limit_penalty=float(

@@ -135,10 +135,12 @@ def _announce_settings(**_: Any) -> None:
             "no sFOX enterprise key (SFOX_ENTERPRISE_API_KEY): mint tasks will fail until set"
         )
     logger.info(
-        "sFOX at %s; %s requests shared by all workers; batches of %d; results live %d s",
+        "sFOX at %s; %s requests shared by all workers; batches of %d, up to %d at once "
+        "per mint task; results live %d s",
         settings.api_url,
         settings.rate,
         settings.batch_size,
+        settings.mint_concurrency,
         settings.result_ttl,
     )
 

@@ -46,6 +46,8 @@ def test_settings_from_conf_parses_and_defaults():
     )
     assert (s.rate.limit, s.rate.period, s.batch_size, s.retry.attempts) == (100, 5.0, 50, 3)
     assert s.result_ttl == 900 and s.api_url == "https://api.sfox.com"
+    assert s.mint_concurrency == 4
+    assert Settings.from_conf({"sfox_mint_concurrency": "1"}).mint_concurrency == 1
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,8 @@ def test_settings_from_conf_parses_and_defaults():
         ({"sfox_token_batch_size": "0"}, "SFOX_TOKEN_BATCH_SIZE"),
         ({"sfox_token_batch_size": "5000"}, "SFOX_TOKEN_BATCH_SIZE"),
         ({"sfox_token_result_ttl": "-1"}, "SFOX_TOKEN_RESULT_TTL"),
+        ({"sfox_mint_concurrency": "0"}, "SFOX_MINT_CONCURRENCY"),
+        ({"sfox_mint_concurrency": "four"}, "number"),
         ({"sfox_rate_limit": "fast"}, "SFOX_RATE_LIMIT"),
         ({"sfox_read_timeout": "abc"}, "number"),
     ],
