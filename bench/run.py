@@ -725,6 +725,7 @@ class Bench:
                     else "off"
                 ),
                 "batch_size": c.batch_size,
+                "mint_concurrency": _mint_concurrency(),
                 "max_user_ids": c.max_user_ids,
                 "naive_max": c.naive_max,
                 "grid_users": c.grid_users,
@@ -740,6 +741,13 @@ class Bench:
             "rows": [row.as_json() for row in self.rows],
             "profile": self.profile,
         }
+
+
+def _mint_concurrency() -> int:
+    """Requests one mint task sends at once in the workers (they inherit this environment)."""
+    from tasks._settings import DEFAULT_MINT_CONCURRENCY
+
+    return int(os.environ.get("SFOX_MINT_CONCURRENCY") or DEFAULT_MINT_CONCURRENCY)
 
 
 def _stop(signum: int, frame: Any) -> None:

@@ -11,7 +11,7 @@ Redis list of the run, then the run proceeds by itself:
   granted user's ``downstream`` signature with ``user_token=<entry>`` at once,
   records the refused users, and releases more chunks;
 - each downstream task, when it ends, marks its user done and releases more:
-  on success from a ``task_postrun`` handler in the worker that ran it (the
+  on success (or ``Ignore``) from a ``task_postrun`` handler in the worker that ran it (the
   message carries the run and user in a ``sfox_jit`` header), on failure from
   a small ``sfox.jit_done`` errback, which Celery also sends when the worker's
   main process records the failure (hard time limit, lost worker). With
@@ -360,10 +360,13 @@ def with_user_tokens(
     Bad ``user_ids`` raise :class:`ValueError` here, before anything is sent.
 
     A worker that imports ``tasks`` (``celery -A tasks worker``, or an app that
-    imports it) marks a downstream task's user done when the task succeeds, at
-    the cost of one Redis call. Pass ``done_callbacks=True`` when ``downstream``
-    runs on workers that do not import ``tasks``: every success then sends a
-    ``sfox.jit_done`` task instead, a second Celery task per user.
+    imports it) marks a downstream task's user done when the task succeeds or
+    raises ``Ignore`` (as ``self.replace`` does: the user is handed over), at
+    the cost of one Redis call; a failure sends a ``sfox.jit_done`` errback.
+    Pass ``done_callbacks=True`` when ``downstream`` runs on workers that do
+    not import ``tasks``: every success then sends a ``sfox.jit_done`` task
+    instead, a second Celery task per user (a task ending by ``Ignore`` there
+    is never marked, as Celery sends it neither link nor errback).
     """
     ids = validate_user_ids(user_ids, maximum=MAX_RUN_USERS)
     if not isinstance(downstream, Signature):
@@ -442,10 +445,11 @@ def jit_mint_chunk(
         sig = downstream.clone(kwargs={"user_token": entry})
         done = jit_done.si(run_id, user_id)
         sig.link_error(done)
+        mark = [run_id, user_id]
         if callbacks:
             sig.link(done)
-        else:
-            sig.set(headers={DONE_HEADER: [run_id, user_id]})
+            mark.append(_LINKED)
+        sig.set(headers={DONE_HEADER: mark})
         sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
     if result["failed"]:
         run.record_failed(result["failed"])
@@ -474,18 +478,26 @@ def jit_done(self: Task, run_id: str, user_id: str, *_: Any) -> None:
     send_chunks(run_id, released)
 
 
+#: Third item of a ``sfox_jit`` header: successes are marked by a ``sfox.jit_done`` link.
+_LINKED = "linked"
+#: ``task_postrun`` states after which a downstream task will not run again.
+_ENDED = frozenset({"SUCCESS", "IGNORED"})
+
+
 @signals.task_postrun.connect
 def _downstream_succeeded(sender: Task | None = None, state: str | None = None, **_: Any) -> None:
-    """A downstream task of a run succeeded here: mark its user done, release more.
+    """A downstream task of a run ended here: mark its user done, release more.
 
-    Failures are left to the ``sfox.jit_done`` errback, which Celery sends
-    whichever process records the failure; a retry is not an end.
+    It ended if it succeeded, or stopped by raising ``Ignore`` (which is also
+    how ``self.replace`` hands the user over to a replacement). Failures are
+    left to the ``sfox.jit_done`` errback, which Celery sends whichever
+    process records the failure; a retry is not an end.
     """
-    if state != "SUCCESS" or sender is None:
+    if state not in _ENDED or sender is None:
         return
     mark = sender.request.get(DONE_HEADER)
-    if not mark:
-        return
+    if not mark or (_LINKED in mark[2:] and state == "SUCCESS"):
+        return  # done_callbacks=True: the sfox.jit_done link marks a success
     try:
         run_id, user_id = str(mark[0]), str(mark[1])
         released = JitRun.for_app(run_id).user_done(user_id, sender=sender.request.id or "")

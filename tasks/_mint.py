@@ -251,10 +251,12 @@ class Minter:
         else:
             progress = _Progress(started_at=now)
             progress.queue = [progress.batch(c) for c in _chunks(user_ids, self.batch_size)]
-        if self.concurrency == 1:
+        # One batch (a with_user_tokens chunk) is sent from here: no threads to start.
+        threads = min(self.concurrency, len(progress.queue))
+        if threads <= 1:
             self._run(progress, len(user_ids), None)
         else:
-            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sfox-mint") as pool:
+            with ThreadPoolExecutor(threads, thread_name_prefix="sfox-mint") as pool:
                 self._run(progress, len(user_ids), pool)
         return MintResult(
             tokens=[progress.tokens[uid] for uid in user_ids if uid in progress.tokens],
@@ -271,6 +273,7 @@ class Minter:
         or, for waits, the batches that must wait go back to the front of the
         queue and :class:`Deferred` carries it.
         """
+        limit = self.concurrency if pool is not None else 1
         stopping = threading.Event()
         in_flight: dict[Future[dict[str, IssuedToken]], _Sent] = {}
         waits: list[Defer | LimiterWait] = []
@@ -279,7 +282,7 @@ class Minter:
         sent = 0
         try:
             while True:
-                while not stopping.is_set() and len(in_flight) < self.concurrency:
+                while not stopping.is_set() and len(in_flight) < limit:
                     with progress.lock:
                         if not progress.queue:
                             break

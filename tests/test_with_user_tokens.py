@@ -158,35 +158,50 @@ def _jit_done_runs(events, run_id: str) -> int:
 def test_every_end_of_a_downstream_task_marks_its_user_done(
     worker, fake_sfox, redis_client, events, done_callbacks
 ):
-    """Successes, failures and retried tasks each mark their user done once, at their end.
+    """Successes, failures, retries, Ignore and replace: each user is marked done at its end.
 
-    By default a success is marked by the worker that ran it (no extra task); a
-    failure by the ``sfox.jit_done`` errback. A retry is no end: the run
-    finishes only after the retried attempt. ``done_callbacks=True`` sends
-    ``sfox.jit_done`` for every user instead.
+    By default a success (or ``Ignore``) is marked by the worker that ran it (no
+    extra task); a failure by the ``sfox.jit_done`` errback. A retry is no end:
+    the run finishes only after the retried attempt. ``done_callbacks=True``
+    sends ``sfox.jit_done`` for every user instead.
     """
     ids = [f"end-{i}" for i in range(40)]
     fails, retries = ["end-3", "end-27"], ["end-5", "end-38"]
+    ignored, replaced = ["end-11"], ["end-12", "end-33"]
     tag = f"ends-{int(done_callbacks)}"
     run_id = f"wut-{tag}-{time.time_ns()}"
     run = JitRun(redis_client, run_id)
     with_user_tokens(
         ids,
-        flaky_downstream.s(tag, fail=fails, retry_once=retries, retry_countdown=1.0),
+        flaky_downstream.s(
+            tag,
+            fail=fails,
+            retry_once=retries,
+            retry_countdown=1.0,
+            ignore=ignored,
+            replace=replaced,
+        ),
         run_id=run_id,
         chunk_size=10,
         ahead=1,
         done_callbacks=done_callbacks,
     ).apply_async()
     assert wait_for(lambda: run.progress().finished, timeout=90)
-    # Finished means ended: the retried users' second attempts have already run.
+    # Finished means ended: the retried users' second attempts have already run
+    # (a replaced user is done when handed over, so its replacement may still be running).
     ok = {m.decode() for m in redis_client.smembers(f"tests:flaky-ok:{tag}")}
-    assert ok == set(ids) - set(fails)
+    assert set(retries) <= ok
+    assert wait_for(lambda: redis_client.scard(f"tests:flaky-ok:{tag}") == 37, timeout=10)
+    ok = {m.decode() for m in redis_client.smembers(f"tests:flaky-ok:{tag}")}
+    assert ok == set(ids) - set(fails) - set(ignored)
     attempts = {
         k.decode(): int(v) for k, v in redis_client.hgetall(f"tests:flaky-attempts:{tag}").items()
     }
-    assert {u: n for u, n in attempts.items() if n != 1} == {u: 2 for u in retries}
+    assert {u: n for u, n in attempts.items() if n != 1} == {u: 2 for u in retries + replaced}
     progress = run.progress()
     assert (progress.done, progress.dispatched, progress.failed) == (40, 40, 0)
     time.sleep(1.0)  # let the last events arrive
-    assert _jit_done_runs(events, run_id) == (40 if done_callbacks else len(fails))
+    # With callbacks, an ignored task sends none (Celery calls neither link nor errback);
+    # the replaced tasks' link moved to their replacements.
+    expected = 40 - len(ignored) if done_callbacks else len(fails)
+    assert _jit_done_runs(events, run_id) == expected

@@ -46,19 +46,27 @@ def flaky_downstream(
     fail: tuple[str, ...] | list[str] = (),
     retry_once: tuple[str, ...] | list[str] = (),
     retry_countdown: float = 1.0,
+    ignore: tuple[str, ...] | list[str] = (),
+    replace: tuple[str, ...] | list[str] = (),
 ) -> str:
-    """A downstream that fails for the users in ``fail`` and retries once for ``retry_once``.
+    """A downstream that fails, retries once, ignores itself or replaces itself, by user.
 
     Every attempt is counted in ``tests:flaky-attempts:<tag>``; an attempt that
-    succeeds adds its user to ``tests:flaky-ok:<tag>``.
+    succeeds adds its user to ``tests:flaky-ok:<tag>``. A replaced user's
+    replacement is this task again, without the replacing.
     """
     import redis
+    from celery.exceptions import Ignore
 
     user_id = user_token["partner_user_id"]
     client = redis.Redis.from_url(app.conf.broker_url)
     client.hincrby(f"tests:flaky-attempts:{tag}", user_id, 1)
     if user_id in fail:
         raise RuntimeError(f"downstream refuses {user_id}")
+    if user_id in ignore:
+        raise Ignore()
+    if user_id in replace:
+        raise self.replace(flaky_downstream.si(tag, user_token=user_token))
     if user_id in retry_once and self.request.retries == 0:
         raise self.retry(countdown=retry_countdown, max_retries=1)
     client.sadd(f"tests:flaky-ok:{tag}", user_id)
