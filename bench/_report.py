@@ -521,8 +521,7 @@ def discussion(results: dict[str, Any]) -> str:
                 f" Below the limit the target is missed ({detail}). Up to "
                 f"{_n(config['max_user_ids'])} users the mint task is *one* task"
                 + (
-                    f", sending up to {mint_threads} requests at once "
-                    "(`SFOX_MINT_CONCURRENCY`)"
+                    f", sending up to {mint_threads} requests at once (`SFOX_MINT_CONCURRENCY`)"
                     if mint_threads
                     else ""
                 )
