@@ -66,6 +66,11 @@ class Timeouts:
     def as_requests(self) -> tuple[float, float]:
         return (self.connect, self.read)
 
+    @property
+    def longest(self) -> float:
+        """Seconds after which a request has surely reached sFOX or never will."""
+        return self.connect + self.read
+
 
 @dataclass(frozen=True)
 class IssuedToken:

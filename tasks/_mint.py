@@ -32,7 +32,7 @@ from typing import Any, TypedDict
 
 from tasks._client import IssuedToken, SfoxClient
 from tasks._exceptions import InvalidUserIds, RateLimited, RequestRefused
-from tasks._ratelimit import Limiter, LimiterWait, acquire
+from tasks._ratelimit import Limiter, LimiterWait, held
 from tasks._retry import Budget, Defer, RetryPolicy
 from tasks._seal import Sealer
 from tasks._settings import MAX_USER_ID_LENGTH
@@ -369,20 +369,21 @@ class Minter:
         def send() -> dict[str, IssuedToken]:
             if stopping.is_set():
                 raise _Stopped(what)
-            acquire(
+            with held(
                 self.limiter,
                 max_wait=min(
                     self.policy.settings.inprocess_wait_max, self.policy.remaining(batch.budget)
                 ),
+                hold=self.client.timeouts.longest,
                 sleep=self._sleep,
-            )
-            with progress.lock:
-                progress.requests += 1
-            try:
-                return self.client.create_user_tokens(batch.user_ids)
-            except RateLimited as exc:
-                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, what)
-                raise
+            ):
+                with progress.lock:
+                    progress.requests += 1
+                try:
+                    return self.client.create_user_tokens(batch.user_ids)
+                except RateLimited as exc:
+                    self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, what)
+                    raise
 
         return self.policy.call(send, batch.budget, what=what)
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -29,7 +30,7 @@ from tasks._exceptions import (
     SealError,
     TokenRejected,
 )
-from tasks._ratelimit import Limiter, acquire
+from tasks._ratelimit import Limiter, held
 from tasks._retry import Budget, RetryPolicy
 from tasks._seal import Sealer
 from tasks._settings import Rate
@@ -154,12 +155,14 @@ class OrderPlacer:
 
     def _remint(self, holder: TokenHolder, budget: Budget) -> None:
         def send() -> Any:
-            self._acquire(self.limiter)
-            try:
-                return self.client.create_user_token(holder.user_id)
-            except RateLimited as exc:
-                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "a re-mint")
-                raise
+            with self._held(self.limiter):
+                try:
+                    return self.client.create_user_token(holder.user_id)
+                except RateLimited as exc:
+                    self.policy.pause_after_429(
+                        self.limiter, exc, self.rate_limit_penalty, "a re-mint"
+                    )
+                    raise
 
         issued = self.policy.call(send, budget, what=f"token re-mint for {holder.user_id}")
         holder.sealed = self.sealer.seal(issued.token)
@@ -168,16 +171,22 @@ class OrderPlacer:
         self._on_remint(holder.user_id)
 
     def _send(self, user_id: str, token: str, side: str, body: dict[str, Any]) -> dict[str, Any]:
-        self._acquire(self.limiter)
-        self._acquire(self.limiter.sibling(ACCOUNT_RATE, f"account:{user_id}"))
-        try:
-            return self.client.create_order(token, side, body)
-        except RateLimited as exc:
-            self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "an order")
-            raise
+        account = self.limiter.sibling(ACCOUNT_RATE, f"account:{user_id}")
+        with self._held(self.limiter), self._held(account):
+            try:
+                return self.client.create_order(token, side, body)
+            except RateLimited as exc:
+                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "an order")
+                raise
 
-    def _acquire(self, limiter: Limiter) -> None:
-        acquire(limiter, max_wait=self.policy.settings.inprocess_wait_max, sleep=self._sleep)
+    def _held(self, limiter: Limiter) -> AbstractContextManager[str]:
+        """A slot of ``limiter`` held while one request is in flight."""
+        return held(
+            limiter,
+            max_wait=self.policy.settings.inprocess_wait_max,
+            hold=self.client.timeouts.longest,
+            sleep=self._sleep,
+        )
 
 
 def _error(exc: Exception) -> str:

@@ -9,6 +9,18 @@ script, timed by the Redis server's clock so that hosts with skewed clocks
 still agree. No window of ``period`` seconds, wherever it starts, holds more
 than ``limit`` acquisitions.
 
+sFOX counts a request when it *arrives*, which is some time after the limiter
+admitted it: more so with many senders on a busy host. Requests admitted at
+the end of one window that arrive in the next one would let that window hold
+more than ``limit`` (one per sender in transit, at worst). So a slot is held
+while its request is in flight: it is logged at admission with the latest
+time the request could still arrive (``hold`` seconds ahead: the request's
+timeouts), and lowered to the moment the request ended when the caller
+releases it (:func:`held`). Every request then counts at a time no earlier
+than its arrival, and no window of arrivals at sFOX holds more than
+``limit`` either. A sender that dies mid-request leaves its slot to expire
+``hold`` seconds later.
+
 A 429 seen by any worker sets a shared *pause* key; every acquire honours it,
 so all workers wait the penalty, not only the one that was punished.
 
@@ -24,24 +36,34 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import redis
 
 from tasks._settings import Rate
 
-__all__ = ["Limiter", "LimiterWait", "LocalLimiter", "RedisLimiter", "limiter_for"]
+__all__ = [
+    "Limiter",
+    "LimiterWait",
+    "LocalLimiter",
+    "RedisLimiter",
+    "acquire",
+    "held",
+    "limiter_for",
+]
 
 logger = logging.getLogger("tasks.ratelimit")
 
 #: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
 KEY_PREFIX = "sfox:ratelimit"
 
-# KEYS[1] sliding log (zset), KEYS[2] shared pause.
-# ARGV[1] limit, ARGV[2] period in microseconds, ARGV[3] unique member.
+# KEYS[1] sliding log (zset: slot -> time it counts at), KEYS[2] shared pause.
+# ARGV[1] limit, ARGV[2] period, ARGV[3] unique slot name, ARGV[4] hold; times in microseconds.
 # Returns 0 when a slot was taken, else microseconds to wait: negative for a pause.
+# A slot in flight counts at the latest time its request may arrive (now + hold); when
+# every slot is in flight the wait is at least one period from the first release.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -51,14 +73,28 @@ if pause > 0 then
 end
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
+local hold = tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
 if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.floor(period / 1000) + 1000)
+  redis.call('ZADD', KEYS[1], now + hold, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.floor((period + hold) / 1000) + 1000)
   return 0
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + period - now + 1)
+return math.max(1, math.min(tonumber(oldest[2]) + period - now, period) + 1)
+"""
+
+# KEYS[1] sliding log; ARGV[1] slot name. The slot's request has ended: it counts at now,
+# if that is earlier than the time it was logged at.
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if at and tonumber(at) > now then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+  return 1
+end
+return 0
 """
 
 # KEYS[1] shared pause; ARGV[1] milliseconds. Extends, never shortens, a pause.
@@ -87,8 +123,12 @@ class Limiter(Protocol):
 
     rate: Rate
 
-    def try_acquire(self) -> tuple[float, bool]:
-        """Take a slot: ``(0, False)``, or ``(seconds to wait, paused?)``."""
+    def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
+        """Take a slot held ``hold`` s ahead: ``(0, False, slot)``, or ``(wait, paused?, "")``."""
+        ...
+
+    def release(self, slot: str) -> None:
+        """The slot's request has ended: count it from now, not from its hold."""
         ...
 
     def pause(self, seconds: float) -> None:
@@ -101,24 +141,51 @@ class Limiter(Protocol):
 
 
 def acquire(
-    limiter: Limiter, *, max_wait: float, sleep: Callable[[float], None] = time.sleep
-) -> float:
-    """Take a slot, sleeping while each wait is at most ``max_wait``.
+    limiter: Limiter,
+    *,
+    max_wait: float,
+    hold: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Take a slot, sleeping while each wait is at most ``max_wait``; its name.
 
-    Returns the seconds spent waiting; raises :class:`LimiterWait` when the
-    next wait is longer than ``max_wait``.
+    Raises :class:`LimiterWait` when the next wait is longer than ``max_wait``.
     """
-    waited = 0.0
     while True:
-        wait, paused = limiter.try_acquire()
+        wait, paused, slot = limiter.try_acquire(hold)
         if wait <= 0:
-            return waited
+            return slot
         if wait > max_wait:
             raise LimiterWait(wait, paused)
         if paused:
             logger.info("sFOX rate-limit pause: waiting %.1f s before the next request", wait)
         sleep(wait)
-        waited += wait
+
+
+@contextmanager
+def held(
+    limiter: Limiter,
+    *,
+    max_wait: float,
+    hold: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[str]:
+    """A slot for one request, held as in flight until the block ends.
+
+    ``hold`` bounds how long after admission the request may still reach sFOX
+    (its connect and read timeouts): the slot counts at that time until the
+    block ends, then at the time it ended.
+    """
+    slot = acquire(limiter, max_wait=max_wait, hold=hold, sleep=sleep)
+    try:
+        yield slot
+    finally:
+        try:
+            limiter.release(slot)
+        except Exception:  # the slot then counts at its hold time: later, never too early
+            logger.warning(
+                "could not release a rate-limit slot; it expires by itself", exc_info=True
+            )
 
 
 class RedisLimiter:
@@ -130,6 +197,7 @@ class RedisLimiter:
         self._log_key = f"{prefix}:{rate.limit}/{rate.period:g}:log"
         self._pause_key = f"{prefix}:pause"
         self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
         self._pause = client.register_script(_PAUSE)
 
     @classmethod
@@ -144,16 +212,26 @@ class RedisLimiter:
         """Another limiter on the same Redis connections, e.g. one per sFOX account."""
         return RedisLimiter(self._client, rate, prefix=f"{KEY_PREFIX}:{name}")
 
-    def try_acquire(self) -> tuple[float, bool]:
+    def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
+        slot = uuid.uuid4().hex
         wait_us = int(
             self._acquire(
                 keys=[self._log_key, self._pause_key],
-                args=[self.rate.limit, int(self.rate.period * 1_000_000), uuid.uuid4().hex],
+                args=[
+                    self.rate.limit,
+                    int(self.rate.period * 1_000_000),
+                    slot,
+                    max(0, int(hold * 1_000_000)),
+                ],
             )
         )
         if wait_us == 0:
-            return 0.0, False
-        return abs(wait_us) / 1_000_000, wait_us < 0
+            return 0.0, False, slot
+        return abs(wait_us) / 1_000_000, wait_us < 0, ""
+
+    def release(self, slot: str) -> None:
+        if slot:
+            self._release(keys=[self._log_key], args=[slot])
 
     def pause(self, seconds: float) -> None:
         if seconds > 0:
@@ -167,21 +245,30 @@ class LocalLimiter:
         self.rate = rate
         self._clock = clock
         self._lock = threading.Lock()
-        self._log: deque[float] = deque()
+        #: slot -> the time it counts at (in the future while its request is in flight)
+        self._log: dict[str, float] = {}
         self._paused_until = 0.0
         self._siblings: dict[str, LocalLimiter] = {}
 
-    def try_acquire(self) -> tuple[float, bool]:
+    def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
         with self._lock:
             now = self._clock()
             if self._paused_until > now:
-                return self._paused_until - now, True
-            while self._log and self._log[0] <= now - self.rate.period:
-                self._log.popleft()
+                return self._paused_until - now, True, ""
+            cutoff = now - self.rate.period
+            self._log = {slot: at for slot, at in self._log.items() if at > cutoff}
             if len(self._log) < self.rate.limit:
-                self._log.append(now)
-                return 0.0, False
-            return self._log[0] + self.rate.period - now + 1e-6, False
+                slot = uuid.uuid4().hex
+                self._log[slot] = now + max(0.0, hold)
+                return 0.0, False, slot
+            oldest = min(self._log.values())
+            return min(oldest + self.rate.period - now, self.rate.period) + 1e-6, False, ""
+
+    def release(self, slot: str) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._log.get(slot, now) > now:
+                self._log[slot] = now
 
     def pause(self, seconds: float) -> None:
         with self._lock:

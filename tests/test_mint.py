@@ -140,7 +140,7 @@ def test_429_pauses_every_worker_sharing_the_limiter(fake_sfox, sleeps, sealer, 
     fake_sfox.inject(Fault.status(429, retry_after=5))
     with pytest.raises(Deferred):
         first.mint(["a"])
-    wait, paused = other.try_acquire()
+    wait, paused, _ = other.try_acquire()
     assert paused and 4 <= wait <= 5
 
 
