@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from tasks._client import IssuedToken, SfoxClient
-from tasks._exceptions import InvalidUserIds, RateLimited, RequestRefused
-from tasks._ratelimit import Limiter, LimiterWait, held
+from tasks._exceptions import InvalidUserIds, RequestRefused
+from tasks._ratelimit import Limiter, LimiterWait
 from tasks._retry import Budget, Defer, RetryPolicy
 from tasks._seal import Sealer
 from tasks._settings import MAX_USER_ID_LENGTH
@@ -369,21 +369,19 @@ class Minter:
         def send() -> dict[str, IssuedToken]:
             if stopping.is_set():
                 raise _Stopped(what)
-            with held(
+            with self.policy.turn(
                 self.limiter,
                 max_wait=min(
                     self.policy.settings.inprocess_wait_max, self.policy.remaining(batch.budget)
                 ),
                 hold=self.client.timeouts.longest,
+                penalty=self.rate_limit_penalty,
+                what=what,
                 sleep=self._sleep,
             ):
                 with progress.lock:
                     progress.requests += 1
-                try:
-                    return self.client.create_user_tokens(batch.user_ids)
-                except RateLimited as exc:
-                    self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, what)
-                    raise
+                return self.client.create_user_tokens(batch.user_ids)
 
         return self.policy.call(send, batch.budget, what=what)
 

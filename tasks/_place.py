@@ -24,7 +24,6 @@ from typing import Any
 from tasks._client import SfoxClient
 from tasks._exceptions import (
     PermanentError,
-    RateLimited,
     RequestRefused,
     RetriesExhausted,
     SealError,
@@ -155,14 +154,8 @@ class OrderPlacer:
 
     def _remint(self, holder: TokenHolder, budget: Budget) -> None:
         def send() -> Any:
-            with self._held(self.limiter):
-                try:
-                    return self.client.create_user_token(holder.user_id)
-                except RateLimited as exc:
-                    self.policy.pause_after_429(
-                        self.limiter, exc, self.rate_limit_penalty, "a re-mint"
-                    )
-                    raise
+            with self._turn("a re-mint"):
+                return self.client.create_user_token(holder.user_id)
 
         issued = self.policy.call(send, budget, what=f"token re-mint for {holder.user_id}")
         holder.sealed = self.sealer.seal(issued.token)
@@ -172,21 +165,21 @@ class OrderPlacer:
 
     def _send(self, user_id: str, token: str, side: str, body: dict[str, Any]) -> dict[str, Any]:
         account = self.limiter.sibling(ACCOUNT_RATE, f"account:{user_id}")
-        with self._held(self.limiter), self._held(account):
-            try:
-                return self.client.create_order(token, side, body)
-            except RateLimited as exc:
-                self.policy.pause_after_429(self.limiter, exc, self.rate_limit_penalty, "an order")
-                raise
+        with self._turn("an order"), held(account, **self._slot_options()):
+            return self.client.create_order(token, side, body)
 
-    def _held(self, limiter: Limiter) -> AbstractContextManager[str]:
-        """A slot of ``limiter`` held while one request is in flight."""
-        return held(
-            limiter,
-            max_wait=self.policy.settings.inprocess_wait_max,
-            hold=self.client.timeouts.longest,
-            sleep=self._sleep,
+    def _turn(self, what: str) -> AbstractContextManager[str]:
+        """One request's slot of the shared per-IP limiter; a 429 pauses every worker."""
+        return self.policy.turn(
+            self.limiter, penalty=self.rate_limit_penalty, what=what, **self._slot_options()
         )
+
+    def _slot_options(self) -> dict[str, Any]:
+        return {
+            "max_wait": self.policy.settings.inprocess_wait_max,
+            "hold": self.client.timeouts.longest,
+            "sleep": self._sleep,
+        }
 
 
 def _error(exc: Exception) -> str:

@@ -17,20 +17,18 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import tenacity
 
 from tasks._exceptions import RateLimited, RetriesExhausted, TransientError
+from tasks._ratelimit import Limiter, held
 from tasks._settings import RetrySettings
 
 __all__ = ["Budget", "Defer", "RetryPolicy"]
-
-
-class _Pausable(Protocol):
-    def pause(self, seconds: float) -> None: ...
 
 
 logger = logging.getLogger("tasks.retry")
@@ -119,8 +117,31 @@ class RetryPolicy:
             return min(exc.retry_after, self.settings.retry_after_max)
         return self.backoff(failures)
 
+    @contextmanager
+    def turn(
+        self,
+        limiter: Limiter,
+        *,
+        max_wait: float,
+        hold: float,
+        penalty: float,
+        what: str,
+        sleep: Callable[[float], None],
+    ) -> Iterator[str]:
+        """One request's turn: a slot of ``limiter`` held while it is in flight.
+
+        A 429 answered inside it pauses every worker sharing ``limiter``
+        (:meth:`pause_after_429`) before it propagates.
+        """
+        with held(limiter, max_wait=max_wait, hold=hold, sleep=sleep) as slot:
+            try:
+                yield slot
+            except RateLimited as exc:
+                self.pause_after_429(limiter, exc, penalty, what)
+                raise
+
     def pause_after_429(
-        self, limiter: _Pausable, exc: RateLimited, penalty: float, what: str
+        self, limiter: Limiter, exc: RateLimited, penalty: float, what: str
     ) -> None:
         """Pause every worker sharing ``limiter``: ``Retry-After`` if given, else ``penalty``."""
         pause = (
