@@ -25,16 +25,15 @@ __all__ = ["AMQP", "Channel", "Connection", "Transport"]
 
 
 class Channel(kombu_redis.Channel):
-    _sync_client: tuple[Any, Any] | None = None
+    _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
-        pool = self.pool
-        cached = self._sync_client
-        if cached is None or cached[0] is not pool:
-            cached = self._sync_client = (pool, super()._create_client())  # type: ignore[no-untyped-call]
-        return cached[1]
+        client = self._sync_client
+        if client is None or client.connection_pool is not self.pool:
+            client = self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
+        return client
 
 
 class Transport(kombu_redis.Transport):

@@ -252,11 +252,11 @@ class Minter:
             progress = _Progress(started_at=now)
             progress.queue = [progress.batch(c) for c in _chunks(user_ids, self.batch_size)]
         # One batch (a with_user_tokens chunk) is sent from here: no threads to start.
-        threads = min(self.concurrency, len(progress.queue))
-        if threads <= 1:
+        # A pool starts its threads as requests need them, up to the concurrency.
+        if self.concurrency == 1 or len(progress.queue) <= 1:
             self._run(progress, len(user_ids), None)
         else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="sfox-mint") as pool:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sfox-mint") as pool:
                 self._run(progress, len(user_ids), pool)
         return MintResult(
             tokens=[progress.tokens[uid] for uid in user_ids if uid in progress.tokens],
