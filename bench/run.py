@@ -584,17 +584,31 @@ class Bench:
         )
         self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
 
+    def _profiled_workers(self) -> Workers:
+        """One worker, limits off, with the run's concurrency: the one py-spy samples."""
+        return Workers(
+            self.worker_env(UNLIMITED_RATE),
+            self.log_dir,
+            count=1,
+            concurrency=self.config.concurrency,
+            redis_client=self.redis.client,
+        )
+
+    def _spy(
+        self, workers: Workers, out: Path, log_name: str, summary: dict[str, Any]
+    ) -> _profile.Spy | None:
+        """py-spy on the worker, or None with the reason in ``summary["error"]``."""
+        try:
+            return _profile.Spy(workers.processes[0].pid, out, self.log_dir / log_name)
+        except (OSError, RuntimeError) as exc:
+            summary["error"] = f"no py-spy profile: {exc}"
+            return None
+
     def _profile_worker(self) -> dict[str, Any]:
         """A real prefork worker minting, its CPU from psutil and its stacks from py-spy."""
         c = self.config
         self.reset()
-        workers = Workers(
-            self.worker_env(UNLIMITED_RATE),
-            self.log_dir,
-            count=1,
-            concurrency=c.concurrency,
-            redis_client=self.redis.client,
-        )
+        workers = self._profiled_workers()
         ids = [f"prof-{index:07d}" for index in range(c.profile_users)]
         out = self.log_dir / "worker-profile.txt"
         out.unlink(missing_ok=True)
@@ -605,13 +619,7 @@ class Bench:
             warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
             self._mint_tasks(warm, c.batch_size, 60)
             self.fake.reset()
-            try:
-                spy: _profile.Spy | None = _profile.Spy(
-                    workers.processes[0].pid, out, self.log_dir / "py-spy.log"
-                )
-            except (OSError, RuntimeError) as exc:
-                spy = None
-                summary["error"] = f"no py-spy profile: {exc}"
+            spy = self._spy(workers, out, "py-spy.log", summary)
             # A few rounds, the least disturbed counts: the machine may be shared.
             step = math.ceil(len(ids) / PROFILE_ROUNDS)
             sent = 0
@@ -640,13 +648,7 @@ class Bench:
         """A with_user_tokens run into the no-op, its worker CPU per user and its stacks."""
         c = self.config
         self.reset()
-        workers = Workers(
-            self.worker_env(UNLIMITED_RATE),
-            self.log_dir,
-            count=1,
-            concurrency=c.concurrency,
-            redis_client=self.redis.client,
-        )
+        workers = self._profiled_workers()
         ids = [f"wut-{index:07d}" for index in range(c.profile_wut_users)]
         out = self.log_dir / "wut-profile.txt"
         out.unlink(missing_ok=True)
@@ -656,13 +658,7 @@ class Bench:
             self._with_user_tokens(warm, "warm", 120)
             workers.wait_idle()
             self.fake.reset()
-            try:
-                spy: _profile.Spy | None = _profile.Spy(
-                    workers.processes[0].pid, out, self.log_dir / "py-spy-wut.log"
-                )
-            except (OSError, RuntimeError) as exc:
-                spy = None
-                summary["error"] = f"no py-spy profile: {exc}"
+            spy = self._spy(workers, out, "py-spy-wut.log", summary)
             cpu0, started = workers.cpu_seconds(), time.perf_counter()
             users = self._with_user_tokens(ids, "profile", 600)
             wall = time.perf_counter() - started
