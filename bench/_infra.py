@@ -306,7 +306,7 @@ class Workers:
         deadline = time.monotonic() + timeout
         quiet = 0
         while time.monotonic() < deadline:
-            queue = self.env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
+            queue = self.env.get("SFOX_QUEUE") or "sfox"
             busy = self.redis.llen(queue) + self.redis.hlen("unacked")
             quiet = quiet + 1 if busy == 0 else 0
             if quiet >= 3:

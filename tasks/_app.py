@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from celery import Celery
 from celery.app import backends
@@ -11,7 +12,7 @@ from celery.backends.redis import RedisBackend
 from tasks._backend import TokenRedisBackend
 from tasks._logs import hide_task_results_in_logs
 
-__all__ = ["app"]
+__all__ = ["app", "package_conf"]
 
 
 class SfoxCelery(Celery):  # type: ignore[misc]
@@ -36,3 +37,24 @@ app = SfoxCelery("tasks")
 app.config_from_object("celeryconfig")
 # Celery's "Task ... succeeded" line must not carry a result (sealed tokens, or worse).
 hide_task_results_in_logs()
+
+
+def package_conf(conf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The settings the package's tasks run with, in whichever app runs them.
+
+    A partner's app that imports ``tasks`` runs the tasks with its own broker
+    and result backend, but its configuration knows nothing of ``sfox_*``:
+    those come from the environment, as ``celeryconfig`` read it for
+    :data:`app`, unless the running app sets them itself.
+    """
+    if conf is app.conf:
+        return cast("Mapping[str, Any]", conf)
+    merged: dict[str, Any] = {k: app.conf.get(k) for k in app.conf if k.startswith("sfox_")}
+    for key in list(merged) + [k for k in conf if k.startswith("sfox_")]:
+        value = conf.get(key)
+        if value is not None and value != "":
+            merged[key] = value
+    merged["broker_url"] = conf.get("broker_url")
+    merged["result_backend"] = conf.get("result_backend")
+    merged["broker_transport_options"] = conf.get("broker_transport_options")
+    return merged

@@ -33,6 +33,7 @@ from tasks._settings import (
     Rate,
     Settings,
     check_api_url,
+    redis_url_of,
 )
 
 __all__ = ["DEFAULT_CHECK_TIMEOUT", "Check", "probe_broker", "run_checks", "safe_url"]
@@ -204,7 +205,9 @@ def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
     except ConfigurationError as exc:
         return Check("rate limit", False, exc.message)
     what = f"{rate.limit} requests per {rate.period:g} s"
-    url = conf.get("sfox_limiter_url")
+    url = conf.get("sfox_limiter_url") or redis_url_of(
+        conf.get("broker_url"), conf.get("result_backend")
+    )
     if not url:
         return Check("rate limit", True, f"{what}, in-process only: not shared between workers")
     try:

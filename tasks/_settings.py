@@ -22,10 +22,12 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_USER_IDS",
     "DEFAULT_MINT_CONCURRENCY",
+    "DEFAULT_QUEUE",
     "DEFAULT_RATE_LIMIT",
     "DEFAULT_RATE_LIMIT_PENALTY",
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RESULT_TTL",
+    "DEFAULT_TASK_TURN",
     "MAX_BATCH_SIZE",
     "MAX_USER_ID_LENGTH",
     "Rate",
@@ -33,6 +35,7 @@ __all__ = [
     "Settings",
     "check_api_url",
     "is_plain_http_off_host",
+    "redis_url_of",
 ]
 
 #: sFOX production.
@@ -57,6 +60,12 @@ MAX_USER_ID_LENGTH = 256
 DEFAULT_CONNECT_TIMEOUT = 3.05
 #: Seconds to wait for sFOX's answer once connected.
 DEFAULT_READ_TIMEOUT = 30.0
+#: Seconds one run of a package task may go on starting sFOX requests before it hands
+#: its progress back to the broker: with the requests then in flight, a task holds its
+#: message about a minute at most, however large its work (RabbitMQ's consumer_timeout).
+DEFAULT_TASK_TURN = 30.0
+#: The queue the package's tasks are sent to, from any app.
+DEFAULT_QUEUE = "sfox"
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -126,6 +135,8 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     retry: RetrySettings = field(default_factory=RetrySettings)
+    #: Seconds a task run starts requests before it resumes from the broker (SFOX_TASK_TURN).
+    task_turn: float = DEFAULT_TASK_TURN
     #: Non-loopback hosts that may be reached over plain http (a dev stand-in on a private network).
     plain_http_hosts: tuple[str, ...] = ()
 
@@ -145,6 +156,7 @@ class Settings:
             raise ConfigurationError("SFOX_RATE_LIMIT_PENALTY must not be negative")
         _positive("SFOX_CONNECT_TIMEOUT", self.connect_timeout)
         _positive("SFOX_READ_TIMEOUT", self.read_timeout)
+        _positive("SFOX_TASK_TURN", self.task_turn)
         retry = self.retry
         _positive("SFOX_RETRY_ATTEMPTS", retry.attempts)
         _positive("SFOX_RETRY_DEADLINE", retry.deadline)
@@ -155,7 +167,12 @@ class Settings:
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
-        """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills."""
+        """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills.
+
+        The limiter and the run books live in ``sfox_limiter_url`` if set, else in
+        this configuration's own broker or result backend, whichever is Redis: the
+        app that runs the tasks, which may be a partner's.
+        """
 
         def get(name: str, default: Any) -> Any:
             value = conf.get(name)
@@ -185,11 +202,13 @@ class Settings:
                 rate_limit_penalty=float(
                     get("sfox_rate_limit_penalty", DEFAULT_RATE_LIMIT_PENALTY)
                 ),
-                limiter_url=get("sfox_limiter_url", None),
+                limiter_url=get("sfox_limiter_url", None)
+                or redis_url_of(conf.get("broker_url"), conf.get("result_backend")),
                 seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
                 connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                 read_timeout=float(get("sfox_read_timeout", DEFAULT_READ_TIMEOUT)),
                 retry=retry,
+                task_turn=float(get("sfox_task_turn", DEFAULT_TASK_TURN)),
                 plain_http_hosts=tuple(
                     h.strip().lower()
                     for h in str(get("sfox_plain_http_hosts", "")).split(",")
@@ -203,10 +222,21 @@ class Settings:
         """The enterprise key, or a clear error saying which variable to set."""
         if not self.api_key:
             raise ConfigurationError(
-                "no sFOX enterprise API key: set SFOX_ENTERPRISE_API_KEY "
-                "(or ENTERPRISE_API_KEY) in the worker's environment"
+                "no sFOX enterprise API key: looked for SFOX_ENTERPRISE_API_KEY and "
+                "ENTERPRISE_API_KEY in the environment of this process (read by "
+                "celeryconfig.py when it was first imported) and for "
+                "sfox_enterprise_api_key in the configuration of the Celery app running "
+                "the task; set SFOX_ENTERPRISE_API_KEY where the worker starts"
             )
         return self.api_key
+
+
+def redis_url_of(*urls: Any) -> str | None:
+    """The first of ``urls`` that is a Redis URL."""
+    for url in urls:
+        if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
+            return url
+    return None
 
 
 def check_api_url(url: str, plain_http_hosts: Collection[str] = ()) -> None:
