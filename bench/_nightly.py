@@ -10,7 +10,11 @@ one benchmark run:
   would write instead, one process, one session, a correct limiter;
 - the bound: the sliding window lets the first ``limit`` requests go at once,
   the rest at ``limit / period`` a second, so ``(requests - limit) / rate``
-  for the ``ceil(N / batch) + N`` requests a run needs.
+  for the ``ceil(N / batch) + N`` requests a run needs; and beside it the
+  least time a sliding window really allows, in whole windows,
+  ``(ceil(requests / limit) - 1) * period`` (the bound itself is not
+  reachable: a full first window followed by a steady stream would hold twice
+  the limit in the window that starts with the burst).
 
 Everything that decides a target is counted by the stand-in, the same way
 for both: requests (mints, re-mints, orders), 429s, users issued more than
@@ -36,7 +40,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench._infra import BenchError, Sampler, Workers, mb
-from bench._plain import TOKENS_PATH, nightly_bound_s, nightly_requests, write_orders
+from bench._plain import (
+    TOKENS_PATH,
+    nightly_bound_s,
+    nightly_requests,
+    window_minimum_s,
+    write_orders,
+)
 from bench._row import Row
 
 if TYPE_CHECKING:
@@ -200,6 +210,11 @@ def section_nightly(bench: Bench) -> None:
         bound.orders = bound.tokens = users
         bound.wall_s = bound.bound_s = nightly_bound_s(bound.requests, c.rate)
         bench.rows.append(bound)
+        least = Row("nightly", "sliding-window minimum", users)
+        least.requests, least.mints, least.orders = bound.requests, bound.mints, bound.orders
+        least.tokens = users
+        least.wall_s = least.bound_s = window_minimum_s(bound.requests, c.rate)
+        bench.rows.append(least)
         orders.unlink(missing_ok=True)
 
 

@@ -283,9 +283,25 @@ def nightly_requests(users: int, batch_size: int) -> int:
 
 
 def nightly_bound_s(requests: int, rate: str, budgets: int = 1) -> float:
-    """Fastest time for ``requests`` through ``budgets`` sliding windows of ``rate`` each."""
+    """The issue's bound: the first window's ``limit`` at once, the rest at ``limit / period``.
+
+    For ``requests`` through ``budgets`` budgets of ``rate`` each. No client can
+    quite reach it: a steady stream right after a full first window would put
+    twice the limit into the window that starts with the burst.
+    """
     limit, period = parse_rate(rate)
     return max(0, requests - budgets * limit) / (budgets * limit / period)
+
+
+def window_minimum_s(requests: int, rate: str, budgets: int = 1) -> float:
+    """The least time a sliding window allows: ``limit`` per ``period``, in whole windows.
+
+    Any span of ``k`` periods holds at most ``k * limit`` requests, so the
+    last of ``requests`` can leave no sooner than ``(ceil(requests / limit) - 1)``
+    periods after the first (latency not counted).
+    """
+    limit, period = parse_rate(rate)
+    return max(0, math.ceil(requests / (budgets * limit)) - 1) * period
 
 
 class _NightlyLoop:

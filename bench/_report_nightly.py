@@ -32,9 +32,14 @@ def _pick(rows: Iterable[dict[str, Any]], prefix: str, users: int) -> dict[str, 
     return next((r for r in rows if r["approach"].startswith(prefix) and r["users"] == users), None)
 
 
-def _share(row: dict[str, Any]) -> str:
+def _share(row: dict[str, Any], bound: float | None = None) -> str:
     """The bound's time over the run's; empty when no limit bounds the run."""
-    return f"{row['bound_s'] / row['wall_s']:.0%}" if row["wall_s"] and row["bound_s"] else ""
+    bound_s = row["bound_s"] if bound is None else bound
+    return f"{bound_s / row['wall_s']:.0%}" if row["wall_s"] and bound_s else ""
+
+
+def _bound_of(group: Iterable[dict[str, Any]]) -> float:
+    return next((r["wall_s"] for r in group if r["approach"] == "bound"), 0.0)
 
 
 def _shared(row: dict[str, Any]) -> bool:
@@ -56,10 +61,11 @@ def nightly_table(results: dict[str, Any]) -> str:
     lines = [
         "| N | approach | wall (s) | last order at (s) | requests: mints + re-mints + orders | "
         f"429s | users minted twice | token age at use, max / p99 (s; TTL {ttl}) | "
-        "peak RSS (MB) largest / total | of bound | time ÷ plain loop |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "peak RSS (MB) largest / total | of bound | of sliding-window minimum | "
+        "time ÷ plain loop |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    order = {"package": 0, "plain": 1, "bound": 2}
+    order = {"package": 0, "plain": 1, "bound": 2, "sliding-window": 3}
     sizes = sorted({r["users"] for r in rows})
     for users in sizes:
         group = sorted(
@@ -67,15 +73,28 @@ def nightly_table(results: dict[str, Any]) -> str:
             key=lambda r: order.get(r["approach"].split(":")[0].split(" ")[0], 3),
         )
         plain = _pick(group, "plain", users)
+        least = _pick(group, "sliding-window minimum", users)
         for row in group:
             requests = f"{_n(row['mints'])} + {_n(row['remints'])} + {_n(row['orders'])}"
             if row["approach"] == "bound":
                 lines.append(
                     f"| {_n(users)} | **bound** ((requests − limit) / rate) | "
-                    f"{_s(row['wall_s'])} | | {requests} | | | | | 100% | |"
+                    f"{_s(row['wall_s'])} | | {requests} | | | | | 100% | | |"
+                )
+                continue
+            if row["approach"] == "sliding-window minimum":
+                lines.append(
+                    f"| {_n(users)} | **sliding-window minimum** ((⌈requests / limit⌉ − 1) "
+                    f"× period) | {_s(row['wall_s'])} | | {requests} | | | | | "
+                    f"{_share(row, bound=_bound_of(group))} | 100% | |"
                 )
                 continue
             of_bound = _share(row)
+            of_least = (
+                f"{least['wall_s'] / row['wall_s']:.0%}"
+                if least and least["wall_s"] and row["wall_s"]
+                else ""
+            )
             vs_plain = (
                 f"{row['wall_s'] / plain['wall_s']:.2f}×"
                 if plain and plain["wall_s"] and row is not plain
@@ -89,7 +108,8 @@ def nightly_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {_n(users)} | {row['approach']} | {_s(row['wall_s'])} | "
                 f"{_s(row['last_order_s'])} | {requests} | {row['rate_limited']} | "
-                f"{row['minted_twice']} | {_age(row)} | {rss} | {of_bound} | {vs_plain} |"
+                f"{row['minted_twice']} | {_age(row)} | {rss} | {of_bound} | {of_least} | "
+                f"{vs_plain} |"
             )
     notes = [
         f"- {row['approach']}, N = {_n(row['users'])}: {note}"
@@ -117,7 +137,12 @@ def nightly_notes(results: dict[str, Any]) -> str:
             "(`bench/_plain.py`).",
             "- *bound*: a sliding window lets the first `limit` requests go at once and the rest "
             f"at `limit / period` a second: (requests − limit) / rate at {config['rate']} for "
-            "one mint per batch and one order per user.",
+            "one mint per batch and one order per user. No client reaches it: a steady stream "
+            "right after a full first window would put twice the limit into the window that "
+            "starts with the burst. *Sliding-window minimum*: any span of k periods holds at "
+            "most k × limit requests, so the last request leaves no sooner than "
+            "(⌈requests / limit⌉ − 1) periods after the first, latency aside. The two are "
+            "far apart when a run lasts a few windows, and close when it lasts many.",
             "- Counted by the stand-in, the same way for every approach: requests by kind "
             "(a re-mint is `POST /v1/enterprise/user-tokens/{id}`), 429s, users issued more than "
             "one token, and for each order the seconds since its token was minted "
@@ -171,18 +196,25 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the nightly run and the egress scaling."""
     out: list[tuple[str, str, str]] = []
     rows = nightly_rows(results)
-    measured = [r for r in rows if r["approach"] != "bound"]
+    measured = [r for r in rows if r["approach"] not in ("bound", "sliding-window minimum")]
     egress = egress_rows(results)
     if measured:
         largest = max(r["users"] for r in measured)
         pkg = _pick(rows, "package", largest)
         plain = _pick(rows, "plain", largest)
+        least = _pick(rows, "sliding-window minimum", largest)
         if pkg and pkg["wall_s"] and pkg["bound_s"]:  # no bound when no limit holds it
             share = pkg["bound_s"] / pkg["wall_s"]
+            also = (
+                f"; {least['wall_s'] / pkg['wall_s']:.1%} of the sliding-window minimum "
+                f"({_s(least['wall_s'])} s)"
+                if least and least["wall_s"]
+                else ""
+            )
             out.append(
                 (
                     f"nightly: ≥ 95% of the bound at {_n(largest)} users",
-                    f"{share:.1%} ({_s(pkg['wall_s'])} s against {_s(pkg['bound_s'])} s)",
+                    f"{share:.1%} ({_s(pkg['wall_s'])} s against {_s(pkg['bound_s'])} s){also}",
                     "met" if share >= TARGET_BOUND else f"missed ({share:.1%} against ≥ 95%)",
                 )
             )
