@@ -154,7 +154,7 @@ class Settings:
         if self.rate_limit_scope and not _SCOPE.match(self.rate_limit_scope):
             raise ConfigurationError(
                 f"SFOX_RATE_LIMIT_SCOPE={self.rate_limit_scope!r} must be 1 to 64 letters, "
-                "digits, '.', '_' or '-' (for example egress-a, or the egress IP itself)"
+                "digits, '.', '_' or '-' (for example egress-a, or an IPv4 egress address)"
             )
         if self.source_address is not None:
             _check_source_address(self.source_address)
