@@ -146,6 +146,11 @@ sfox_mint_concurrency = _env("SFOX_MINT_CONCURRENCY")
 sfox_max_user_ids = _env("SFOX_MAX_USER_IDS")
 sfox_rate_limit = _env("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT)
 sfox_rate_limit_penalty = _env("SFOX_RATE_LIMIT_PENALTY", str(DEFAULT_RATE_LIMIT_PENALTY))
+# sFOX counts per egress IP: workers that leave through an IP of their own name their budget.
+# Unset, every worker shares one budget (right whenever they share one public IP, NAT included).
+sfox_rate_limit_scope = _env("SFOX_RATE_LIMIT_SCOPE")
+# On a multi-homed host, the local address sFOX requests are sent from (unset: the OS picks).
+sfox_source_address = _env("SFOX_SOURCE_ADDRESS")
 # The limiter needs Redis; by default the running app's broker, else its result backend
 # (tasks._settings.Settings.from_conf), which in a partner's app are the partner's.
 sfox_limiter_url = _env("SFOX_LIMITER_URL")

@@ -54,12 +54,27 @@ __all__ = [
     "acquire",
     "held",
     "limiter_for",
+    "scope_prefix",
 ]
 
 logger = logging.getLogger("tasks.ratelimit")
 
 #: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
 KEY_PREFIX = "sfox:ratelimit"
+
+
+def scope_prefix(scope: str = "", prefix: str = KEY_PREFIX) -> str:
+    """The key prefix of one budget: its sliding log and its 429 pause.
+
+    sFOX counts per IP, so workers that leave through an egress IP of their own
+    name a scope (``SFOX_RATE_LIMIT_SCOPE``) and share a budget only with the
+    workers of that scope. The default scope ``""`` is the one budget for
+    everyone, under the keys it had before scopes existed. Per-account limiters
+    (:meth:`Limiter.sibling`) are not scoped: an account's limit holds wherever
+    its requests come from.
+    """
+    return f"{prefix}:scope:{scope}" if scope else prefix
+
 
 # KEYS[1] sliding log (zset: slot -> time it counts at), KEYS[2] shared pause.
 # ARGV[1] limit, ARGV[2] period, ARGV[3] unique slot name, ARGV[4] hold; times in microseconds.
@@ -213,11 +228,21 @@ def held(
 
 
 class RedisLimiter:
-    """The shared limiter: one sliding log in Redis for all workers."""
+    """The shared limiter: one sliding log in Redis for all workers of one scope."""
 
-    def __init__(self, client: redis.Redis[bytes], rate: Rate, *, prefix: str = KEY_PREFIX) -> None:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        rate: Rate,
+        *,
+        prefix: str = KEY_PREFIX,
+        scope: str = "",
+    ) -> None:
         self.rate = rate
+        #: The budget this limiter counts against; ``""`` is the one everyone shares.
+        self.scope = scope
         self._client = client
+        prefix = scope_prefix(scope, prefix)
         self._log_key = f"{prefix}:{rate.limit}/{rate.period:g}:log"
         self._pause_key = f"{prefix}:pause"
         self._acquire = client.register_script(_ACQUIRE)
@@ -225,12 +250,15 @@ class RedisLimiter:
         self._pause = client.register_script(_PAUSE)
 
     @classmethod
-    def from_url(cls, url: str, rate: Rate) -> RedisLimiter:
-        """A limiter on the Redis at ``url`` (its own connection pool)."""
-        return cls(redis_client(url), rate)
+    def from_url(cls, url: str, rate: Rate, *, scope: str = "") -> RedisLimiter:
+        """A limiter of ``scope`` on the Redis at ``url`` (its own connection pool)."""
+        return cls(redis_client(url), rate, scope=scope)
 
     def sibling(self, rate: Rate, name: str) -> RedisLimiter:
-        """Another limiter on the same Redis connections, e.g. one per sFOX account."""
+        """Another limiter on the same Redis connections, e.g. one per sFOX account.
+
+        Not scoped: an account's own limit holds wherever its requests come from.
+        """
         return RedisLimiter(self._client, rate, prefix=f"{KEY_PREFIX}:{name}")
 
     def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
@@ -314,8 +342,11 @@ class LocalLimiter:
             return limiter
 
 
-def limiter_for(url: str | None, rate: Rate) -> Limiter:
-    """A shared Redis limiter when a Redis URL is known, else an in-process one."""
+def limiter_for(url: str | None, rate: Rate, *, scope: str = "") -> Limiter:
+    """A shared Redis limiter of ``scope`` when a Redis URL is known, else an in-process one.
+
+    An in-process limiter is one process's own budget: it has no scope to share.
+    """
     if url:
-        return RedisLimiter.from_url(url, rate)
+        return RedisLimiter.from_url(url, rate, scope=scope)
     return LocalLimiter(rate)

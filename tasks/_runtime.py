@@ -51,6 +51,7 @@ class Runtime:
                     s.require_api_key(),
                     timeouts=Timeouts(connect=s.connect_timeout, read=s.read_timeout),
                     plain_http_hosts=s.plain_http_hosts,
+                    source_address=s.source_address,
                 )
             return self._client
 
@@ -58,7 +59,8 @@ class Runtime:
     def limiter(self) -> Limiter:
         with self._lock:
             if self._limiter is None:
-                self._limiter = limiter_for(self.settings.limiter_url, self.settings.rate)
+                s = self.settings
+                self._limiter = limiter_for(s.limiter_url, s.rate, scope=s.rate_limit_scope)
             return self._limiter
 
     @property

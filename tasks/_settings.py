@@ -68,6 +68,8 @@ DEFAULT_TASK_TURN = 30.0
 DEFAULT_QUEUE = "sfox"
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+#: A rate-limit scope: a short name that is safe inside a Redis key.
+_SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,10 @@ class Settings:
     task_turn: float = DEFAULT_TASK_TURN
     #: Non-loopback hosts that may be reached over plain http (a dev stand-in on a private network).
     plain_http_hosts: tuple[str, ...] = ()
+    #: The budget this worker's requests count against; ``""`` is the one everyone shares.
+    rate_limit_scope: str = ""
+    #: Local IP address outgoing sFOX requests are sent from; ``None`` lets the OS choose.
+    source_address: str | None = None
 
     def __post_init__(self) -> None:
         check_api_url(self.api_url, self.plain_http_hosts)
@@ -157,6 +163,13 @@ class Settings:
         _positive("SFOX_CONNECT_TIMEOUT", self.connect_timeout)
         _positive("SFOX_READ_TIMEOUT", self.read_timeout)
         _positive("SFOX_TASK_TURN", self.task_turn)
+        if self.rate_limit_scope and not _SCOPE.match(self.rate_limit_scope):
+            raise ConfigurationError(
+                f"SFOX_RATE_LIMIT_SCOPE={self.rate_limit_scope!r} must be 1 to 64 letters, "
+                "digits, '.', '_' or '-' (for example egress-a, or an IPv4 egress address)"
+            )
+        if self.source_address is not None:
+            _check_source_address(self.source_address)
         retry = self.retry
         _positive("SFOX_RETRY_ATTEMPTS", retry.attempts)
         _positive("SFOX_RETRY_DEADLINE", retry.deadline)
@@ -214,6 +227,8 @@ class Settings:
                     for h in str(get("sfox_plain_http_hosts", "")).split(",")
                     if h.strip()
                 ),
+                rate_limit_scope=str(get("sfox_rate_limit_scope", "")).strip(),
+                source_address=(str(get("sfox_source_address", "")).strip() or None),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None
@@ -263,6 +278,22 @@ def is_plain_http_off_host(url: str) -> bool:
     """True for a plain http:// URL whose host is not loopback (allowed only by opt-in)."""
     parts = urlsplit(url)
     return parts.scheme == "http" and not _is_loopback((parts.hostname or "").lower())
+
+
+def _check_source_address(address: str) -> None:
+    """An IP address literal, not a name and not a wildcard: the one to send from."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigurationError(
+            f"SFOX_SOURCE_ADDRESS={address!r} is not an IP address: give one of this host's "
+            "own addresses (for example 10.0.0.5), not a host name"
+        ) from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigurationError(
+            f"SFOX_SOURCE_ADDRESS={address!r} cannot be sent from: give one of this host's "
+            "own unicast addresses, or leave it unset to let the system choose"
+        )
 
 
 def _is_loopback(host: str) -> bool:
