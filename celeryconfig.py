@@ -172,6 +172,9 @@ sfox_nightly_orders_file = _env("SFOX_NIGHTLY_ORDERS_FILE")
 sfox_nightly_orders_source = _env("SFOX_NIGHTLY_ORDERS_SOURCE")
 # Seconds a coordinator's lease lasts without renewal; a crashed run resumes after it.
 sfox_nightly_lease = _env("SFOX_NIGHTLY_LEASE")
+# Seconds the run may stand still, every chunk minted, before the order tasks of the users
+# not done are sent again (a message Redis lost on a dropped connection).
+sfox_nightly_resend_after = _env("SFOX_NIGHTLY_RESEND_AFTER")
 
 
 def _cron(text: str) -> crontab:

@@ -55,8 +55,10 @@ __all__ = [
     "JitRun",
     "RunProgress",
     "downstream_route",
+    "route_options",
     "run_progress",
     "send_chunks",
+    "send_downstream",
     "stale_after",
     "with_user_tokens",
 ]
@@ -469,7 +471,7 @@ def downstream_route(downstream: Signature) -> dict[str, Any]:
     return route
 
 
-def _route_options(route: Mapping[str, Any]) -> dict[str, Any]:
+def route_options(route: Mapping[str, Any]) -> dict[str, Any]:
     """Message options for :meth:`Signature.apply_async` from :func:`downstream_route`."""
     options = {k: v for k, v in route.items() if k != "queue"}
     declared = dict(route.get("queue") or {})
@@ -591,10 +593,10 @@ def jit_mint_chunk(
     self.checkpoint({"minted": result, "sent": int(resume.get("sent", 0))})
     spec = run.spec()
     downstream = self.app.signature(json.loads(spec["downstream"]))
-    route = _route_options(json.loads(spec.get("route") or "{}"))
+    route = route_options(json.loads(spec.get("route") or "{}"))
     tokens = result["tokens"]
     for position in range(int(resume.get("sent", 0)), len(tokens)):
-        _send_downstream(run_id, downstream, tokens[position], route)
+        send_downstream(run_id, downstream, tokens[position], route)
         self.checkpoint({"minted": result, "sent": position + 1})
     if result["failed"]:
         run.record_failed(result["failed"])
@@ -619,7 +621,7 @@ def _done_signature(run_id: str, user_id: str) -> Signature:
     return jit_done.si(run_id, user_id).set(queue=SfoxTask.queue)
 
 
-def _send_downstream(
+def send_downstream(
     run_id: str, downstream: Signature, entry: Mapping[str, Any], route: Mapping[str, Any]
 ) -> None:
     user_id = str(entry["partner_user_id"])

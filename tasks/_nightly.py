@@ -51,8 +51,11 @@ from tasks._jit import (
     DEFAULT_AHEAD,
     Chunk,
     JitRun,
+    RunProgress,
     downstream_route,
+    route_options,
     send_chunks,
+    send_downstream,
     stale_after,
 )
 from tasks._mint import Deferred
@@ -75,6 +78,14 @@ RUN_TTL = 3 * 86400
 POLL_INTERVAL = 1.0
 #: Seconds between one turn of the coordinator and the next.
 TURN_COUNTDOWN = 1.0
+#: Seconds without a user finishing, once every chunk is minted, after which the order
+#: tasks of the users not done are sent again (``SFOX_NIGHTLY_RESEND_AFTER``). Redis as a
+#: broker can lose a message whose delivery a dropped connection cut (kombu pops it
+#: before it records it as unacknowledged); a second copy is safe, as an order is placed
+#: once whatever runs it. Longer than an order task holds its message plus a countdown.
+DEFAULT_RESEND_AFTER = 600.0
+#: Most order tasks sent again in one turn.
+MAX_RESEND = 1000
 #: Most user IDs listed under one failure reason in the summary.
 MAX_IDS_PER_REASON = 1000
 #: Rows read and staged per Redis round trip.
@@ -201,6 +212,13 @@ class NightlyRun:
 
     def user_count(self) -> int:
         return int(self.client.llen(self.users))
+
+    def users_not_done(self) -> list[str]:
+        """Users staged whose order task has not ended and whom sFOX did not refuse."""
+        done = {u.decode() for u in self.client.smembers(self.jit.done_set)}
+        done.update(self.jit.failed())
+        users = (u.decode() for u in self.client.lrange(self.users, 0, -1))
+        return [u for u in users if u not in done]
 
     def orders_of(self, user_id: str) -> list[tuple[str, Order]]:
         raw = self.client.hget(self.user_orders, user_id)
@@ -406,6 +424,7 @@ def run_nightly_orders(
                     len(resent),
                 )
                 send_chunks(run.jit, resent, sender=task_id)
+            _resend_if_stalled(run, progress, _resend_after(self.app.conf))
             if time.monotonic() + POLL_INTERVAL >= turn_ends:
                 raise _next_turn(self, day, orders_file, TURN_COUNTDOWN)
             time.sleep(POLL_INTERVAL)
@@ -425,6 +444,52 @@ def run_nightly_orders(
             run.drop_lease(lease)
         except STORE_ERRORS:  # it expires by itself within the lease's seconds
             logger.warning("nightly run for %s: could not drop the lease", day)
+
+
+def _resend_after(conf: Any) -> float:
+    return float(conf.get("sfox_nightly_resend_after") or DEFAULT_RESEND_AFTER)
+
+
+def _resend_if_stalled(run: NightlyRun, progress: RunProgress, after: float) -> None:
+    """Send again the order tasks of users not done, once the run has stood still ``after`` s.
+
+    Only once every chunk is minted (a chunk still minting is the fan-out's to
+    finish); the clock restarts at each user done, and at each resend.
+    """
+    if progress.queued_chunks or progress.inflight > 0:
+        return
+    now = time.time()
+    done = progress.done + progress.failed
+    mark = run.flag("stall")
+    seen_done, since = (int(mark.split(":")[0]), float(mark.split(":")[1])) if mark else (-1, now)
+    if done != seen_done:
+        run.set_flag("stall", f"{done}:{now}")
+        return
+    if now - since < after:
+        return
+    missing = run.users_not_done()[:MAX_RESEND]
+    run.set_flag("stall", f"{done}:{now}")
+    if not missing:
+        return
+    logger.warning(
+        "nightly run for %s: no user done for %.0f s; sending %d order task(s) again "
+        "(their messages were lost, or they wait long): %s",
+        run.day,
+        now - since,
+        len(missing),
+        ", ".join(missing[:20]),
+    )
+    spec = run.jit.spec()
+    downstream = app.signature(json.loads(spec["downstream"]))
+    route = route_options(json.loads(spec.get("route") or "{}"))
+    for user_id in missing:
+        # No token: the order task mints one for the user (it cannot open an empty seal).
+        send_downstream(
+            run.jit.run_id,
+            downstream,
+            {"partner_user_id": user_id, "token": "", "expires": ""},
+            route,
+        )
 
 
 def _next_turn(task: NightlyTask, day: date, orders_file: str | None, countdown: float) -> Any:

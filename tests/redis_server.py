@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -61,10 +62,8 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(redis.RedisError):  # SHUTDOWN closes its own connection
             self.client().shutdown(nosave=False)
-        except redis.RedisError:
-            pass  # SHUTDOWN closes the connection it came on
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -84,10 +83,8 @@ class ConnectionKiller:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
+            with contextlib.suppress(redis.RedisError):
                 self.kills += int(self.client.execute_command("CLIENT KILL TYPE normal SKIPME yes"))
-            except redis.RedisError:
-                pass
 
     def __enter__(self) -> ConnectionKiller:
         self._thread.start()

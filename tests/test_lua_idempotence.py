@@ -131,9 +131,7 @@ def test_finish_twice_counts_once(redis_client):
     run = JitRun(redis_client, "idem-finish")
     taken = run.stage(0, CHUNKS, SPEC, sender="seg")
     run.sent(taken, sender="seg")
-    first, second = twice(
-        redis_client, lambda: run.finish_chunk(taken[0], 2, 1, sender="chunk-0")
-    )
+    first, second = twice(redis_client, lambda: run.finish_chunk(taken[0], 2, 1, sender="chunk-0"))
     assert first == second == []  # two users still downstream: no room for chunk 2 yet
     progress = run.progress()
     assert (progress.dispatched, progress.failed, progress.inflight) == (2, 1, 2)
