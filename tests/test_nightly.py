@@ -98,6 +98,10 @@ def test_thousand_users_each_get_exactly_one_order(nightly_workers, fake_sfox, t
         {"line": 1002, "user_id": "bad-row", "error": summary["skipped_rows"][0]["error"]}
     ]
     assert summary["tokens_minted"] == 997 and summary["remints"] == 0
+    # Nothing twice without a crash: no user minted twice, no chunk sent again.
+    minted = Counter(user for user, _ in fake_sfox.issued_tokens.values())
+    assert len(minted) == 997 and set(minted.values()) == {1}
+    assert all("again" not in w.log() for w in nightly_workers)
 
 
 def test_second_trigger_for_the_same_date_does_nothing(nightly_workers, fake_sfox, tmp_path):

@@ -37,8 +37,10 @@ def runs_by_user(client: Any, tag: str) -> dict[str, int]:
 def _client() -> Any:
     # A partner's task that rides through dropped connections as the package does.
     from tasks._redis import redis_client
+    from tasks._settings import redis_url_of
 
-    return redis_client(app.conf.broker_url)
+    # The broker may be RabbitMQ: the results' Redis then.
+    return redis_client(redis_url_of(app.conf.broker_url, app.conf.result_backend) or "")
 
 
 @app.task(name="tests.record_token")

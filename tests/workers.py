@@ -29,6 +29,8 @@ class WorkerProcess:
         queues: str | None = None,
         loglevel: str = "DEBUG",
         extra_args: Sequence[str] = (),
+        app: str = "tasks",
+        include: str | None = "tests.testtasks",
     ) -> None:
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         self.log_path = log_dir / f"{name}.log"
@@ -38,7 +40,7 @@ class WorkerProcess:
             "-m",
             "celery",
             "-A",
-            "tasks",
+            app,
             "worker",
             "-l",
             loglevel,
@@ -50,9 +52,9 @@ class WorkerProcess:
             self.name,
             "--without-gossip",
             "--without-mingle",
-            "--include",
-            "tests.testtasks",
         ]
+        if include:
+            self.args += ["--include", include]
         if queues:
             self.args += ["-Q", queues]
         self.args += list(extra_args)

@@ -1,0 +1,33 @@
+"""A partner's own Celery app that never imports ``tasks``: the sidecar set-up.
+
+Its worker consumes Celery's default queue and its own orders queue. It sends
+the package's tasks by name: to ``SFOX_QUEUE`` with ``queue=``, or through
+``task_routes``. Its downstream task counts each of its runs in Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery
+
+app = Celery("partner")
+app.conf.update(
+    broker_url=os.environ.get("CELERY_BROKER_URL"),
+    result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
+    task_serializer="json",
+    accept_content=["json"],
+    task_routes={"partner.record": {"queue": "partner-orders"}, "sfox.*": {"queue": "sfox"}},
+)
+
+
+@app.task(name="partner.record")
+def record(tag: str, user_token: dict[str, Any]) -> str:
+    """The partner's downstream task: note one run for the user (a field per run)."""
+    user_id = user_token["partner_user_id"]
+    client = redis.Redis.from_url(app.conf.broker_url)
+    client.hset(f"tests:downstream-runs:{tag}", f"{user_id}|{uuid.uuid4().hex}", 1)
+    return str(user_id)
