@@ -32,6 +32,8 @@ NIGHTLY_ENV = {
     "SFOX_RATE_LIMIT": "5000/1s",
     "SFOX_VISIBILITY_TIMEOUT": "6",
     "SFOX_NIGHTLY_LEASE": "2",
+    # Below the visibility timeout: no run of a task outlives it, so none is redelivered.
+    "SFOX_TASK_TURN": "3",
 }
 
 
