@@ -61,6 +61,14 @@ def project(tmp_path_factory):
     for name in ("docker-compose.yml", "Dockerfile", ".env.dev"):
         shutil.copy(ROOT / name, directory / name)
     shutil.copy(EXAMPLE_ENV, directory / ".env")
+    # The RabbitMQ variant: .env.example with its RabbitMQ lines filled in.
+    text = EXAMPLE_ENV.read_text()
+    text = text.replace("# RABBITMQ_PASSWORD=", "RABBITMQ_PASSWORD=not-a-real-password")
+    text = text.replace(
+        "# SFOX_STACK_BROKER_URL=amqp://sfox:PASSWORD@rabbitmq:5672//",
+        "SFOX_STACK_BROKER_URL=amqp://sfox:not-a-real-password@rabbitmq:5672//",
+    )
+    (directory / ".env.rabbitmq").write_text(text)
     return directory
 
 
@@ -73,6 +81,7 @@ needs_docker_compose = pytest.mark.skipif(
 VARIANTS = {
     "production": ([], ".env"),
     "dev": (["--env-file", ".env.dev", "--profile", "dev"], ".env.dev"),
+    "rabbitmq": (["--env-file", ".env.rabbitmq", "--profile", "rabbitmq"], ".env.rabbitmq"),
 }
 
 
@@ -124,11 +133,24 @@ def test_our_reading_matches_docker_compose(compose, project, variant):
 
 
 def test_services_are_the_whole_stack(compose):
-    """redis, worker, beat and flower always run; the sFOX stand-in only under the dev profile."""
+    """redis, worker, beat and flower always run; the stand-in and RabbitMQ under profiles."""
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "beat", "flower", "fake-sfox"}
+    assert set(services) == {"redis", "worker", "beat", "flower", "fake-sfox", "rabbitmq"}
     assert services["fake-sfox"]["profiles"] == ["dev"]
-    assert [name for name, spec in services.items() if "profiles" in spec] == ["fake-sfox"]
+    assert services["rabbitmq"]["profiles"] == ["rabbitmq"]
+    profiled = [name for name, spec in services.items() if "profiles" in spec]
+    assert profiled == ["fake-sfox", "rabbitmq"]
+
+
+def test_the_rabbitmq_variant_brokers_every_celery_service(compose, project):
+    """With SFOX_STACK_BROKER_URL set, worker, beat and flower use RabbitMQ; results in Redis."""
+    services = resolve(compose, project / ".env.rabbitmq", project)
+    for name in CELERY_SERVICES:
+        env = services[name].environment
+        assert env["CELERY_BROKER_URL"].startswith("amqp://sfox:")
+        assert env["CELERY_BROKER_URL"].endswith("@rabbitmq:5672//")
+        assert env["CELERY_RESULT_BACKEND"] == "redis://redis:6379/0"
+    assert services["rabbitmq"].environment["RABBITMQ_DEFAULT_USER"] == "sfox"
 
 
 def test_redis_never_evicts(compose):
