@@ -39,11 +39,18 @@ __all__ = ["AMQP", "Channel", "Connection", "QoS", "Transport"]
 
 
 def _running_tags() -> set[Any]:
-    """Delivery tags of the messages whose tasks this worker is running now."""
+    """Delivery tags of the messages whose tasks this worker runs, or has handed to its pool.
+
+    A request handed to a pool process may run although the pool has not yet
+    said it started: put back, it would run twice. Kept, it is acknowledged when
+    it ends, or comes back after the visibility timeout if it never ran.
+    """
     from celery.worker import state
 
+    requests = [*state.active_requests]
+    requests += [r for r in state.reserved_requests if getattr(r, "_apply_result", None)]
     tags = set()
-    for request in list(state.active_requests):
+    for request in requests:
         message = getattr(request, "message", None)
         tag = getattr(message, "delivery_tag", None)
         if tag is not None:

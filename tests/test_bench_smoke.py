@@ -43,6 +43,7 @@ def bench_redis() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(330)
 def test_smoke_run_measures_every_approach_and_writes_its_report(
     bench_redis: str, tmp_path: Path
 ) -> None:
