@@ -72,6 +72,11 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # Take one message at a time, so long tasks don't hoard work other workers could do.
 worker_prefetch_multiplier = 1
+# After a lost broker connection Celery lowers the prefetch count while tasks still run and
+# raises it as they end; before Celery 5.7, on Redis, it could stay low and the worker took
+# no more tasks (seen here with Celery 5.4 to 5.6 after CLIENT KILL). Off, a reconnected
+# worker may reserve a few messages more than it runs, briefly.
+worker_enable_prefetch_count_reduction = False
 # Results of other tasks (the nightly summary) live a day; mint results far less (below).
 result_expires = 86400
 # Store the task's name and args with its result, so Flower and callers can tell runs apart.
@@ -112,8 +117,10 @@ sfox_mint_concurrency = _env("SFOX_MINT_CONCURRENCY")
 sfox_max_user_ids = _env("SFOX_MAX_USER_IDS")
 sfox_rate_limit = _env("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT)
 sfox_rate_limit_penalty = _env("SFOX_RATE_LIMIT_PENALTY", str(DEFAULT_RATE_LIMIT_PENALTY))
-# The limiter needs Redis; by default the broker's, else the result backend's.
-sfox_limiter_url = _env("SFOX_LIMITER_URL") or _redis_url(broker_url, result_backend)
+# The limiter needs Redis; by default the broker's, else the result backend's. The name
+# holds "backend" so that Celery masks the URL's password wherever it shows the
+# configuration (the worker's conf in Flower, `celery inspect conf`, `celery report`).
+sfox_limiter_backend = _env("SFOX_LIMITER_URL") or _redis_url(broker_url, result_backend)
 sfox_token_seal_key = _env("SFOX_TOKEN_SEAL_KEY")
 sfox_connect_timeout = _env("SFOX_CONNECT_TIMEOUT")
 sfox_read_timeout = _env("SFOX_READ_TIMEOUT")

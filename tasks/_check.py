@@ -204,7 +204,7 @@ def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
     except ConfigurationError as exc:
         return Check("rate limit", False, exc.message)
     what = f"{rate.limit} requests per {rate.period:g} s"
-    url = conf.get("sfox_limiter_url")
+    url = conf.get("sfox_limiter_backend")
     if not url:
         return Check("rate limit", True, f"{what}, in-process only: not shared between workers")
     try:

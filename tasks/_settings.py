@@ -185,7 +185,7 @@ class Settings:
                 rate_limit_penalty=float(
                     get("sfox_rate_limit_penalty", DEFAULT_RATE_LIMIT_PENALTY)
                 ),
-                limiter_url=get("sfox_limiter_url", None),
+                limiter_url=get("sfox_limiter_backend", None),
                 seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
                 connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                 read_timeout=float(get("sfox_read_timeout", DEFAULT_READ_TIMEOUT)),
