@@ -96,6 +96,8 @@ worker_max_tasks_per_child = 10000
 # Send task events so Flower sees every state change, including "sent".
 worker_send_task_events = True
 task_send_sent_event = True
+# A worker serves its own Prometheus metrics on this port, summed over its pool processes.
+sfox_metrics_port = _env("SFOX_METRICS_PORT")
 
 # -- time --------------------------------------------------------------------------
 

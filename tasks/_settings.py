@@ -128,6 +128,8 @@ class Settings:
     retry: RetrySettings = field(default_factory=RetrySettings)
     #: Non-loopback hosts that may be reached over plain http (a dev stand-in on a private network).
     plain_http_hosts: tuple[str, ...] = ()
+    #: Port a worker serves its Prometheus metrics on; ``None``: none served.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         check_api_url(self.api_url, self.plain_http_hosts)
@@ -145,6 +147,10 @@ class Settings:
             raise ConfigurationError("SFOX_RATE_LIMIT_PENALTY must not be negative")
         _positive("SFOX_CONNECT_TIMEOUT", self.connect_timeout)
         _positive("SFOX_READ_TIMEOUT", self.read_timeout)
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigurationError(
+                f"SFOX_METRICS_PORT={self.metrics_port} must be a TCP port, 1 to 65535"
+            )
         retry = self.retry
         _positive("SFOX_RETRY_ATTEMPTS", retry.attempts)
         _positive("SFOX_RETRY_DEADLINE", retry.deadline)
@@ -174,6 +180,7 @@ class Settings:
                 retry_after_max=float(get("sfox_retry_after_max", defaults.retry_after_max)),
             )
             seal = get("sfox_token_seal_key", "")
+            metrics_port = get("sfox_metrics_port", None)
             return cls(
                 api_url=str(get("sfox_api_url", DEFAULT_API_URL)).rstrip("/"),
                 api_key=get("sfox_enterprise_api_key", None),
@@ -195,6 +202,7 @@ class Settings:
                     for h in str(get("sfox_plain_http_hosts", "")).split(",")
                     if h.strip()
                 ),
+                metrics_port=None if metrics_port is None else int(metrics_port),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None
