@@ -542,8 +542,8 @@ def _add_check(sub: Any) -> None:
         description="Checks the configuration this host would run with, one line each: the "
         "settings parse, the broker and result backend answer, the enterprise key is set "
         "(never printed), sFOX answers an unauthenticated HEAD of its base URL (no key sent, "
-        "nothing minted), the seal key seals and opens, the rate limit parses and its Redis "
-        "answers.",
+        "nothing minted; any status but 502, 503 or 504 means reachable), the seal key seals "
+        "and opens, the rate limit parses and its Redis answers.",
         epilog="exit codes: 0 all checks passed, 1 a check failed, 2 bad usage",
     )
     check.add_argument(
