@@ -12,8 +12,10 @@ import os
 from celery.schedules import crontab
 
 from tasks._exceptions import ConfigurationError
+from tasks._redis import REDIS_CONNECT_TIMEOUT, REDIS_SOCKET_TIMEOUT
 from tasks._settings import (
     DEFAULT_API_URL,
+    DEFAULT_QUEUE,
     DEFAULT_RATE_LIMIT,
     DEFAULT_RATE_LIMIT_PENALTY,
     DEFAULT_RESULT_TTL,
@@ -25,13 +27,6 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value or default
 
 
-def _redis_url(*urls: str | None) -> str | None:
-    for url in urls:
-        if url and url.startswith(("redis://", "rediss://", "unix://")):
-            return url
-    return None
-
-
 # -- broker and results ------------------------------------------------------------
 
 broker_url = _env("CELERY_BROKER_URL", "redis://localhost:6379/0")
@@ -39,7 +34,9 @@ broker_url = _env("CELERY_BROKER_URL", "redis://localhost:6379/0")
 result_backend = _env("CELERY_RESULT_BACKEND", broker_url)
 
 #: Seconds a message may stay unacknowledged before Redis hands it to another worker.
-#: It bounds recovery after a worker dies; it must exceed the longest task run and countdown.
+#: It bounds recovery after a worker dies; it must exceed the longest a task holds its
+#: message: one turn (SFOX_TASK_TURN) with its requests in flight, or a countdown of at
+#: most SFOX_RETRY_AFTER_MAX (see tasks._tasks.longest_hold; a worker warns if it is not).
 _visibility_timeout = int(_env("SFOX_VISIBILITY_TIMEOUT", "1800") or 1800)
 # Workers sweep for abandoned messages every few seconds (kombu's default is every 100 s),
 # so a dead worker's messages come back within visibility_timeout plus this interval.
@@ -48,13 +45,50 @@ broker_transport_options = {
     "visibility_timeout": _visibility_timeout,
     "unacked_restore_interval": _restore_interval,
     "unacked_restore_throttle": 1,
+    # Kombu's own Redis options stay at their defaults: with retry_on_timeout,
+    # socket_timeout or health_check_interval set here, a worker whose connections Redis
+    # dropped went on waiting in silence and consumed nothing more (measured, kombu 5.7).
+    # Celery's consumer reconnects by itself (below), and restores what was unacked.
 }
 result_backend_transport_options = {"visibility_timeout": _visibility_timeout}
-# Retry the broker connection at start-up instead of dying while Redis comes up.
+# Retry the broker connection at start-up instead of dying while Redis comes up, and
+# reconnect for ever after a drop (Celery's default gives up after 100 tries).
 broker_connection_retry_on_startup = True
+broker_connection_retry = True
+broker_connection_max_retries = None
 
-# Several deployments may share one broker, each on its own queue.
-task_default_queue = _env("CELERY_TASK_DEFAULT_QUEUE", "celery")
+# -- riding through a dropped Redis connection -----------------------------------------
+# Celery's own Redis calls, next to the package's (tasks._redis): a dropped connection
+# must not turn into lost work.
+# Publishing a task (a chunk, a downstream task, a retry's countdown): kombu reconnects
+# and publishes again for up to ~20 s (Celery's default gives up after ~0.6 s, and the
+# task that published then fails).
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 12,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2,
+}
+# Storing a result (a mint's tokens, a nightly summary): retried on a connection error
+# rather than lost; bounded, with backoff from 50 ms to 2 s.
+result_backend_always_retry = True
+result_backend_max_retries = 15
+result_backend_base_sleep_between_retries_ms = 50
+result_backend_max_sleep_between_retries_ms = 2000
+# The result backend's own Redis connections: retry a timed-out command, notice dead ones.
+redis_retry_on_timeout = True
+redis_socket_timeout = REDIS_SOCKET_TIMEOUT
+redis_socket_connect_timeout = REDIS_CONNECT_TIMEOUT
+redis_backend_health_check_interval = 30
+
+# -- queues ------------------------------------------------------------------------
+
+#: The package's queue. Every package task is sent here from any app (tasks._base), and
+#: `celery -A tasks worker` consumes it alone by default, so it neither takes a partner's
+#: tasks nor is taken from by a partner's workers on Celery's default queue.
+sfox_queue = _env("SFOX_QUEUE", DEFAULT_QUEUE)
+task_default_queue = sfox_queue
 
 # -- serialisation -----------------------------------------------------------------
 
@@ -119,10 +153,18 @@ sfox_mint_concurrency = _env("SFOX_MINT_CONCURRENCY")
 sfox_max_user_ids = _env("SFOX_MAX_USER_IDS")
 sfox_rate_limit = _env("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT)
 sfox_rate_limit_penalty = _env("SFOX_RATE_LIMIT_PENALTY", str(DEFAULT_RATE_LIMIT_PENALTY))
-# The limiter needs Redis; by default the broker's, else the result backend's. The name
-# holds "backend" so that Celery masks the URL's password wherever it shows the
+# sFOX counts per egress IP: workers that leave through an IP of their own name their budget.
+# Unset, every worker shares one budget (right whenever they share one public IP, NAT included).
+sfox_rate_limit_scope = _env("SFOX_RATE_LIMIT_SCOPE")
+# On a multi-homed host, the local address sFOX requests are sent from (unset: the OS picks).
+sfox_source_address = _env("SFOX_SOURCE_ADDRESS")
+# The limiter needs Redis; by default the running app's broker, else its result backend
+# (tasks._settings.Settings.from_conf), which in a partner's app are the partner's. The
+# name holds "backend" so that Celery masks the URL's password wherever it shows the
 # configuration (the worker's conf in Flower, `celery inspect conf`, `celery report`).
-sfox_limiter_backend = _env("SFOX_LIMITER_URL") or _redis_url(broker_url, result_backend)
+sfox_limiter_backend = _env("SFOX_LIMITER_URL")
+# Seconds one task run goes on starting sFOX requests before it resumes from the broker.
+sfox_task_turn = _env("SFOX_TASK_TURN")
 sfox_token_seal_key = _env("SFOX_TOKEN_SEAL_KEY")
 sfox_connect_timeout = _env("SFOX_CONNECT_TIMEOUT")
 sfox_read_timeout = _env("SFOX_READ_TIMEOUT")
@@ -139,6 +181,9 @@ sfox_nightly_orders_file = _env("SFOX_NIGHTLY_ORDERS_FILE")
 sfox_nightly_orders_source = _env("SFOX_NIGHTLY_ORDERS_SOURCE")
 # Seconds a coordinator's lease lasts without renewal; a crashed run resumes after it.
 sfox_nightly_lease = _env("SFOX_NIGHTLY_LEASE")
+# Seconds the run may stand still, every chunk minted, before the order tasks of the users
+# not done are sent again (a message Redis lost on a dropped connection).
+sfox_nightly_resend_after = _env("SFOX_NIGHTLY_RESEND_AFTER")
 
 
 def _cron(text: str) -> crontab:

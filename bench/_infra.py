@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,8 +253,11 @@ class Workers:
         pool: str = "prefork",
         redis_client: redis.Redis[bytes],
         command: list[str] | None = None,
+        worker_envs: Sequence[dict[str, str]] = (),
     ) -> None:
         self.env = env
+        #: Settings of the worker of that index only, on top of ``env`` (its egress address).
+        self.worker_envs = list(worker_envs)
         self.log_dir = log_dir
         self.count = count
         self.concurrency = concurrency
@@ -278,7 +281,8 @@ class Workers:
                 "-P", self.pool, "-c", str(self.concurrency), "-l", "WARNING", "-n", name,
                 "--without-gossip", "--without-mingle", "--include", "bench.tasks",
             ]  # fmt: skip
-            proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+            env = {**self.env, **(self.worker_envs[index] if index < len(self.worker_envs) else {})}
+            proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
             self.procs.append(proc)
             self.processes.append(psutil.Process(proc.pid))
         deadline = time.monotonic() + START_TIMEOUT
@@ -306,7 +310,7 @@ class Workers:
         deadline = time.monotonic() + timeout
         quiet = 0
         while time.monotonic() < deadline:
-            queue = self.env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
+            queue = self.env.get("SFOX_QUEUE") or "sfox"
             busy = self.redis.llen(queue) + self.redis.hlen("unacked")
             quiet = quiet + 1 if busy == 0 else 0
             if quiet >= 3:

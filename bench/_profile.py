@@ -191,7 +191,7 @@ def classify_mint(code: list[str], processes: list[str]) -> str:
 WUT_MAIN = "worker main process: receive, dispatch, events, pool upkeep"
 WUT_MINT = "minting in jit_mint_chunk (the Minter)"
 WUT_SEND = "sending downstream tasks in jit_mint_chunk"
-WUT_DONE = "jit_done task (failures, or done_callbacks=True)"
+WUT_DONE = "jit_done task (failures, or a worker without tasks)"
 WUT_MARK = "marking users done after the downstream (task_postrun handler)"
 WUT_NOOP = "the no-op downstream task's own body"
 WUT_POOL = "pool processes: tracing, link callbacks, events, results"

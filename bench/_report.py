@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench import _report_nightly
+
 APPROACH_ORDER = (
     "package: with_user_tokens",
     "Celery alone",
@@ -844,16 +846,32 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         profile_section(results),
         "",
+        "## The nightly run at sFOX's limit",
+        "",
+        _report_nightly.nightly_table(results),
+        "",
+        *(
+            [_report_nightly.nightly_notes(results), ""]
+            if _report_nightly.nightly_rows(results)
+            else []
+        ),
+        "## Budgets per egress address",
+        "",
+        _report_nightly.egress_table(results),
+        "",
         "## Targets",
         "",
         "| target | measured | verdict |",
         "| --- | --- | --- |",
-        *[f"| {t} | {m} | {v} |" for t, m, v in targets(results)],
+        *[
+            f"| {t} | {m} | {v} |"
+            for t, m, v in targets(results) + _report_nightly.targets(results)
+        ],
         "",
     ]
     if results["with_user_tokens"] != "measured":
         lines += [f"*{results['with_user_tokens']}.*", ""]
-    text = discussion(results)
+    text = discussion(results) if rate_rows(results) else ""
     if text:
         lines += ["## Discussion", "", text, ""]
     return "\n".join(lines)

@@ -15,9 +15,13 @@ for each N side by side:
 
 Then the pipeline's own ceiling with every rate limit off (tokens/s against
 worker concurrency and stand-in latency), and the CPU cost per 100-user batch
-against a stand-in with no latency. Writes ``RESULTS.md``, ``chart.png`` and
+against a stand-in with no latency. Then the nightly run, the job partners
+run, at sFOX's rule: ``sfox.run_nightly_orders`` against a plain nightly loop
+and the bound; and budgets per egress address: mint tasks from 1, 2 and 4
+loopback source addresses, each with a limiter scope of its own
+(``bench._nightly``). Writes ``RESULTS.md``, ``chart.png`` and
 ``out/results.json`` under ``--out``. ``--smoke`` does all of it at tiny N,
-with no rate-limit waits, in well under a minute.
+with no rate-limit waits, in a minute or two.
 """
 
 from __future__ import annotations
@@ -35,14 +39,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench import _profile, _report
+from bench import _nightly, _profile, _report
 from bench._infra import (
     DEFAULT_REDIS_URL,
     ROOT,
@@ -54,6 +58,7 @@ from bench._infra import (
     mb,
 )
 from bench._plain import parse_rate
+from bench._row import Row
 
 #: A package rate no run reaches: the limiter still runs, it never waits.
 UNLIMITED_RATE = "10000000/10s"
@@ -79,39 +84,6 @@ APPROACH_BOUND = "bound"
 
 
 @dataclass
-class Row:
-    """One measured (or computed) run."""
-
-    section: str
-    approach: str
-    users: int
-    concurrency: int = 0
-    latency: float = 0.0
-    wall_s: float = 0.0
-    tokens: int = 0
-    requests: int = 0
-    rate_limited: int = 0
-    max_in_window: int = 0
-    rss_total_mb: float = 0.0
-    rss_largest_mb: float = 0.0
-    rss_idle_largest_mb: float = 0.0
-    worker_cpu_s: float = 0.0
-    fake_cpu_s: float = 0.0
-    projected: bool = False
-    skipped: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    def as_json(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["tokens_per_s"] = self.tokens_per_s
-        return data
-
-
-@dataclass
 class Config:
     sizes: list[int]
     workers: int
@@ -131,6 +103,12 @@ class Config:
     grid_wut_users: int
     profile_users: int
     profile_wut_users: int
+    nightly_sizes: list[int]
+    egress_counts: list[int]
+    egress_requests: int
+    egress_batch: int
+    egress_chunk: int
+    egress_concurrency: int
     sections: list[str]
     redis_url: str
     out: Path
@@ -178,7 +156,22 @@ def parse_args(argv: list[str] | None) -> Config:
     )
     add("--profile-users", type=int, default=50_000)
     add("--profile-wut-users", type=int, default=5_000)
-    add("--sections", default="rate,grid,profile", help="any of rate, grid, profile")
+    add("--nightly-sizes", default="1000,10000", help="users (one order each) per nightly run")
+    add("--egress-counts", default="1,2,4", help="egress addresses, one worker and scope each")
+    add(
+        "--egress-requests",
+        type=int,
+        default=720,
+        help="requests per egress address (3 windows of 240: the first window's burst is a third)",
+    )
+    add("--egress-batch", type=int, default=10, help="SFOX_TOKEN_BATCH_SIZE in the egress runs")
+    add("--egress-chunk", type=int, default=100, help="users per mint task in the egress runs")
+    add("--egress-concurrency", type=int, default=2, help="pool processes per egress worker")
+    add(
+        "--sections",
+        default="rate,grid,profile,nightly,egress",
+        help="any of rate, grid, profile, nightly, egress",
+    )
     add(
         "--redis-url",
         default=os.environ.get("SFOX_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
@@ -207,6 +200,12 @@ def parse_args(argv: list[str] | None) -> Config:
         grid_wut_users=args.grid_wut_users,
         profile_users=args.profile_users,
         profile_wut_users=args.profile_wut_users,
+        nightly_sizes=_ints(args.nightly_sizes),
+        egress_counts=_ints(args.egress_counts),
+        egress_requests=args.egress_requests,
+        egress_batch=args.egress_batch,
+        egress_chunk=args.egress_chunk,
+        egress_concurrency=args.egress_concurrency,
         sections=[s.strip() for s in args.sections.split(",") if s.strip()],
         redis_url=args.redis_url,
         out=args.out or (ROOT / "bench" / ("out/smoke" if args.smoke else "")),
@@ -226,6 +225,9 @@ def parse_args(argv: list[str] | None) -> Config:
         config.grid_wut_users = 200
         config.profile_users = 1_000
         config.profile_wut_users = 200
+        config.nightly_sizes = [200]
+        config.egress_counts = [1, 2]
+        config.egress_requests = 20
     return config
 
 
@@ -451,30 +453,36 @@ class Bench:
             "--batch-size", str(self.config.batch_size), "--rate", rate,
             "--threads", str(threads),
         ]  # fmt: skip
+        outcome = self.loop_process(row, args, timeout=self._timeout(users, rate) * 100)
+        row.tokens = int(outcome["tokens"])
+        self._fake_counts(row)
+        return self.record(row)
+
+    def loop_process(self, row: Row, args: list[str], *, timeout: float) -> dict[str, Any]:
+        """Run one ``bench._plain`` loop, fill in its wall, CPU and peak RSS; its outcome."""
         env = {**os.environ, "BENCH_SFOX_KEY": self.api_key}
         fake0 = self.fake.cpu_seconds()
+        what = f"{row.approach} for N={row.users}"
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         process = psutil.Process(proc.pid)
         with Sampler(lambda: [process]) as sampler:
             try:
-                stdout, _ = proc.communicate(timeout=self._timeout(users, rate) * 100)
+                stdout, _ = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise BenchError(f"{approach} did not finish for N={users}") from None
+                raise BenchError(f"{what} did not finish") from None
             finally:
                 if proc.poll() is None:  # a timeout, or the benchmark itself was stopped
                     proc.kill()
                     proc.wait(5)
         if proc.returncode != 0:
-            raise BenchError(f"{approach} failed for N={users} (exit {proc.returncode})")
-        outcome = json.loads(stdout)
+            raise BenchError(f"{what} failed (exit {proc.returncode})")
+        outcome: dict[str, Any] = json.loads(stdout)
         row.wall_s = float(outcome["wall_s"])
-        row.tokens = int(outcome["tokens"])
         row.worker_cpu_s = float(outcome["cpu_s"])
         row.fake_cpu_s = self.fake.cpu_seconds() - fake0
         row.rss_total_mb = row.rss_largest_mb = mb(sampler.peak.largest)
         row.notes.extend(outcome["errors"])
-        self._fake_counts(row)
-        return self.record(row)
+        return outcome
 
     # -- the sections ----------------------------------------------------------------
 
@@ -685,10 +693,12 @@ class Bench:
         started = time.time()
         self.start()
         try:
-            sections = {
+            sections: dict[str, Callable[[], None]] = {
                 "rate": self.section_rate,
                 "grid": self.section_grid,
                 "profile": self.section_profile,
+                "nightly": lambda: _nightly.section_nightly(self),
+                "egress": lambda: _nightly.section_egress(self),
             }
             for name, section in sections.items():
                 if name in self.config.sections:
@@ -729,6 +739,13 @@ class Bench:
                 "grid_wut_users": c.grid_wut_users,
                 "profile_users": c.profile_users,
                 "profile_wut_users": c.profile_wut_users,
+                "nightly_sizes": c.nightly_sizes,
+                "token_result_ttl": _token_result_ttl(),
+                "egress_counts": c.egress_counts,
+                "egress_requests": c.egress_requests,
+                "egress_batch": c.egress_batch,
+                "egress_chunk": c.egress_chunk,
+                "egress_concurrency": c.egress_concurrency,
                 "smoke": c.smoke,
                 "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             },
@@ -737,6 +754,13 @@ class Bench:
             "rows": [row.as_json() for row in self.rows],
             "profile": self.profile,
         }
+
+
+def _token_result_ttl() -> int:
+    """SFOX_TOKEN_RESULT_TTL in the workers: the age no token may reach at use."""
+    from tasks._settings import DEFAULT_RESULT_TTL
+
+    return int(os.environ.get("SFOX_TOKEN_RESULT_TTL") or DEFAULT_RESULT_TTL)
 
 
 def _mint_concurrency() -> int:

@@ -1,7 +1,7 @@
 """Celery tasks that mint sFOX user auth tokens in batches and hand them, sealed, to jobs.
 
 The public surface is this module: :data:`app`, :func:`unseal`,
-:func:`with_user_tokens`, the tasks and the exception tree. Tasks are
+:func:`with_user_tokens` with :func:`run_progress`, the tasks and the exception tree. Tasks are
 registered under the names ``sfox.*``.
 """
 
@@ -20,10 +20,11 @@ from tasks._exceptions import (
     SealError,
     ServerError,
     SfoxError,
+    TokenRejected,
     TransientError,
     TransportError,
 )
-from tasks._jit import with_user_tokens
+from tasks._jit import RunProgress, run_progress, with_user_tokens
 from tasks._nightly import place_user_order, run_nightly_orders
 from tasks._runtime import get_runtime
 from tasks._tasks import mint_user_tokens
@@ -37,6 +38,7 @@ __all__ = [
     "RateLimited",
     "RequestRefused",
     "RetriesExhausted",
+    "RunProgress",
     "SealError",
     "ServerError",
     "SfoxError",
@@ -47,6 +49,7 @@ __all__ = [
     "mint_user_tokens",
     "place_user_order",
     "run_nightly_orders",
+    "run_progress",
     "unseal",
     "with_user_tokens",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from celery import Celery, signals
 from celery.app import backends
@@ -15,7 +16,7 @@ from tasks._logs import hide_task_results_in_logs
 from tasks._metrics import MetricsServer, serve
 from tasks._settings import Settings
 
-__all__ = ["app"]
+__all__ = ["app", "package_conf"]
 
 _log = logging.getLogger("tasks.metrics")
 
@@ -86,3 +87,24 @@ def _stop_metrics(**_: Any) -> None:
     if _metrics_server is not None:
         _metrics_server.close()
         _metrics_server = None
+
+
+def package_conf(conf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The settings the package's tasks run with, in whichever app runs them.
+
+    A partner's app that imports ``tasks`` runs the tasks with its own broker
+    and result backend, but its configuration knows nothing of ``sfox_*``:
+    those come from the environment, as ``celeryconfig`` read it for
+    :data:`app`, unless the running app sets them itself.
+    """
+    if conf is app.conf:
+        return cast("Mapping[str, Any]", conf)
+    merged: dict[str, Any] = {k: app.conf.get(k) for k in app.conf if k.startswith("sfox_")}
+    for key in list(merged) + [k for k in conf if k.startswith("sfox_")]:
+        value = conf.get(key)
+        if value is not None and value != "":
+            merged[key] = value
+    merged["broker_url"] = conf.get("broker_url")
+    merged["result_backend"] = conf.get("result_backend")
+    merged["broker_transport_options"] = conf.get("broker_transport_options")
+    return merged

@@ -11,11 +11,13 @@ lives without its expiry.
 from __future__ import annotations
 
 import contextvars
+import os
+import threading
 from typing import Any
 
 from celery.backends.redis import RedisBackend
 
-__all__ = ["TokenRedisBackend"]
+__all__ = ["TokenRedisBackend", "backend_with_ttl"]
 
 _expiry: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "sfox_result_ttl", default=None
@@ -61,3 +63,25 @@ class TokenRedisBackend(RedisBackend):  # type: ignore[misc]
             pipe.setex(key, ttl, value)
             pipe.publish(key, value)
             pipe.execute()
+
+
+_lock = threading.Lock()
+_ttl_backends: dict[tuple[int, int], TokenRedisBackend] = {}
+
+
+def backend_with_ttl(backend: Any, app: Any) -> Any:
+    """``backend``, or for Celery's plain Redis backend a twin that honours ``result_ttl``.
+
+    A partner's app that runs the mint task has Celery's own Redis backend; the
+    twin talks to the same Redis, with the same configuration and keys, and
+    writes a mint's result with its short TTL in the same command. One twin per
+    app and process.
+    """
+    if type(backend) is not RedisBackend:
+        return backend
+    key = (id(app), os.getpid())
+    with _lock:
+        twin = _ttl_backends.get(key)
+        if twin is None:
+            twin = _ttl_backends[key] = TokenRedisBackend(app=app, url=backend.url)
+        return twin

@@ -22,8 +22,9 @@ import requests
 from kombu.connection import Connection
 from kombu.utils.url import maybe_sanitize_url
 
+from tasks._client import http_adapter
 from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._ratelimit import KEY_PREFIX
+from tasks._ratelimit import scope_prefix
 from tasks._seal import Sealer
 from tasks._settings import (
     DEFAULT_API_URL,
@@ -33,6 +34,7 @@ from tasks._settings import (
     Rate,
     Settings,
     check_api_url,
+    redis_url_of,
 )
 
 __all__ = [
@@ -172,13 +174,24 @@ def _check_sfox(conf: Mapping[str, Any], timeout: float) -> Check:
         return Check("sFOX", False, exc.message)
     except (TypeError, ValueError):
         connect = min(DEFAULT_CONNECT_TIMEOUT, timeout)
+    source = str(_setting(conf, "sfox_source_address", "")).strip() or None
     session = requests.Session()
-    # The same network path as the client: no proxy or .netrc from the environment.
+    # The same network path as the client: no proxy or .netrc from the environment, and
+    # the source address its requests leave from.
     session.trust_env = False
+    adapter = http_adapter(1, source)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    sent_from = f" from {source}" if source else ""
     try:
         response = session.head(url + "/", timeout=(connect, timeout), allow_redirects=False)
     except requests.RequestException as exc:
-        return Check("sFOX", False, f"{url} does not answer: {type(exc).__name__}")
+        hint = (
+            f" (is {source}, SFOX_SOURCE_ADDRESS, an address of this host?)"
+            if source and isinstance(exc, requests.ConnectionError)
+            else ""
+        )
+        return Check("sFOX", False, f"{url} does not answer{sent_from}: {type(exc).__name__}{hint}")
     finally:
         session.close()
     status = response.status_code
@@ -187,8 +200,8 @@ def _check_sfox(conf: Mapping[str, Any], timeout: float) -> Check:
     # its status (a 404, or a 501 from a server without HEAD), except the gateway statuses
     # that say the API behind it is down.
     if status in DOWN_STATUSES:
-        return Check("sFOX", False, f"{url} is down or in maintenance ({how})")
-    return Check("sFOX", True, f"{url} answers ({how})")
+        return Check("sFOX", False, f"{url}{sent_from} is down or in maintenance ({how})")
+    return Check("sFOX", True, f"{url} answers{sent_from} ({how})")
 
 
 def _check_seal(conf: Mapping[str, Any]) -> Check:
@@ -217,22 +230,24 @@ def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
     except ConfigurationError as exc:
         return Check("rate limit", False, exc.message)
     what = f"{rate.limit} requests per {rate.period:g} s"
-    url = conf.get("sfox_limiter_backend")
+    url = conf.get("sfox_limiter_backend") or redis_url_of(
+        conf.get("broker_url"), conf.get("result_backend")
+    )
     if not url:
         return Check("rate limit", True, f"{what}, in-process only: not shared between workers")
+    scope = str(_setting(conf, "sfox_rate_limit_scope", "")).strip()
+    who = f"the workers of scope {scope!r}" if scope else "all workers"
     try:
         client = _redis(str(url), timeout)
-        pause_ms = int(client.pttl(f"{KEY_PREFIX}:pause"))
+        pause_ms = int(client.pttl(f"{scope_prefix(scope)}:pause"))
     except redis.RedisError as exc:
         return Check(
             "rate limit", False, f"{what}; its Redis {safe_url(str(url))} does not answer: "
             f"{_one_line(exc)}"
         )  # fmt: skip
-    paused = (
-        f"; a 429 pause holds every worker for {pause_ms / 1000:.0f} s more" if pause_ms > 0 else ""
-    )
+    paused = f"; a 429 pause holds {who} for {pause_ms / 1000:.0f} s more" if pause_ms > 0 else ""
     return Check(
-        "rate limit", True, f"{what}, shared by all workers through {safe_url(str(url))}{paused}"
+        "rate limit", True, f"{what}, shared by {who} through {safe_url(str(url))}{paused}"
     )
 
 

@@ -245,7 +245,7 @@ def mint_locally(user_ids: list[str], *, progress: Progress) -> list[Outcome]:
 
     runtime = get_runtime(app.conf)
     runtime.settings.require_api_key()
-    minter = runtime.minter()
+    minter = runtime.minter(turn=False)
     outcomes: list[Outcome] = []
     chunks = _chunks(user_ids, runtime.settings.batch_size)
     for index, chunk in enumerate(chunks):

@@ -9,6 +9,10 @@ one client may serve several threads at once (requests does not promise that
 one session is safe to share between threads: its cookie jar is iterated
 without a lock while another thread's response may add to it).
 
+On a multi-homed host the client can bind every connection to one local
+address (``source_address``), so that sFOX sees the egress IP whose budget the
+worker's limiter scope counts against.
+
 Secrets: the enterprise key lives only in the session's headers; bodies of
 successful answers (which hold tokens) are never echoed into a message, and
 error texts from sFOX are scrubbed of the key before they go anywhere.
@@ -43,7 +47,14 @@ from tasks._exceptions import (
 from tasks._metrics import request_done
 from tasks._settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, check_api_url
 
-__all__ = ["IssuedToken", "SfoxClient", "Timeouts", "normalise_expires", "parse_retry_after"]
+__all__ = [
+    "IssuedToken",
+    "SfoxClient",
+    "Timeouts",
+    "http_adapter",
+    "normalise_expires",
+    "parse_retry_after",
+]
 
 logger = logging.getLogger("tasks.client")
 
@@ -85,6 +96,31 @@ class IssuedToken:
         return f"IssuedToken(partner_user_id={self.partner_user_id!r}, expires={self.expires!r})"
 
 
+class _SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose connections all leave from one local address (any port)."""
+
+    # Kept when the adapter is pickled, like HTTPAdapter's own settings.
+    __attrs__ = [*requests.adapters.HTTPAdapter.__attrs__, "source_address"]  # noqa: RUF012
+
+    def __init__(self, source_address: str, **kwargs: Any) -> None:
+        # Set before HTTPAdapter.__init__, which builds the pool manager.
+        self.source_address = source_address
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self.source_address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def http_adapter(
+    pool_size: int = 10, source_address: str | None = None
+) -> requests.adapters.HTTPAdapter:
+    """The transport for sFOX: a connection pool, bound to ``source_address`` when given."""
+    if source_address:
+        return _SourceAddressAdapter(source_address, pool_connections=1, pool_maxsize=pool_size)
+    return requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
+
+
 class SfoxClient:
     """Talks to one sFOX base URL with one enterprise key."""
 
@@ -97,10 +133,13 @@ class SfoxClient:
         session: requests.Session | None = None,
         pool_size: int = 10,
         plain_http_hosts: Collection[str] = (),
+        source_address: str | None = None,
     ) -> None:
         check_api_url(base_url, plain_http_hosts)
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
+        #: Local address every connection leaves from; ``None`` lets the OS choose.
+        self.source_address = source_address
         self._api_key = api_key
         self._pool_size = pool_size
         self._lock = threading.Lock()
@@ -110,7 +149,7 @@ class SfoxClient:
         self._idle: list[requests.Session] = [first]
 
     def _prepare(self, session: requests.Session) -> requests.Session:
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size)
+        adapter = http_adapter(self._pool_size, self.source_address)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         # Never let a proxy setting or .netrc swap our Authorization header.

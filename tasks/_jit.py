@@ -9,18 +9,23 @@ Redis list of the run, then the run proceeds by itself:
   tokens are minted in step with their use and none waits in a queue for long;
 - a chunk task mints its users (through the shared limiter), sends each
   granted user's ``downstream`` signature with ``user_token=<entry>`` at once,
+  to where the downstream's own app routes it (:func:`downstream_route`),
   records the refused users, and releases more chunks;
-- each downstream task, when it ends, marks its user done and releases more:
-  on success (or ``Ignore``) from a ``task_postrun`` handler in the worker that ran it (the
-  message carries the run and user in a ``sfox_jit`` header), on failure from
-  a small ``sfox.jit_done`` errback, which Celery also sends when the worker's
-  main process records the failure (hard time limit, lost worker). With
-  ``done_callbacks=True`` success sends ``sfox.jit_done`` too, for downstream
-  tasks that run on workers which never import ``tasks``.
+- each downstream task, when it ends, marks its user done and releases more.
+  Every downstream message carries a ``sfox.jit_done`` link and errback bound
+  for ``SFOX_QUEUE``, so any worker, one that never imports ``tasks`` too,
+  reports the end. A worker that imports ``tasks`` reads the run and user from
+  the message's ``sfox_jit`` header and marks a success (or ``Ignore``) itself
+  from ``task_postrun``, dropping the link first: one Redis call, no second
+  task. Failures go by the errback, which Celery also sends when the worker's
+  main process records them (hard time limit, lost worker).
 
 Every counter moves in one Lua script, and moves once however often Celery
-redelivers a task: segments stage once, chunks finish once, users are done
-once. The run's keys expire after :data:`RUN_TTL` seconds.
+redelivers a task or a call is made again after a dropped Redis connection:
+segments stage once, chunks finish once, users are done once. A chunk is
+minted by one chunk task only, and a chunk task that went back to the broker
+after minting resumes with its tokens, sending no downstream task twice. The
+run's keys expire after :data:`RUN_TTL` seconds.
 """
 
 from __future__ import annotations
@@ -35,13 +40,28 @@ from typing import Any
 import redis
 from celery import Task, group, signals
 from celery.canvas import Signature
+from kombu.entity import Exchange, Queue
 
 from tasks._app import app
+from tasks._base import SfoxTask
 from tasks._exceptions import InvalidUserIds
-from tasks._mint import Deferred, validate_user_ids
+from tasks._mint import MintResult, validate_user_ids
+from tasks._redis import script as script_for
 from tasks._runtime import get_runtime
+from tasks._tasks import TASK_TIME_LIMIT
 
-__all__ = ["Chunk", "JitRun", "RunProgress", "send_chunks", "stale_after", "with_user_tokens"]
+__all__ = [
+    "Chunk",
+    "JitRun",
+    "RunProgress",
+    "downstream_route",
+    "route_options",
+    "run_progress",
+    "send_chunks",
+    "send_downstream",
+    "stale_after",
+    "with_user_tokens",
+]
 
 logger = logging.getLogger("tasks.jit")
 
@@ -58,15 +78,25 @@ DONE_HEADER = "sfox_jit"
 
 _PREFIX = "sfox:jit"
 
-# Shared by the scripts below. KEYS: 1 state hash, 2 queue list, 3 done set,
-# 4 released hash (chunk index -> chunk), 5 released-at zset, 6 finished set,
-# 7 released-by hash (chunk index -> id of the task that must send it).
+# Every script gets all of a run's keys, in this order (see JitRun.keys):
+# 1 state hash, 2 queue list, 3 done set, 4 released hash (chunk index -> chunk),
+# 5 released-at zset, 6 finished set, 7 taken hash (chunk index -> id of the task that
+# took it and has not yet confirmed it sent), 8 staged set, 9 owners hash (chunk index ->
+# id of the chunk task minting it).
 # ARGV[1] is the keys' TTL, ARGV[2] the calling task's id ('' outside a task).
-# release(): hand out chunks while fewer than `budget` users are released but
-# unfinished, noting when and by whom each went out. mine(): chunks this very
-# task released before and that never finished: a redelivered task died
-# between taking them and sending them, so it sends them again. stale(): chunks
-# released longer ago than `stale_after` and never finished, whoever took them.
+#
+# A chunk is handed out in two steps. release() *takes* chunks for the caller (at most
+# `budget` users released but unfinished); the caller publishes each chunk task and then
+# confirms it (SENT), which ends the chunk's taking. mine() returns the chunks this very
+# task took and never confirmed: after a crash between taking and publishing, or when a
+# script's answer was lost on a dropped connection and the call is made again, they come
+# back to the task that must send them, and to no one else. stale(): chunks released
+# longer ago than `stale_after` and never finished, whoever took them (their chunk task
+# was lost): taken again by the caller, and no longer owned by the lost task.
+#
+# Run twice (a retry after a dropped connection), every script has the effect of one run:
+# staging is guarded by the staged set, finishing by the finished set, a user's end by the
+# done set, and what the first run took comes back from mine() in the second.
 _COMMON = """
 local SENDER = ARGV[2]
 local function now()
@@ -107,6 +137,7 @@ local function forget(index)
   redis.call('HDEL', KEYS[4], index)
   redis.call('ZREM', KEYS[5], index)
   redis.call('HDEL', KEYS[7], index)
+  redis.call('HDEL', KEYS[9], index)
 end
 local function stale(out, limit)
   local after = tonumber(redis.call('HGET', KEYS[1], 'stale_after') or '0')
@@ -118,6 +149,7 @@ local function stale(out, limit)
     if chunk and redis.call('SISMEMBER', KEYS[6], index) == 0 then
       redis.call('ZADD', KEYS[5], t, index)
       redis.call('HSET', KEYS[7], index, SENDER)
+      redis.call('HDEL', KEYS[9], index)
       table.insert(out, chunk)
     else
       forget(index)
@@ -130,7 +162,7 @@ local function touch(ttl)
 end
 """
 
-# ARGV: ttl, sender, segment index, spec json, chunks...; KEYS[8] staged set.
+# ARGV: ttl, sender, segment index, spec json, chunks...
 _STAGE = (
     _COMMON
     + """
@@ -144,6 +176,26 @@ touch(tonumber(ARGV[1]))
 return release(out)
 """
 )
+
+# ARGV: ttl, sender, chunk indexes... The caller published these chunks' tasks.
+_SENT = """
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[7], ARGV[i]) == ARGV[2] then
+    redis.call('HDEL', KEYS[7], ARGV[i])
+  end
+end
+return {}
+"""
+
+# ARGV: ttl, sender, chunk index. 1: the sender may mint the chunk; 0: it is finished, or
+# another chunk task owns it (a second copy of its message). Run twice, the same answer.
+_CLAIM = """
+if redis.call('SISMEMBER', KEYS[6], ARGV[3]) == 1 then return 0 end
+local owner = redis.call('HGET', KEYS[9], ARGV[3])
+if owner and owner ~= ARGV[2] and ARGV[2] ~= '' then return 0 end
+redis.call('HSET', KEYS[9], ARGV[3], ARGV[2])
+return 1
+"""
 
 # ARGV: ttl, sender, chunk index, users, dispatched, failed.
 _FINISH = (
@@ -180,17 +232,37 @@ return stale(release(mine()), 100)
 """
 )
 
+_SCRIPTS = {
+    "stage": _STAGE,
+    "sent": _SENT,
+    "claim": _CLAIM,
+    "finish": _FINISH,
+    "done": _DONE,
+    "sweep": _SWEEP,
+}
+
 
 @dataclass(frozen=True)
 class RunProgress:
-    """Where a run stands."""
+    """Where a ``with_user_tokens`` run stands (:func:`run_progress`)."""
 
+    #: Users in the run.
     total: int
+    #: Users whose downstream task was sent.
     dispatched: int
+    #: Users whose downstream task ended (succeeded, failed for good, or was handed over).
     done: int
+    #: Users sFOX refused a token: they never reach the downstream task.
     failed: int
+    #: Chunks not yet released for minting.
     queued_chunks: int
+    #: Users of chunks being minted now.
     inflight: int
+
+    @property
+    def refused(self) -> int:
+        """Users sFOX refused (the same as :attr:`failed`)."""
+        return self.failed
 
     @property
     def finished(self) -> bool:
@@ -235,8 +307,10 @@ class JitRun:
         self.released = f"{base}:released"
         self.released_at = f"{base}:released-at"
         self.released_by = f"{base}:released-by"
+        self.owners = f"{base}:owners"
 
-    def _keys(self, *extra: str) -> list[str]:
+    def keys(self) -> list[str]:
+        """Every script's KEYS, in the order the scripts name them."""
         return [
             self.state,
             self.queue,
@@ -245,52 +319,60 @@ class JitRun:
             self.released_at,
             self.finished_set,
             self.released_by,
-            *extra,
+            self.staged,
+            self.owners,
         ]
 
     @classmethod
-    def for_app(cls, run_id: str) -> JitRun:
-        return cls(get_runtime(app.conf).redis, run_id)
+    def for_app(cls, run_id: str, conf: Any = None) -> JitRun:
+        return cls(get_runtime(conf if conf is not None else app.conf).redis, run_id)
 
-    def _script(self, source: str) -> Any:
-        return self.client.register_script(source)
-
-    # Each returns the chunks the caller must send now. ``sender`` is the calling
-    # task's id: when Celery redelivers that task after a crash, the chunks it took
-    # but may never have sent come back to it.
+    # Each returns the chunks the caller must send now, then confirm with ``sent``.
+    # ``sender`` is the calling task's id: when Celery redelivers that task after a
+    # crash, or a call is made again after a dropped connection, the chunks it took
+    # but never confirmed come back to it.
 
     def stage(
         self, segment: int, chunks: Sequence[Chunk], spec: dict[str, Any], *, sender: str = ""
     ) -> list[Chunk]:
         """Add a segment's chunks once."""
-        return self._run(
-            _STAGE,
-            [segment, json.dumps(spec), *(c.encode() for c in chunks)],
-            sender,
-            self.staged,
+        return self._chunks(
+            "stage", sender, segment, json.dumps(spec), *(c.encode() for c in chunks)
         )
+
+    def sent(self, chunks: Sequence[Chunk], *, sender: str = "") -> None:
+        """The caller has published these chunks' tasks: they are no longer its to resend."""
+        if chunks:
+            self._call("sent", sender, *(c.index for c in chunks))
+
+    def claim(self, chunk: Chunk, *, sender: str = "") -> bool:
+        """Whether ``sender`` may mint ``chunk``: unfinished, and no other task's."""
+        return bool(self._call("claim", sender, chunk.index))
 
     def finish_chunk(
         self, chunk: Chunk, dispatched: int, failed: int, *, sender: str = ""
     ) -> list[Chunk]:
         """Count a minted chunk once."""
-        return self._run(_FINISH, [chunk.index, len(chunk.user_ids), dispatched, failed], sender)
+        return self._chunks("finish", sender, chunk.index, len(chunk.user_ids), dispatched, failed)
 
     def user_done(self, user_id: str, *, sender: str = "") -> list[Chunk]:
         """Mark one user's downstream work ended."""
-        return self._run(_DONE, [user_id], sender)
+        return self._chunks("done", sender, user_id)
 
     def sweep(self, *, sender: str = "") -> list[Chunk]:
         """Newly releasable chunks, and ones whose sender died unsent."""
-        return self._run(_SWEEP, [], sender)
+        return self._chunks("sweep", sender)
 
-    def _run(self, script: str, args: list[Any], sender: str, *extra_keys: str) -> list[Chunk]:
-        released = self._script(script)(
-            keys=self._keys(*extra_keys), args=[RUN_TTL, sender or "", *args]
+    def _call(self, name: str, sender: str, *args: Any) -> Any:
+        return script_for(self.client, _SCRIPTS[name])(
+            keys=self.keys(), args=[RUN_TTL, sender or "", *args]
         )
-        return [Chunk.decode(c) for c in released]
+
+    def _chunks(self, name: str, sender: str, *args: Any) -> list[Chunk]:
+        return [Chunk.decode(c) for c in self._call(name, sender, *args)]
 
     def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Keep the refused users' entries (HSET: the same entries again change nothing)."""
         mapping = {e["user_id"]: json.dumps(e) for e in entries}
         if mapping:
             with self.client.pipeline() as pipe:
@@ -324,6 +406,15 @@ class JitRun:
         )
 
 
+def run_progress(run_id: str) -> RunProgress:
+    """Where the ``with_user_tokens`` run ``run_id`` stands; ``.finished`` once it ended.
+
+    ``run_id`` is the one given to :func:`with_user_tokens`, or the ``run_id``
+    attribute of the canvas it returned.
+    """
+    return JitRun.for_app(run_id).progress()
+
+
 def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[Chunk]]:
     chunks = [
         Chunk(i // chunk_size, list(user_ids[i : i + chunk_size]))
@@ -333,13 +424,66 @@ def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[Chunk]]:
 
 
 def stale_after(conf: Any) -> float:
-    """Seconds after which a released, unfinished chunk is taken as never sent.
+    """Seconds after which a released, unfinished chunk is taken as lost.
 
     Longer than any honest chunk task can take: a redelivery after the
     visibility timeout, plus minting's whole retry deadline, plus a margin.
     """
     visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
     return visibility + get_runtime(conf).settings.retry.deadline + 60
+
+
+#: The message options that say where a task goes.
+_ROUTING = ("queue", "exchange", "routing_key", "priority")
+
+
+def downstream_route(downstream: Signature) -> dict[str, Any]:
+    """Where ``downstream``'s own app would send it: queue, exchange, routing key, priority.
+
+    Worked out here, in the caller's process, with the signature's app (its
+    ``task_routes``, its default queue, the task's own ``queue``), so that the
+    package's workers, whose app knows none of that, send it there too. The
+    queue keeps its declaration (exchange type, arguments) as JSON.
+    """
+    owner = downstream.app
+    name = downstream.task
+    options: dict[str, Any] = {}
+    task = owner.tasks.get(name)
+    if task is not None:
+        exec_options = task._get_exec_options()
+        options.update({k: exec_options[k] for k in _ROUTING if exec_options.get(k) is not None})
+    options.update({k: downstream.options[k] for k in _ROUTING if downstream.options.get(k)})
+    routed = owner.amqp.router.route(options, name, downstream.args, downstream.kwargs)
+    route: dict[str, Any] = {}
+    queue = routed.get("queue")
+    if isinstance(queue, Queue):
+        route["queue"] = queue.as_dict(recurse=True)  # type: ignore[no-untyped-call]
+    elif isinstance(queue, str):
+        route["queue"] = {"name": queue}
+    exchange = routed.get("exchange")
+    if isinstance(exchange, Exchange):
+        exchange = exchange.name
+    if exchange is not None:
+        route["exchange"] = exchange
+    for key in ("routing_key", "priority"):
+        if routed.get(key) is not None:
+            route[key] = routed[key]
+    return route
+
+
+def route_options(route: Mapping[str, Any]) -> dict[str, Any]:
+    """Message options for :meth:`Signature.apply_async` from :func:`downstream_route`."""
+    options = {k: v for k, v in route.items() if k != "queue"}
+    declared = dict(route.get("queue") or {})
+    if not declared:
+        return options
+    exchange = declared.pop("exchange", None)
+    declared.pop("bindings", None)
+    if isinstance(exchange, Mapping):
+        options["queue"] = Queue(exchange=Exchange(**exchange), **declared)  # type: ignore[no-untyped-call]
+    else:
+        options["queue"] = declared["name"]
+    return options
 
 
 def with_user_tokens(
@@ -349,24 +493,21 @@ def with_user_tokens(
     ahead: int = DEFAULT_AHEAD,
     chunk_size: int | None = None,
     run_id: str | None = None,
-    done_callbacks: bool = False,
 ) -> Signature:
     """A canvas that mints tokens for ``user_ids`` and calls ``downstream`` once per user.
 
     Each granted user's ``downstream`` is sent with ``user_token=<that user's
-    entry from "tokens">`` (sealed) as soon as its chunk is minted; refused
-    users never reach it and are logged and kept with the run. At most
-    ``ahead`` chunks are minted ahead of the downstream tasks' progress.
-    Bad ``user_ids`` raise :class:`ValueError` here, before anything is sent.
+    entry from "tokens">`` (sealed) as soon as its chunk is minted, to where the
+    downstream's own app routes it; refused users never reach it and are logged
+    and kept with the run. At most ``ahead`` chunks are minted ahead of the
+    downstream tasks' progress. Bad ``user_ids`` raise :class:`ValueError`
+    here, before anything is sent.
 
-    A worker that imports ``tasks`` (``celery -A tasks worker``, or an app that
-    imports it) marks a downstream task's user done when the task succeeds or
-    raises ``Ignore`` (as ``self.replace`` does: the user is handed over), at
-    the cost of one Redis call; a failure sends a ``sfox.jit_done`` errback.
-    Pass ``done_callbacks=True`` when ``downstream`` runs on workers that do
-    not import ``tasks``: every success then sends a ``sfox.jit_done`` task
-    instead, a second Celery task per user (a task ending by ``Ignore`` there
-    is never marked, as Celery sends it neither link nor errback).
+    A downstream task marks its user done when it ends, on any worker: one
+    that imports ``tasks`` does it in place (one Redis call), any other sends a
+    small ``sfox.jit_done`` task to ``SFOX_QUEUE`` (its link and errback). The
+    returned canvas has the run's id as ``.run_id``; :func:`run_progress` reads
+    where the run stands.
     """
     ids = validate_user_ids(user_ids, maximum=MAX_RUN_USERS)
     if not isinstance(downstream, Signature):
@@ -382,75 +523,81 @@ def with_user_tokens(
         "budget": ahead * size,
         "stale_after": stale_after(app.conf),
         "downstream": json.dumps(dict(downstream)),
-        "done_callbacks": int(done_callbacks),
+        "route": json.dumps(downstream_route(downstream)),
     }
-    return group(
+    canvas = group(
         jit_segment.si(run, index, [c.encode() for c in segment], spec).set(
             argsrepr=f"[run {run[:12]}, segment {index}, {_users(segment)} users]"
         )
         for index, segment in enumerate(_segments(ids, size))
     )
+    canvas.run_id = run
+    return canvas
 
 
 def _users(chunks: Sequence[Chunk]) -> int:
     return sum(len(c.user_ids) for c in chunks)
 
 
-def send_chunks(run_id: str, chunks: Sequence[Chunk]) -> None:
+def send_chunks(run: JitRun, chunks: Sequence[Chunk], *, sender: str = "") -> None:
+    """Publish a chunk task for each of ``chunks``, confirming each once it is out."""
     for chunk in chunks:
         jit_mint_chunk.apply_async(
-            (run_id, chunk.encode()),
-            argsrepr=f"[run {run_id[:12]}, chunk {chunk.index}, {len(chunk.user_ids)} users]",
+            (run.run_id, chunk.encode()),
+            argsrepr=f"[run {run.run_id[:12]}, chunk {chunk.index}, {len(chunk.user_ids)} users]",
         )
+        run.sent([chunk], sender=sender)
 
 
-@app.task(name="sfox.jit_segment", acks_late=True)
+@app.task(bind=True, base=SfoxTask, name="sfox.jit_segment")
 def jit_segment(
-    run_id: str, segment: int, chunks: list[str], spec: dict[str, Any]
+    self: SfoxTask, run_id: str, segment: int, chunks: list[str], spec: dict[str, Any]
 ) -> dict[str, Any]:
     """Stage one segment of a with_user_tokens run and release the first chunks."""
-    run = JitRun.for_app(run_id)
-    released = run.stage(
-        segment, [Chunk.decode(c) for c in chunks], spec, sender=jit_segment.request.id or ""
+    run = JitRun.for_app(run_id, self.app.conf)
+    me = self.request.id or ""
+    send_chunks(
+        run, run.stage(segment, [Chunk.decode(c) for c in chunks], spec, sender=me), sender=me
     )
-    send_chunks(run_id, released)
     return {"run": run_id, "segment": segment, "chunks": len(chunks)}
 
 
-class _ChunkTask(Task):  # type: ignore[misc]
-    max_retries = None  # the carried budget bounds retries (see tasks._tasks)
-    #: Killed past this: far beyond minting's own deadline (SFOX_RETRY_DEADLINE).
-    time_limit = 3600
+class _ChunkTask(SfoxTask):
+    time_limit = TASK_TIME_LIMIT
 
 
-@app.task(bind=True, base=_ChunkTask, name="sfox.jit_mint_chunk", acks_late=True)
+@app.task(bind=True, base=_ChunkTask, name="sfox.jit_mint_chunk")
 def jit_mint_chunk(
-    self: Task, run_id: str, encoded: str, _resume: dict[str, Any] | None = None
+    self: SfoxTask, run_id: str, encoded: str, _resume: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Mint one chunk of a run, send each granted user's downstream, release more."""
+    """Mint one chunk of a run, send each granted user's downstream, release more.
+
+    ``_resume`` is the mint's progress while minting, then ``{"minted": result,
+    "sent": n}`` once minted: a return to the broker after that (an outage)
+    mints nothing again and sends no downstream task twice.
+    """
     chunk = Chunk.decode(encoded)
-    run = JitRun.for_app(run_id)
-    runtime = get_runtime(self.app.conf)
-    try:
-        result = runtime.minter().mint(chunk.user_ids, _resume)
-    except Deferred as deferred:
-        raise self.retry(
-            kwargs={"_resume": deferred.state}, countdown=deferred.countdown, kwargsrepr="{resume}"
-        ) from None
+    run = JitRun.for_app(run_id, self.app.conf)
+    me = self.request.id or ""
+    resume = _resume or {}
+    result: MintResult | None = resume.get("minted")
+    if result is None:
+        if not run.claim(chunk, sender=me):
+            logger.info(
+                "run %s: chunk %d is finished or another task's: not minted again",
+                run_id[:12],
+                chunk.index,
+            )
+            return {"run": run_id, "chunk": chunk.index, "sent": 0, "failed": [], "skipped": True}
+        result = get_runtime(self.app.conf).minter().mint(chunk.user_ids, _resume)
+    self.checkpoint({"minted": result, "sent": int(resume.get("sent", 0))})
     spec = run.spec()
     downstream = self.app.signature(json.loads(spec["downstream"]))
-    callbacks = spec.get("done_callbacks") == "1"
-    for entry in result["tokens"]:
-        user_id = entry["partner_user_id"]
-        sig = downstream.clone(kwargs={"user_token": entry})
-        done = jit_done.si(run_id, user_id)
-        sig.link_error(done)
-        mark = [run_id, user_id]
-        if callbacks:
-            sig.link(done)
-            mark.append(_LINKED)
-        sig.set(headers={DONE_HEADER: mark})
-        sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
+    route = route_options(json.loads(spec.get("route") or "{}"))
+    tokens = result["tokens"]
+    for position in range(int(resume.get("sent", 0)), len(tokens)):
+        send_downstream(run_id, downstream, tokens[position], route)
+        self.checkpoint({"minted": result, "sent": position + 1})
     if result["failed"]:
         run.record_failed(result["failed"])
         logger.warning(
@@ -459,48 +606,109 @@ def jit_mint_chunk(
             len(result["failed"]),
             ", ".join(f"{f['user_id']} ({f['status']})" for f in result["failed"][:20]),
         )
-    released = run.finish_chunk(
-        chunk, len(result["tokens"]), len(result["failed"]), sender=self.request.id or ""
-    )
-    send_chunks(run_id, released)
+    released = run.finish_chunk(chunk, len(tokens), len(result["failed"]), sender=me)
+    send_chunks(run, released, sender=me)
     return {
         "run": run_id,
         "chunk": chunk.index,
-        "sent": len(result["tokens"]),
+        "sent": len(tokens),
         "failed": [f["user_id"] for f in result["failed"]],
     }
 
 
-@app.task(bind=True, name="sfox.jit_done", acks_late=True, ignore_result=True)
-def jit_done(self: Task, run_id: str, user_id: str, *_: Any) -> None:
+def _done_signature(run_id: str, user_id: str) -> Signature:
+    """``sfox.jit_done`` for one user, bound for the package's queue from any app."""
+    return jit_done.si(run_id, user_id).set(queue=SfoxTask.queue)
+
+
+def send_downstream(
+    run_id: str, downstream: Signature, entry: Mapping[str, Any], route: Mapping[str, Any]
+) -> None:
+    user_id = str(entry["partner_user_id"])
+    sig = downstream.clone(kwargs={"user_token": entry})
+    done = _done_signature(run_id, user_id)
+    sig.link(done)
+    sig.link_error(done)
+    sig.set(headers={DONE_HEADER: [run_id, user_id]}, **route)
+    sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
+
+
+@app.task(bind=True, base=SfoxTask, name="sfox.jit_done", ignore_result=True)
+def jit_done(self: SfoxTask, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
-    released = JitRun.for_app(run_id).user_done(user_id, sender=self.request.id or "")
-    send_chunks(run_id, released)
+    run = JitRun.for_app(run_id, self.app.conf)
+    me = self.request.id or ""
+    send_chunks(run, run.user_done(user_id, sender=me), sender=me)
 
 
-#: Third item of a ``sfox_jit`` header: successes are marked by a ``sfox.jit_done`` link.
-_LINKED = "linked"
 #: ``task_postrun`` states after which a downstream task will not run again.
 _ENDED = frozenset({"SUCCESS", "IGNORED"})
 
 
+def _is_done_link(callback: Any) -> bool:
+    return isinstance(callback, Mapping) and callback.get("task") == jit_done.name
+
+
+@signals.task_prerun.connect
+def _mark_done_here(sender: Task | None = None, **_: Any) -> None:
+    """A downstream task of a run starts on a worker that imports ``tasks``.
+
+    Its success is marked by :func:`_downstream_ended` on this worker, so its
+    ``sfox.jit_done`` link is dropped: no second task per user. Its errback
+    stays, for failures the main process records (hard time limit, lost worker).
+    """
+    if sender is None or not sender.request.get(DONE_HEADER):
+        return
+    callbacks = sender.request.callbacks
+    if callbacks:
+        sender.request.callbacks = [c for c in callbacks if not _is_done_link(c)] or None
+
+
+@signals.before_task_publish.connect
+def _keep_done_link(body: Any = None, headers: Mapping[str, Any] | None = None, **_: Any) -> None:
+    """Every message of a run's downstream task carries its ``sfox.jit_done`` link.
+
+    A retry of a downstream task whose link :func:`_mark_done_here` dropped may
+    run on a worker that does not import ``tasks``: the link goes back on it.
+    """
+    mark = (headers or {}).get(DONE_HEADER)
+    if not mark or not isinstance(body, (tuple, list)) or len(body) != 3:
+        return
+    embed = body[2]
+    if not isinstance(embed, dict):
+        return
+    callbacks = list(embed.get("callbacks") or [])
+    if not any(_is_done_link(c) for c in callbacks):
+        embed["callbacks"] = [*callbacks, dict(_done_signature(str(mark[0]), str(mark[1])))]
+
+
 @signals.task_postrun.connect
-def _downstream_succeeded(sender: Task | None = None, state: str | None = None, **_: Any) -> None:
+def _downstream_ended(sender: Task | None = None, state: str | None = None, **_: Any) -> None:
     """A downstream task of a run ended here: mark its user done, release more.
 
     It ended if it succeeded, or stopped by raising ``Ignore`` (which is also
     how ``self.replace`` hands the user over to a replacement). Failures are
     left to the ``sfox.jit_done`` errback, which Celery sends whichever
-    process records the failure; a retry is not an end.
+    process records the failure; a retry is not an end. If Redis cannot be
+    reached here, the mark goes to the broker as a ``sfox.jit_done`` task.
     """
     if state not in _ENDED or sender is None:
         return
     mark = sender.request.get(DONE_HEADER)
-    if not mark or (_LINKED in mark[2:] and state == "SUCCESS"):
-        return  # done_callbacks=True: the sfox.jit_done link marks a success
+    if not mark:
+        return
+    run_id, user_id = str(mark[0]), str(mark[1])
+    me = sender.request.id or ""
     try:
-        run_id, user_id = str(mark[0]), str(mark[1])
-        released = JitRun.for_app(run_id).user_done(user_id, sender=sender.request.id or "")
-        send_chunks(run_id, released)
-    except Exception:  # a signal handler must not fail the task that already succeeded
-        logger.exception("run %s: could not mark a downstream task done", str(mark[0])[:12])
+        run = JitRun.for_app(run_id, sender.app.conf)
+        send_chunks(run, run.user_done(user_id, sender=me), sender=me)
+    except Exception:  # a signal handler must not fail the task that already ended
+        logger.warning(
+            "run %s: could not mark a downstream task done here; sending sfox.jit_done",
+            run_id[:12],
+            exc_info=True,
+        )
+        try:
+            _done_signature(run_id, user_id).apply_async()
+        except Exception:
+            logger.exception("run %s: could not mark a downstream task done", run_id[:12])

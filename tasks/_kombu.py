@@ -1,4 +1,4 @@
-"""Kombu's Redis transport, publishing through one client object per connection pool.
+"""Kombu's Redis transport: one client object per pool, and no rerun after a dropped link.
 
 Kombu's Redis channel builds a new ``redis.Redis`` object for each command it
 sends outside its event loop: every task it publishes, every event, every
@@ -7,6 +7,18 @@ command's own round trip (its response-callback tables are rebuilt each
 time), and it holds no state of its own beyond the connection pool it is
 given. This channel keeps one per pool and hands it out instead; connections
 still come from the same pool, command by command, so nothing else changes.
+
+When Redis drops the worker's connection, kombu closes the channel and puts
+every message it had delivered and not yet acknowledged back on its queue:
+the ones waiting in the worker (reserved, or counting down), which Celery
+forgets on a reconnect and must get again, but also the ones running at that
+moment, which then run a second time beside the first. :class:`QoS` puts back
+only the former. A running task's message stays among the unacknowledged
+until the task ends and acknowledges it, or, if its worker dies instead, until
+the visibility timeout hands it to another worker, as for any crash. And when
+Redis is down at that moment (a restart), the messages it could not put back
+are put back by the worker's next restore sweep once Redis answers, not left
+for the visibility timeout.
 
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
@@ -21,10 +33,56 @@ from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
 
-__all__ = ["AMQP", "Channel", "Connection", "Transport"]
+from tasks._redis import STORE_ERRORS
+
+__all__ = ["AMQP", "Channel", "Connection", "QoS", "Transport"]
+
+
+def _running_tags() -> set[Any]:
+    """Delivery tags of the messages whose tasks this worker is running now."""
+    from celery.worker import state
+
+    tags = set()
+    for request in list(state.active_requests):
+        message = getattr(request, "message", None)
+        tag = getattr(message, "delivery_tag", None)
+        if tag is not None:
+            tags.add(tag)
+    return tags
+
+
+#: Tags of messages a closing channel could not put back (Redis was down): put back later.
+_unrestored: set[Any] = set()
+
+
+class QoS(kombu_redis.QoS):
+    """Kombu's Redis ack emulation, leaving running tasks' messages to their own ack."""
+
+    def restore_unacked(self, client: Any = None) -> None:
+        running = _running_tags()
+        waiting = [tag for tag in self._delivered if tag not in running]
+        self._delivered.clear()
+        _unrestored.update(waiting)
+        self._restore(client)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        if _unrestored:
+            self._restore(None)
+        return super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _restore(self, client: Any) -> None:
+        """Put back what is owed; a tag already acked or put back is a no-op."""
+        try:
+            with self.channel.conn_or_acquire(client) as conn:
+                for tag in list(_unrestored):
+                    self.restore_by_tag(tag, client=conn)  # type: ignore[no-untyped-call]
+                    _unrestored.discard(tag)
+        except STORE_ERRORS:
+            pass  # Redis is away: the next restore sweep tries again
 
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

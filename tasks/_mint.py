@@ -284,6 +284,11 @@ class Minter:
         try:
             while True:
                 while not stopping.is_set() and len(in_flight) < limit:
+                    if self.policy.turn_left() <= 0:
+                        # The task has held its message long enough: the rest resumes later.
+                        stopping.set()
+                        waits.append(Defer(0.0, "the task's turn is over (SFOX_TASK_TURN)"))
+                        break
                     with progress.lock:
                         if not progress.queue:
                             break
@@ -349,7 +354,7 @@ class Minter:
     def _deferred(self, exc: Defer | LimiterWait, progress: _Progress, total: int) -> Deferred:
         if isinstance(exc, Defer):
             return Deferred(exc.countdown, exc.reason, progress.to_json(), counts=True)
-        reason = "rate-limit pause after a 429" if exc.paused else "rate limit window full"
+        reason = exc.reason
         with progress.lock:
             done = len(progress.tokens) + len(progress.failed)
         logger.info(
@@ -372,9 +377,7 @@ class Minter:
                 raise _Stopped(what)
             with self.policy.turn(
                 self.limiter,
-                max_wait=min(
-                    self.policy.settings.inprocess_wait_max, self.policy.remaining(batch.budget)
-                ),
+                max_wait=self.policy.max_inprocess_wait(batch.budget),
                 hold=self.client.timeouts.longest,
                 penalty=self.rate_limit_penalty,
                 what=what,

@@ -1,25 +1,31 @@
 """The nightly run: one recurring order per user, exactly once, on an at-least-once queue.
 
 ``sfox.run_nightly_orders`` (fired by beat, the CLI, or anyone) coordinates a
-run for one date:
+run for one date, in short *turns*: no run of the task holds its message for
+longer than ``SFOX_TASK_TURN`` (plus a second), however many users the night
+has, so RabbitMQ's ``consumer_timeout`` never ends a worker and Redis'
+visibility timeout never hands the coordinator to a second worker.
 
 1. **claim** the date: the first task id to claim it owns the run; any other
    trigger for that date does nothing and says so, before any sFOX request.
-   A redelivery of the owner's own message (same task id) resumes the run;
+   The owner's own later turns (same task id) go on with the run;
 2. **stage** the orders in Redis (idempotent: each order once, keyed by its
    deterministic ``client_order_id``); malformed rows are kept as errors;
 3. **fan out** through :mod:`tasks._jit`: tokens are minted chunk by chunk in
    step with the order tasks, and each user's ``sfox.place_user_order`` gets
-   that user's sealed token;
-4. **watch** the run, reporting ``PROGRESS`` (done / total) for Flower, and
-   return the summary when every user is done.
+   that user's sealed token. From then on the run proceeds by itself;
+4. **watch** it, a turn at a time: each turn reports ``PROGRESS`` (done /
+   total) for Flower, hands lost chunks back, and comes back after
+   :data:`TURN_COUNTDOWN` s as a retry of the same task; the turn that finds
+   every user done returns the summary.
 
-A lease (renewed while the coordinator lives) keeps two copies of the
-coordinator from working at once: Redis redelivers a long-running message
-after its visibility timeout, and that copy must wait, not double the work.
-Each order's outcome is written once (a placement always wins over the
-"already placed" of a concurrent duplicate), and sFOX itself refuses a reused
-``client_order_id`` within 24 hours, so a crash anywhere places no order twice.
+A lease (renewed while a turn lives) keeps two copies of the coordinator from
+working at once. Each order's outcome is written once (a placement always
+wins over the "already placed" of a concurrent duplicate), and sFOX itself
+refuses a reused ``client_order_id`` within 24 hours, so a crash anywhere
+places no order twice. The summary accounts for every staged order: one the
+run could not place, or that has no outcome at all, is counted as failed with
+its reason, never left out.
 """
 
 from __future__ import annotations
@@ -38,21 +44,29 @@ import redis
 from celery import Task
 
 from tasks._app import app
+from tasks._base import SfoxTask
 from tasks._exceptions import ConfigurationError, SfoxError
 from tasks._jit import (
     CHUNKS_PER_SEGMENT,
     DEFAULT_AHEAD,
     Chunk,
     JitRun,
+    RunProgress,
+    downstream_route,
+    route_options,
     send_chunks,
+    send_downstream,
     stale_after,
 )
+from tasks._mint import Deferred
 from tasks._orders import Order, OrderError, client_order_id, load_orders
 from tasks._outcome import ShortRepr, summarise_nightly
 from tasks._place import OrderOutcome, TokenHolder
 from tasks._ratelimit import LimiterWait
+from tasks._redis import STORE_ERRORS, script
 from tasks._retry import Defer
 from tasks._runtime import get_runtime
+from tasks._tasks import TASK_TIME_LIMIT
 
 __all__ = ["NightlyRun", "place_user_order", "run_nightly_orders"]
 
@@ -60,8 +74,18 @@ logger = logging.getLogger("tasks.nightly")
 
 #: Seconds the run's records stay in Redis (the summary lives in the result backend).
 RUN_TTL = 3 * 86400
-#: Seconds between progress reports and lease renewals.
+#: Seconds between progress reports and lease renewals within a turn.
 POLL_INTERVAL = 1.0
+#: Seconds between one turn of the coordinator and the next.
+TURN_COUNTDOWN = 1.0
+#: Seconds without a user finishing, once every chunk is minted, after which the order
+#: tasks of the users not done are sent again (``SFOX_NIGHTLY_RESEND_AFTER``). Redis as a
+#: broker can lose a message whose delivery a dropped connection cut (kombu pops it
+#: before it records it as unacknowledged); a second copy is safe, as an order is placed
+#: once whatever runs it. Longer than an order task holds its message plus a countdown.
+DEFAULT_RESEND_AFTER = 600.0
+#: Most order tasks sent again in one turn.
+MAX_RESEND = 1000
 #: Most user IDs listed under one failure reason in the summary.
 MAX_IDS_PER_REASON = 1000
 #: Rows read and staged per Redis round trip.
@@ -81,6 +105,10 @@ end
 return 0
 """
 
+# Run twice (a retry after a dropped connection), each script below has the effect of
+# one run: HSETNX finds the order staged and changes nothing; a placement written again
+# is the same value; a lease taken again is found already ours.
+
 # KEYS: outcomes. ARGV: client_order_id, outcome json, 1 if it must win.
 _RECORD = """
 if ARGV[3] == '1' then
@@ -88,6 +116,21 @@ if ARGV[3] == '1' then
   return 1
 end
 return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# KEYS: lease. ARGV: token, milliseconds. Take a free lease, or renew our own.
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: token. Drop the lease if it is ours.
+_DROP_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -106,6 +149,7 @@ class NightlyRun:
         self.users = f"{base}:users"
         self.outcomes = f"{base}:outcomes"
         self.errors = f"{base}:errors"
+        self.reminted = f"{base}:reminted"
         self.jit = JitRun(client, f"nightly-{day.isoformat()}")
 
     # -- ownership -------------------------------------------------------------------
@@ -118,23 +162,14 @@ class NightlyRun:
         holder = current.decode() if current else ""
         return None if holder == task_id else holder
 
-    def take_lease(self, token: str, seconds: float) -> bool:
-        return bool(self.client.set(self.lease, token, nx=True, px=int(seconds * 1000)))
-
-    def renew_lease(self, token: str, seconds: float) -> bool:
-        """Extend the lease if still ours (compare-and-set in one script)."""
-        script = self.client.register_script(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-            "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+    def lease_for(self, token: str, seconds: float) -> bool:
+        """Take the lease for ``token``, or renew it if it is ``token``'s already."""
+        return bool(
+            script(self.client, _LEASE)(keys=[self.lease], args=[token, int(seconds * 1000)])
         )
-        return bool(script(keys=[self.lease], args=[token, int(seconds * 1000)]))
 
     def drop_lease(self, token: str) -> None:
-        script = self.client.register_script(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-            "return redis.call('DEL', KEYS[1]) end return 0"
-        )
-        script(keys=[self.lease], args=[token])
+        script(self.client, _DROP_LEASE)(keys=[self.lease], args=[token])
 
     def flag(self, name: str) -> str | None:
         value = self.client.hget(self.meta, name)
@@ -150,7 +185,7 @@ class NightlyRun:
 
     def stage(self, items: Iterable[Order | OrderError]) -> tuple[int, int]:
         """Store each order once and each row error; ``(orders, errors)`` seen."""
-        script = self.client.register_script(_STAGE_ORDER)
+        stage_order = script(self.client, _STAGE_ORDER)
         orders = errors = 0
         pipe = self.client.pipeline(transaction=False)
         pending = 0
@@ -161,7 +196,7 @@ class NightlyRun:
             else:
                 orders += 1
                 coid = client_order_id(self.day, item.user_id, item.ref)
-                script(
+                stage_order(
                     keys=[self.orders, self.user_orders, self.users],
                     args=[coid, item.to_json(), item.user_id],
                     client=pipe,
@@ -178,6 +213,13 @@ class NightlyRun:
     def user_count(self) -> int:
         return int(self.client.llen(self.users))
 
+    def users_not_done(self) -> list[str]:
+        """Users staged whose order task has not ended and whom sFOX did not refuse."""
+        done = {u.decode() for u in self.client.smembers(self.jit.done_set)}
+        done.update(self.jit.failed())
+        users = (u.decode() for u in self.client.lrange(self.users, 0, -1))
+        return [u for u in users if u not in done]
+
     def orders_of(self, user_id: str) -> list[tuple[str, Order]]:
         raw = self.client.hget(self.user_orders, user_id)
         coids = [c for c in (raw or b"").decode().split(",") if c]
@@ -193,21 +235,37 @@ class NightlyRun:
         return json.loads(raw) if raw else None
 
     def record(self, coid: str, user_id: str, outcome: OrderOutcome) -> None:
-        script = self.client.register_script(_RECORD)
         value = json.dumps({"user_id": user_id, "status": outcome.status, "reason": outcome.reason})
-        script(keys=[self.outcomes], args=[coid, value, "1" if outcome.status == "placed" else "0"])
+        script(self.client, _RECORD)(
+            keys=[self.outcomes], args=[coid, value, "1" if outcome.status == "placed" else "0"]
+        )
         self.client.expire(self.outcomes, RUN_TTL)
 
-    def count_remint(self) -> None:
-        self.client.hincrby(self.meta, "remints", 1)
+    def count_remint(self, user_id: str) -> None:
+        """Note that ``user_id``'s token was minted again (a set: once per user, however
+        often the note is made)."""
+        with self.client.pipeline() as pipe:
+            pipe.sadd(self.reminted, user_id)
+            pipe.expire(self.reminted, RUN_TTL)
+            pipe.execute()
+
+    def remints(self) -> int:
+        return int(self.client.scard(self.reminted))
 
     # -- the summary -----------------------------------------------------------------
 
     def summary(self, status: str, started: float | None = None) -> dict[str, Any]:
-        """The run's summary: counts, and the user IDs behind each failure reason."""
+        """The run's summary: counts, and the user IDs behind each failure reason.
+
+        Every staged order is counted once: placed, already placed, or failed
+        with a reason, including an order whose user was refused a token and
+        one that has no outcome at all (its task ended without recording one).
+        """
         placed = already = 0
         failed: dict[str, list[str]] = defaultdict(list)
-        for _coid, raw in self.client.hscan_iter(self.outcomes, count=1000):
+        seen: set[str] = set()
+        for coid, raw in self.client.hscan_iter(self.outcomes, count=1000):
+            seen.add(coid.decode())
             entry = json.loads(raw)
             if entry["status"] == "placed":
                 placed += 1
@@ -215,15 +273,20 @@ class NightlyRun:
                 already += 1
             else:
                 failed[entry["reason"]].append(entry["user_id"])
-        for user_id, refusal in self.jit.failed().items():
-            refused_with = refusal.get("status")
-            reason = (
-                f"token refused ({refused_with}): {refusal.get('error', '')}"
-                if refused_with is not None
+        refused = {
+            user_id: (
+                f"token refused ({refusal.get('status')}): {refusal.get('error', '')}"
+                if refusal.get("status") is not None
                 else "token not issued: sFOX left the user out of its answer twice"
             )
-            for _ in self.orders_of(user_id):
-                failed[reason].append(user_id)
+            for user_id, refusal in self.jit.failed().items()
+        }
+        for coid, raw in self.client.hscan_iter(self.orders, count=1000):
+            if coid.decode() in seen:
+                continue
+            user_id = Order.from_json(raw).user_id
+            failed[refused.get(user_id, _NO_OUTCOME)].append(user_id)
+        remints = self.remints()
         progress = self.jit.progress()
         errors = [json.loads(v) for v in self.client.hvals(self.errors)]
         errors.sort(key=lambda e: e["line"])
@@ -232,8 +295,8 @@ class NightlyRun:
             "status": status,
             "users": self.user_count(),
             "orders": int(self.client.hlen(self.orders)),
-            "tokens_minted": progress.dispatched + int(self.flag("remints") or 0),
-            "remints": int(self.flag("remints") or 0),
+            "tokens_minted": progress.dispatched + remints,
+            "remints": remints,
             "placed": placed,
             "already_placed": already,
             "failed": {
@@ -246,6 +309,10 @@ class NightlyRun:
         }
 
 
+#: The reason given for a staged order that no task recorded an outcome for.
+_NO_OUTCOME = "no outcome recorded: the order task ended without placing or refusing it"
+
+
 def _today() -> date:
     return datetime.now(timezone.utc).date()
 
@@ -254,35 +321,35 @@ def _lease_seconds(conf: Any) -> float:
     return float(conf.get("sfox_nightly_lease") or 30.0)
 
 
-class NightlyTask(Task):  # type: ignore[misc]
-    """Base of the coordinator: waiting for another live copy is no failure."""
+def _kwargsrepr(given: Mapping[str, Any]) -> str:
+    """What Flower shows: the date and the file's name, not a long path."""
+    parts = [f"run_date: {given.get('run_date') or 'today'}"]
+    if given.get("orders_file"):
+        parts.append(f"orders: {Path(str(given['orders_file'])).name[:40]}")
+    return "{" + ", ".join(parts) + "}"
 
-    max_retries = None
+
+class NightlyTask(SfoxTask):
+    """Base of the coordinator: its turns are retries of one task id."""
+
+    time_limit = TASK_TIME_LIMIT
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        # Flower shows this: the date and the file's name, not a long path.
-        given = kwargs or {}
-        parts = [f"run_date: {given.get('run_date') or 'today'}"]
-        if given.get("orders_file"):
-            parts.append(f"orders: {Path(str(given['orders_file'])).name[:40]}")
-        options.setdefault("kwargsrepr", "{" + ", ".join(parts) + "}")
+        options.setdefault("kwargsrepr", _kwargsrepr(kwargs or {}))
         return super().apply_async(args, kwargs, **options)
 
 
-@app.task(
-    bind=True,
-    base=NightlyTask,
-    name="sfox.run_nightly_orders",
-    acks_late=True,
-    # A run of 100,000 users takes over an hour at sFOX's rate limit.
-    time_limit=6 * 3600,
-    soft_time_limit=6 * 3600 - 60,
-)
+@app.task(bind=True, base=NightlyTask, name="sfox.run_nightly_orders")
 def run_nightly_orders(
-    self: NightlyTask, run_date: str | None = None, orders_file: str | None = None
+    self: NightlyTask,
+    run_date: str | None = None,
+    orders_file: str | None = None,
+    _resume: dict[str, Any] | None = None,
 ) -> Mapping[str, Any]:
-    """Place tonight's orders, each once; return the run's summary."""
-    day = date.fromisoformat(run_date) if run_date else _today()
+    """Place tonight's orders, each once; return the run's summary (a turn at a time)."""
+    # The date is fixed by the first turn: a later turn after midnight is the same run.
+    day = date.fromisoformat((_resume or {}).get("run_date") or run_date or _today().isoformat())
+    self.checkpoint({"run_date": day.isoformat()})
     runtime = get_runtime(self.app.conf)
     run = NightlyRun(runtime.redis, day)
     task_id = self.request.id or uuid.uuid4().hex
@@ -310,14 +377,15 @@ def run_nightly_orders(
 
     lease = uuid.uuid4().hex
     lease_seconds = _lease_seconds(self.app.conf)
-    if not run.take_lease(lease, lease_seconds):
-        # Another copy of this very task is alive (Redis redelivered it): wait for it.
+    if not run.lease_for(lease, lease_seconds):
+        # Another copy of this very task is alive (a redelivery): let it work.
         logger.info("nightly run for %s: another copy is working; checking again later", day)
-        raise self.retry(countdown=lease_seconds, kwargsrepr="{}")
+        raise _next_turn(self, day, orders_file, lease_seconds)
 
-    started = float(run.flag("started") or time.time())
-    run.set_flag("started", str(started))
+    turn_ends = time.monotonic() + runtime.settings.task_turn
     try:
+        started = float(run.flag("started") or time.time())
+        run.set_flag("started", str(started))
         if run.flag("staged") is None:
             orders, errors = run.stage(
                 load_orders(
@@ -336,14 +404,10 @@ def run_nightly_orders(
         if run.flag("dispatched") is None:
             _dispatch(run, runtime.settings.batch_size, task_id)
             run.set_flag("dispatched", "1")
-        else:
-            logger.info("nightly run for %s: resuming", day)
         total = run.user_count()
         while True:
-            if not run.renew_lease(lease, lease_seconds) and not run.take_lease(
-                lease, lease_seconds
-            ):
-                raise self.retry(countdown=lease_seconds, kwargsrepr="{}")
+            if not run.lease_for(lease, lease_seconds):
+                raise _next_turn(self, day, orders_file, lease_seconds)
             progress = run.jit.progress()
             done = min(total, progress.done + progress.failed)
             self.update_state(
@@ -355,11 +419,14 @@ def run_nightly_orders(
             resent = run.jit.sweep(sender=task_id)
             if resent:
                 logger.warning(
-                    "nightly run for %s: sending %d chunk(s) again whose sender died unsent",
+                    "nightly run for %s: sending %d chunk(s) again whose chunk task was lost",
                     day,
                     len(resent),
                 )
-                send_chunks(run.jit.run_id, resent)
+                send_chunks(run.jit, resent, sender=task_id)
+            _resend_if_stalled(run, progress, _resend_after(self.app.conf))
+            if time.monotonic() + POLL_INTERVAL >= turn_ends:
+                raise _next_turn(self, day, orders_file, TURN_COUNTDOWN)
             time.sleep(POLL_INTERVAL)
         summary = run.summary("done", started)
         run.set_flag("summary", json.dumps(summary))
@@ -373,7 +440,66 @@ def run_nightly_orders(
         )
         return _short(self, summary)
     finally:
-        run.drop_lease(lease)
+        try:
+            run.drop_lease(lease)
+        except STORE_ERRORS:  # it expires by itself within the lease's seconds
+            logger.warning("nightly run for %s: could not drop the lease", day)
+
+
+def _resend_after(conf: Any) -> float:
+    return float(conf.get("sfox_nightly_resend_after") or DEFAULT_RESEND_AFTER)
+
+
+def _resend_if_stalled(run: NightlyRun, progress: RunProgress, after: float) -> None:
+    """Send again the order tasks of users not done, once the run has stood still ``after`` s.
+
+    Only once every chunk is minted (a chunk still minting is the fan-out's to
+    finish); the clock restarts at each user done, and at each resend.
+    """
+    if progress.queued_chunks or progress.inflight > 0:
+        return
+    now = time.time()
+    done = progress.done + progress.failed
+    mark = run.flag("stall")
+    seen_done, since = (int(mark.split(":")[0]), float(mark.split(":")[1])) if mark else (-1, now)
+    if done != seen_done:
+        run.set_flag("stall", f"{done}:{now}")
+        return
+    if now - since < after:
+        return
+    missing = run.users_not_done()[:MAX_RESEND]
+    run.set_flag("stall", f"{done}:{now}")
+    if not missing:
+        return
+    logger.warning(
+        "nightly run for %s: no user done for %.0f s; sending %d order task(s) again "
+        "(their messages were lost, or they wait long): %s",
+        run.day,
+        now - since,
+        len(missing),
+        ", ".join(missing[:20]),
+    )
+    spec = run.jit.spec()
+    downstream = app.signature(json.loads(spec["downstream"]))
+    route = route_options(json.loads(spec.get("route") or "{}"))
+    for user_id in missing:
+        # No token: the order task mints one for the user (it cannot open an empty seal).
+        send_downstream(
+            run.jit.run_id,
+            downstream,
+            {"partner_user_id": user_id, "token": "", "expires": ""},
+            route,
+        )
+
+
+def _next_turn(task: NightlyTask, day: date, orders_file: str | None, countdown: float) -> Any:
+    """The coordinator's next turn: the same task, back from the broker in ``countdown`` s."""
+    kwargs: dict[str, Any] = {"run_date": day.isoformat()}
+    if orders_file:
+        kwargs["orders_file"] = orders_file
+    return task.retry(
+        kwargs=kwargs, countdown=countdown, kwargsrepr=_kwargsrepr(kwargs), throw=False
+    )
 
 
 def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
@@ -386,11 +512,13 @@ def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
 def _dispatch(run: NightlyRun, chunk_size: int, sender: str) -> None:
     """Stage the run's users with the fan-out, a segment at a time."""
     total = run.user_count()
+    downstream = place_user_order.s(run_date=run.day.isoformat())
     spec = {
         "total": total,
         "budget": DEFAULT_AHEAD * chunk_size,
         "stale_after": stale_after(app.conf),
-        "downstream": json.dumps(dict(place_user_order.s(run_date=run.day.isoformat()))),
+        "downstream": json.dumps(dict(downstream)),
+        "route": json.dumps(downstream_route(downstream)),
     }
     per_segment = chunk_size * CHUNKS_PER_SEGMENT
     for segment, start in enumerate(range(0, total, per_segment)):
@@ -399,33 +527,56 @@ def _dispatch(run: NightlyRun, chunk_size: int, sender: str) -> None:
             Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
             for i in range((len(users) + chunk_size - 1) // chunk_size)
         ]
-        send_chunks(run.jit.run_id, run.jit.stage(segment, chunks, spec, sender=sender))
+        send_chunks(run.jit, run.jit.stage(segment, chunks, spec, sender=sender), sender=sender)
 
 
-class PlaceTask(Task):  # type: ignore[misc]
-    """Base of the order task: limiter waits go back to the broker without counting."""
+class PlaceTask(SfoxTask):
+    """Base of the order task."""
 
-    max_retries = None
+    time_limit = TASK_TIME_LIMIT
 
 
-@app.task(bind=True, base=PlaceTask, name="sfox.place_user_order", acks_late=True)
+@app.task(bind=True, base=PlaceTask, name="sfox.place_user_order")
 def place_user_order(
     self: PlaceTask,
     run_date: str,
     user_token: dict[str, Any],
     _resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Place the user's nightly order(s) with the user's token, each exactly once."""
+    """Place the user's nightly order(s) with the user's token, each exactly once.
+
+    ``_resume`` carries the user's (sealed) token and the outcomes not yet
+    recorded when the task went back to the broker (a long wait, the end of its
+    turn, a Redis outage): an order placed before is recorded, never sent again.
+    """
     if not isinstance(user_token, dict) or not user_token.get("partner_user_id"):
         raise ConfigurationError("place_user_order needs user_token=<an entry from 'tokens'>")
     day = date.fromisoformat(run_date)
     runtime = get_runtime(self.app.conf)
     run = NightlyRun(runtime.redis, day)
     user_id = str(user_token["partner_user_id"])
-    holder = TokenHolder(user_id, (_resume or {}).get("token") or user_token)
-    holder.reminted = bool((_resume or {}).get("reminted"))
-    placer = runtime.placer(on_remint=lambda _user: run.count_remint())
+    resume = _resume or {}
+    holder = TokenHolder(user_id, resume.get("token") or user_token)
+    holder.reminted = bool(resume.get("reminted"))
+    unrecorded: dict[str, list[str]] = dict(resume.get("unrecorded") or {})
+
+    def checkpoint() -> None:
+        self.checkpoint(
+            {
+                "token": {"token": holder.sealed, "expires": holder.expires},
+                "reminted": holder.reminted,
+                "unrecorded": dict(unrecorded),
+            }
+        )
+
+    checkpoint()
+    placer = runtime.placer(on_remint=run.count_remint)
     counts: dict[str, int] = defaultdict(int)
+    for coid, (status, reason) in list(unrecorded.items()):
+        run.record(coid, user_id, OrderOutcome(status, reason))
+        del unrecorded[coid]
+        checkpoint()
+        counts[status] += 1
     for coid, order in run.orders_of(user_id):
         if run.outcome(coid) is not None:
             counts["done before"] += 1
@@ -434,20 +585,16 @@ def place_user_order(
             outcome = placer.place(holder, order.side, order.body(day))
         except (Defer, LimiterWait) as wait:
             # Placing never mints a list, so these two are the only long waits it meets.
+            checkpoint()
             countdown = wait.countdown if isinstance(wait, Defer) else wait.seconds
-            raise self.retry(
-                kwargs={
-                    "_resume": {
-                        "token": {"token": holder.sealed, "expires": holder.expires},
-                        "reminted": holder.reminted,
-                    }
-                },
-                countdown=countdown,
-                kwargsrepr=f"{{user_token: <sealed token for {user_id}>, resume}}",
-            ) from None
+            raise Deferred(countdown, wait.reason, self.last_checkpoint() or {}, False) from None
         except SfoxError as exc:
             outcome = OrderOutcome("failed", exc.message)
+        unrecorded[coid] = [outcome.status, outcome.reason]
+        checkpoint()
         run.record(coid, user_id, outcome)
+        del unrecorded[coid]
+        checkpoint()
         counts[outcome.status] += 1
         if outcome.status == "failed":
             logger.warning("user %s: order %s failed: %s", user_id, coid, outcome.reason)

@@ -178,7 +178,7 @@ class OrderPlacer:
 
     def _slot_options(self) -> dict[str, Any]:
         return {
-            "max_wait": self.policy.settings.inprocess_wait_max,
+            "max_wait": min(self.policy.settings.inprocess_wait_max, self.policy.turn_left()),
             "hold": self.client.timeouts.longest,
             "sleep": self._sleep,
         }

@@ -43,16 +43,19 @@ from typing import Protocol
 import redis
 
 from tasks._metrics import limiter_waited
+from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, redis_client
 from tasks._settings import Rate
 
 __all__ = [
     "Limiter",
+    "LimiterUnavailable",
     "LimiterWait",
     "LocalLimiter",
     "RedisLimiter",
     "acquire",
     "held",
     "limiter_for",
+    "scope_prefix",
 ]
 
 logger = logging.getLogger("tasks.ratelimit")
@@ -60,14 +63,33 @@ logger = logging.getLogger("tasks.ratelimit")
 #: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
 KEY_PREFIX = "sfox:ratelimit"
 
+
+def scope_prefix(scope: str = "", prefix: str = KEY_PREFIX) -> str:
+    """The key prefix of one budget: its sliding log and its 429 pause.
+
+    sFOX counts per IP, so workers that leave through an egress IP of their own
+    name a scope (``SFOX_RATE_LIMIT_SCOPE``) and share a budget only with the
+    workers of that scope. The default scope ``""`` is the one budget for
+    everyone, under the keys it had before scopes existed. Per-account limiters
+    (:meth:`Limiter.sibling`) are not scoped: an account's limit holds wherever
+    its requests come from.
+    """
+    return f"{prefix}:scope:{scope}" if scope else prefix
+
+
 # KEYS[1] sliding log (zset: slot -> time it counts at), KEYS[2] shared pause.
 # ARGV[1] limit, ARGV[2] period, ARGV[3] unique slot name, ARGV[4] hold; times in microseconds.
 # Returns 0 when a slot was taken, else microseconds to wait: negative for a pause.
 # A slot in flight counts at the latest time its request may arrive (now + hold); when
 # every slot is in flight the wait is at least one period from the first release.
+# Run twice (a retry after a dropped connection): the slot is already in the log, and
+# the second run says so without taking another one.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  return 0
+end
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then
   return -pause * 1000
@@ -86,7 +108,8 @@ return math.max(1, math.min(tonumber(oldest[2]) + period - now, period) + 1)
 """
 
 # KEYS[1] sliding log; ARGV[1] slot name. The slot's request has ended: it counts at now,
-# if that is earlier than the time it was logged at.
+# if that is earlier than the time it was logged at. Run twice, the second run finds the
+# slot already at or before its now and changes nothing.
 _RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -98,7 +121,8 @@ end
 return 0
 """
 
-# KEYS[1] shared pause; ARGV[1] milliseconds. Extends, never shortens, a pause.
+# KEYS[1] shared pause; ARGV[1] milliseconds. Extends, never shortens, a pause. Run
+# twice, the pause ends at most the retry's delay later: never shorter, never twice over.
 _PAUSE = """
 local want = tonumber(ARGV[1])
 if redis.call('PTTL', KEYS[1]) < want then
@@ -112,11 +136,26 @@ return 0
 class LimiterWait(Exception):
     """The limiter asks for a wait longer than the caller may sleep."""
 
-    def __init__(self, seconds: float, paused: bool) -> None:
+    def __init__(self, seconds: float, paused: bool, reason: str = "") -> None:
         super().__init__(f"rate limiter asks for a {seconds:.1f} s wait")
         self.seconds = seconds
         #: True when the wait is the shared pause after a 429, not a full window.
         self.paused = paused
+        #: Why, when it is neither a full window nor a pause (the store is unreachable).
+        self.reason = reason or (
+            "rate-limit pause after a 429" if paused else "rate limit window full"
+        )
+
+
+class LimiterUnavailable(LimiterWait):
+    """The limiter's Redis is unreachable past its retries: wait at the broker, send nothing."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(REDIS_OUTAGE_COUNTDOWN, paused=False, reason=_unreachable(exc))
+
+
+def _unreachable(exc: Exception) -> str:
+    return f"the limiter's Redis is unreachable ({type(exc).__name__})"
 
 
 class Limiter(Protocol):
@@ -191,11 +230,21 @@ def held(
 
 
 class RedisLimiter:
-    """The shared limiter: one sliding log in Redis for all workers."""
+    """The shared limiter: one sliding log in Redis for all workers of one scope."""
 
-    def __init__(self, client: redis.Redis[bytes], rate: Rate, *, prefix: str = KEY_PREFIX) -> None:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        rate: Rate,
+        *,
+        prefix: str = KEY_PREFIX,
+        scope: str = "",
+    ) -> None:
         self.rate = rate
+        #: The budget this limiter counts against; ``""`` is the one everyone shares.
+        self.scope = scope
         self._client = client
+        prefix = scope_prefix(scope, prefix)
         self._log_key = f"{prefix}:{rate.limit}/{rate.period:g}:log"
         self._pause_key = f"{prefix}:pause"
         self._acquire = client.register_script(_ACQUIRE)
@@ -203,30 +252,36 @@ class RedisLimiter:
         self._pause = client.register_script(_PAUSE)
 
     @classmethod
-    def from_url(cls, url: str, rate: Rate) -> RedisLimiter:
-        """A limiter on the Redis at ``url`` (its own connection pool)."""
-        client = redis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
-        )
-        return cls(client, rate)
+    def from_url(cls, url: str, rate: Rate, *, scope: str = "") -> RedisLimiter:
+        """A limiter of ``scope`` on the Redis at ``url`` (its own connection pool)."""
+        return cls(redis_client(url), rate, scope=scope)
 
     def sibling(self, rate: Rate, name: str) -> RedisLimiter:
-        """Another limiter on the same Redis connections, e.g. one per sFOX account."""
+        """Another limiter on the same Redis connections, e.g. one per sFOX account.
+
+        Not scoped: an account's own limit holds wherever its requests come from.
+        """
         return RedisLimiter(self._client, rate, prefix=f"{KEY_PREFIX}:{name}")
 
     def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
         slot = uuid.uuid4().hex
-        wait_us = int(
-            self._acquire(
-                keys=[self._log_key, self._pause_key],
-                args=[
-                    self.rate.limit,
-                    int(self.rate.period * 1_000_000),
-                    slot,
-                    max(0, int(hold * 1_000_000)),
-                ],
+        try:
+            wait_us = int(
+                self._acquire(
+                    keys=[self._log_key, self._pause_key],
+                    args=[
+                        self.rate.limit,
+                        int(self.rate.period * 1_000_000),
+                        slot,
+                        max(0, int(hold * 1_000_000)),
+                    ],
+                )
             )
-        )
+        except STORE_ERRORS as exc:
+            # Redis stayed away past the client's retries: no slot is known to be ours,
+            # so no request may go. A wait, not a failure (a slot the lost answer took
+            # counts for nothing and expires with its hold).
+            raise LimiterUnavailable(exc) from None
         if wait_us == 0:
             return 0.0, False, slot
         return abs(wait_us) / 1_000_000, wait_us < 0, ""
@@ -237,7 +292,11 @@ class RedisLimiter:
 
     def pause(self, seconds: float) -> None:
         if seconds > 0:
-            self._pause(keys=[self._pause_key], args=[max(1, int(seconds * 1000))])
+            try:
+                self._pause(keys=[self._pause_key], args=[max(1, int(seconds * 1000))])
+            except STORE_ERRORS as exc:
+                # The other workers cannot be told; this one waits the pause at the broker.
+                raise LimiterWait(seconds, paused=True, reason=_unreachable(exc)) from None
 
 
 class LocalLimiter:
@@ -285,8 +344,11 @@ class LocalLimiter:
             return limiter
 
 
-def limiter_for(url: str | None, rate: Rate) -> Limiter:
-    """A shared Redis limiter when a Redis URL is known, else an in-process one."""
+def limiter_for(url: str | None, rate: Rate, *, scope: str = "") -> Limiter:
+    """A shared Redis limiter of ``scope`` when a Redis URL is known, else an in-process one.
+
+    An in-process limiter is one process's own budget: it has no scope to share.
+    """
     if url:
-        return RedisLimiter.from_url(url, rate)
+        return RedisLimiter.from_url(url, rate, scope=scope)
     return LocalLimiter(rate)

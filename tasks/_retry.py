@@ -86,11 +86,30 @@ class RetryPolicy:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[float, float], float] = random.uniform,
+        turn: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._sleep = sleep
         self._clock = clock
         self._jitter = jitter
+        self._monotonic = monotonic
+        #: When this task's turn with its broker message ends (``SFOX_TASK_TURN``): past it,
+        #: no new attempt starts and no wait is slept; the work goes back to the broker.
+        self._turn_ends = None if turn is None else monotonic() + turn
+
+    def turn_left(self) -> float:
+        """Seconds left of the task's turn (infinite outside a task)."""
+        if self._turn_ends is None:
+            return float("inf")
+        return self._turn_ends - self._monotonic()
+
+    def max_inprocess_wait(self, budget: Budget) -> float:
+        """The longest wait to sleep here: bounded by the setting, the deadline and the turn."""
+        return max(
+            0.0,
+            min(self.settings.inprocess_wait_max, self.remaining(budget), self.turn_left()),
+        )
 
     def remaining(self, budget: Budget) -> float:
         """Seconds left before the deadline."""
@@ -168,6 +187,8 @@ class RetryPolicy:
 
         def attempt() -> T:
             self.check_deadline(budget, what)
+            if self.turn_left() <= 0:
+                raise Defer(0.0, f"{what}: the task's turn is over (SFOX_TASK_TURN)")
             try:
                 return send()
             except TransientError as exc:
@@ -188,6 +209,7 @@ class RetryPolicy:
                     f"{self.settings.deadline:g} s deadline (SFOX_RETRY_DEADLINE); "
                     f"last failure: {budget.last_failure}"
                 )
+            here = delay <= min(self.settings.inprocess_wait_max, self.turn_left())
             logger.warning(
                 "sFOX %s: attempt %d of %d failed (%s); retrying in %.2f s%s",
                 what,
@@ -195,9 +217,9 @@ class RetryPolicy:
                 self.settings.attempts,
                 exc.message,
                 delay,
-                "" if delay <= self.settings.inprocess_wait_max else " from the broker",
+                "" if here else " from the broker",
             )
-            if delay > self.settings.inprocess_wait_max:
+            if not here:
                 raise Defer(delay, f"{what}: {exc.message}")
             return delay
 

@@ -15,11 +15,13 @@ from typing import Any
 
 import redis
 
+from tasks._app import package_conf
 from tasks._client import SfoxClient, Timeouts
 from tasks._exceptions import ConfigurationError
 from tasks._mint import Minter
 from tasks._place import OrderPlacer
 from tasks._ratelimit import Limiter, limiter_for
+from tasks._redis import redis_client
 from tasks._retry import RetryPolicy
 from tasks._seal import Sealer
 from tasks._settings import Settings
@@ -49,6 +51,7 @@ class Runtime:
                     s.require_api_key(),
                     timeouts=Timeouts(connect=s.connect_timeout, read=s.read_timeout),
                     plain_http_hosts=s.plain_http_hosts,
+                    source_address=s.source_address,
                 )
             return self._client
 
@@ -56,7 +59,8 @@ class Runtime:
     def limiter(self) -> Limiter:
         with self._lock:
             if self._limiter is None:
-                self._limiter = limiter_for(self.settings.limiter_url, self.settings.rate)
+                s = self.settings
+                self._limiter = limiter_for(s.limiter_url, s.rate, scope=s.rate_limit_scope)
             return self._limiter
 
     @property
@@ -78,19 +82,23 @@ class Runtime:
                         "this needs Redis for its bookkeeping: set SFOX_LIMITER_URL, "
                         "or use a Redis broker or result backend"
                     )
-                self._redis = redis.Redis.from_url(
-                    url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
-                )
+                self._redis = redis_client(url)
             return self._redis
 
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(self.settings.retry, sleep=self.sleep)
+    def policy(self, *, turn: bool = False) -> RetryPolicy:
+        """The retry policy; ``turn`` bounds it by one task run's turn (``SFOX_TASK_TURN``)."""
+        return RetryPolicy(
+            self.settings.retry,
+            sleep=self.sleep,
+            turn=self.settings.task_turn if turn else None,
+        )
 
-    def minter(self) -> Minter:
+    def minter(self, *, turn: bool = True) -> Minter:
+        """A minter for one task run: it starts no request after the run's turn."""
         return Minter(
             self.client,
             self.limiter,
-            self.policy(),
+            self.policy(turn=turn),
             self.sealer,
             batch_size=self.settings.batch_size,
             concurrency=self.settings.mint_concurrency,
@@ -102,7 +110,7 @@ class Runtime:
         return OrderPlacer(
             self.client,
             self.limiter,
-            self.policy(),
+            self.policy(turn=True),
             self.sealer,
             rate_limit_penalty=self.settings.rate_limit_penalty,
             sleep=self.sleep,
@@ -127,7 +135,7 @@ def get_runtime(conf: Mapping[str, Any]) -> Runtime:
     global _current
     with _lock:
         if _current is None or _current[0] != os.getpid():
-            _current = (os.getpid(), Runtime(Settings.from_conf(conf)))
+            _current = (os.getpid(), Runtime(Settings.from_conf(package_conf(conf))))
         return _current[1]
 
 

@@ -22,10 +22,12 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_USER_IDS",
     "DEFAULT_MINT_CONCURRENCY",
+    "DEFAULT_QUEUE",
     "DEFAULT_RATE_LIMIT",
     "DEFAULT_RATE_LIMIT_PENALTY",
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RESULT_TTL",
+    "DEFAULT_TASK_TURN",
     "MAX_BATCH_SIZE",
     "MAX_USER_ID_LENGTH",
     "Rate",
@@ -33,6 +35,7 @@ __all__ = [
     "Settings",
     "check_api_url",
     "is_plain_http_off_host",
+    "redis_url_of",
 ]
 
 #: sFOX production.
@@ -57,8 +60,16 @@ MAX_USER_ID_LENGTH = 256
 DEFAULT_CONNECT_TIMEOUT = 3.05
 #: Seconds to wait for sFOX's answer once connected.
 DEFAULT_READ_TIMEOUT = 30.0
+#: Seconds one run of a package task may go on starting sFOX requests before it hands
+#: its progress back to the broker: with the requests then in flight, a task holds its
+#: message about a minute at most, however large its work (RabbitMQ's consumer_timeout).
+DEFAULT_TASK_TURN = 30.0
+#: The queue the package's tasks are sent to, from any app.
+DEFAULT_QUEUE = "sfox"
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+#: A rate-limit scope: a short name that is safe inside a Redis key.
+_SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -126,8 +137,14 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     retry: RetrySettings = field(default_factory=RetrySettings)
+    #: Seconds a task run starts requests before it resumes from the broker (SFOX_TASK_TURN).
+    task_turn: float = DEFAULT_TASK_TURN
     #: Non-loopback hosts that may be reached over plain http (a dev stand-in on a private network).
     plain_http_hosts: tuple[str, ...] = ()
+    #: The budget this worker's requests count against; ``""`` is the one everyone shares.
+    rate_limit_scope: str = ""
+    #: Local IP address outgoing sFOX requests are sent from; ``None`` lets the OS choose.
+    source_address: str | None = None
     #: Port a worker serves its Prometheus metrics on; ``None``: none served.
     metrics_port: int | None = None
 
@@ -147,6 +164,14 @@ class Settings:
             raise ConfigurationError("SFOX_RATE_LIMIT_PENALTY must not be negative")
         _positive("SFOX_CONNECT_TIMEOUT", self.connect_timeout)
         _positive("SFOX_READ_TIMEOUT", self.read_timeout)
+        _positive("SFOX_TASK_TURN", self.task_turn)
+        if self.rate_limit_scope and not _SCOPE.match(self.rate_limit_scope):
+            raise ConfigurationError(
+                f"SFOX_RATE_LIMIT_SCOPE={self.rate_limit_scope!r} must be 1 to 64 letters, "
+                "digits, '.', '_' or '-' (for example egress-a, or an IPv4 egress address)"
+            )
+        if self.source_address is not None:
+            _check_source_address(self.source_address)
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
             raise ConfigurationError(
                 f"SFOX_METRICS_PORT={self.metrics_port} must be a TCP port, 1 to 65535"
@@ -161,7 +186,12 @@ class Settings:
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
-        """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills."""
+        """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills.
+
+        The limiter and the run books live in ``sfox_limiter_backend``
+        (SFOX_LIMITER_URL) if set, else in this configuration's own broker or result
+        backend, whichever is Redis: the app that runs the tasks, which may be a partner's.
+        """
 
         def get(name: str, default: Any) -> Any:
             value = conf.get(name)
@@ -192,16 +222,20 @@ class Settings:
                 rate_limit_penalty=float(
                     get("sfox_rate_limit_penalty", DEFAULT_RATE_LIMIT_PENALTY)
                 ),
-                limiter_url=get("sfox_limiter_backend", None),
+                limiter_url=get("sfox_limiter_backend", None)
+                or redis_url_of(conf.get("broker_url"), conf.get("result_backend")),
                 seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
                 connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                 read_timeout=float(get("sfox_read_timeout", DEFAULT_READ_TIMEOUT)),
                 retry=retry,
+                task_turn=float(get("sfox_task_turn", DEFAULT_TASK_TURN)),
                 plain_http_hosts=tuple(
                     h.strip().lower()
                     for h in str(get("sfox_plain_http_hosts", "")).split(",")
                     if h.strip()
                 ),
+                rate_limit_scope=str(get("sfox_rate_limit_scope", "")).strip(),
+                source_address=(str(get("sfox_source_address", "")).strip() or None),
                 metrics_port=None if metrics_port is None else int(metrics_port),
             )
         except (TypeError, ValueError) as exc:
@@ -211,10 +245,21 @@ class Settings:
         """The enterprise key, or a clear error saying which variable to set."""
         if not self.api_key:
             raise ConfigurationError(
-                "no sFOX enterprise API key: set SFOX_ENTERPRISE_API_KEY "
-                "(or ENTERPRISE_API_KEY) in the worker's environment"
+                "no sFOX enterprise API key: looked for SFOX_ENTERPRISE_API_KEY and "
+                "ENTERPRISE_API_KEY in the environment of this process (read by "
+                "celeryconfig.py when it was first imported) and for "
+                "sfox_enterprise_api_key in the configuration of the Celery app running "
+                "the task; set SFOX_ENTERPRISE_API_KEY where the worker starts"
             )
         return self.api_key
+
+
+def redis_url_of(*urls: Any) -> str | None:
+    """The first of ``urls`` that is a Redis URL."""
+    for url in urls:
+        if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
+            return url
+    return None
 
 
 def check_api_url(url: str, plain_http_hosts: Collection[str] = ()) -> None:
@@ -241,6 +286,22 @@ def is_plain_http_off_host(url: str) -> bool:
     """True for a plain http:// URL whose host is not loopback (allowed only by opt-in)."""
     parts = urlsplit(url)
     return parts.scheme == "http" and not _is_loopback((parts.hostname or "").lower())
+
+
+def _check_source_address(address: str) -> None:
+    """An IP address literal, not a name and not a wildcard: the one to send from."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigurationError(
+            f"SFOX_SOURCE_ADDRESS={address!r} is not an IP address: give one of this host's "
+            "own addresses (for example 10.0.0.5), not a host name"
+        ) from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigurationError(
+            f"SFOX_SOURCE_ADDRESS={address!r} cannot be sent from: give one of this host's "
+            "own unicast addresses, or leave it unset to let the system choose"
+        )
 
 
 def _is_loopback(host: str) -> bool:

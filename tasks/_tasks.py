@@ -1,11 +1,11 @@
-"""The Celery tasks: thin glue between Celery and the minting code.
+"""The mint task: thin glue between Celery and the minting code.
 
-Nothing here knows HTTP. The task validates its input, hands it to a
-:class:`~tasks._mint.Minter`, and turns a :class:`~tasks._mint.Deferred`
-(a wait too long to sleep in a worker slot) into a Celery retry with a
-countdown that carries the work done so far. Celery's own ``max_retries`` is
-off for this task: the retry budget and deadline live in that carried state,
-so limiter waits never count against it.
+Nothing here knows HTTP. The task validates its input and hands it to a
+:class:`~tasks._mint.Minter`; a :class:`~tasks._mint.Deferred` (a wait too
+long to sleep in a worker slot, or the end of the run's turn) becomes a broker
+countdown that carries the work done so far (see :class:`tasks._base.SfoxTask`).
+The retry budget and deadline live in that carried state, so limiter waits
+never count against it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import logging
 import time
 from typing import Any
 
-from celery import Task, signals
+from celery import signals
 
-from tasks._app import app
+from tasks._app import app, package_conf
+from tasks._backend import backend_with_ttl
+from tasks._base import SfoxTask
 from tasks._exceptions import ConfigurationError
-from tasks._mint import Deferred, MintResult, validate_user_ids
+from tasks._mint import MintResult, validate_user_ids
 from tasks._outcome import MintOutcome, summarise
 from tasks._runtime import get_runtime, reset_runtime
 from tasks._settings import Settings, is_plain_http_off_host
 
-__all__ = ["MintTask", "mint_user_tokens"]
+__all__ = ["TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
 
 logger = logging.getLogger("tasks.mint")
 
@@ -37,13 +39,15 @@ def _describe_ids(user_ids: Any) -> str:
     return f"[{len(user_ids)} user IDs: {head}{more}]"
 
 
-class MintTask(Task):  # type: ignore[misc]
+#: Seconds after which a worker kills a package task that outlived its turn anyway: the
+#: turn (SFOX_TASK_TURN) plus requests in flight end a run within about a minute.
+TASK_TIME_LIMIT = 600
+
+
+class MintTask(SfoxTask):
     """Base of ``sfox.mint_user_tokens``: early validation, short reprs, short-lived result."""
 
-    #: Celery's counter is off; the carried budget bounds retries instead.
-    max_retries = None
-    #: Killed past this: far beyond minting's own deadline (SFOX_RETRY_DEADLINE).
-    time_limit = 3600
+    time_limit = TASK_TIME_LIMIT
     #: Keep the human "succeeded" line and task events short: a result holds ciphertext.
     resultrepr_maxsize = 160
 
@@ -51,6 +55,18 @@ class MintTask(Task):  # type: ignore[misc]
     def result_ttl(self) -> int:
         """Seconds the result may live in the backend (read by the result backend)."""
         return get_runtime(self.app.conf).settings.result_ttl
+
+    @property
+    def backend(self) -> Any:
+        """The running app's result backend, writing this task's results with their TTL.
+
+        In a partner's app (plain Celery Redis backend) as in ``tasks.app``.
+        """
+        return backend_with_ttl(self._backend or self.app.backend, self.app)
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         # Refuse bad input at the call, before anything is queued.
@@ -64,7 +80,7 @@ class MintTask(Task):  # type: ignore[misc]
         return super().apply_async(args, kwargs, **options)
 
 
-@app.task(bind=True, base=MintTask, name="sfox.mint_user_tokens", acks_late=True)
+@app.task(bind=True, base=MintTask, name="sfox.mint_user_tokens")
 def mint_user_tokens(
     self: MintTask, user_ids: list[str], _resume: dict[str, Any] | None = None
 ) -> MintResult | MintOutcome:
@@ -72,20 +88,7 @@ def mint_user_tokens(
     runtime = get_runtime(self.app.conf)
     distinct = validate_user_ids(user_ids, maximum=runtime.settings.max_user_ids)
     started = time.monotonic()
-    try:
-        result = runtime.minter().mint(distinct, _resume)
-    except Deferred as deferred:
-        logger.info(
-            "mint of %d user(s) resumes from the broker in %.1f s (%s)",
-            len(distinct),
-            deferred.countdown,
-            deferred.reason,
-        )
-        raise self.retry(
-            kwargs={"_resume": deferred.state},
-            countdown=deferred.countdown,
-            kwargsrepr="{resume: …}",
-        ) from None
+    result = runtime.minter().mint(distinct, _resume)
     logger.info(
         "mint done for %d user(s) in %.2f s: %s",
         len(distinct),
@@ -98,37 +101,44 @@ def mint_user_tokens(
     return MintOutcome(result)
 
 
+def _conf_of(sender: Any) -> Any:
+    """The configuration of the app a worker signal is about (a partner's, embedded)."""
+    worker_app = getattr(sender, "app", None)
+    return package_conf(worker_app.conf if worker_app is not None else app.conf)
+
+
 @signals.worker_init.connect
-def _check_settings(**_: Any) -> None:
+def _check_settings(sender: Any = None, **_: Any) -> None:
     """Refuse to start a worker whose sFOX settings are wrong, saying which and why."""
     try:
-        Settings.from_conf(app.conf)
+        Settings.from_conf(_conf_of(sender))
     except ConfigurationError as exc:
         logger.critical("refusing to start: %s", exc.message)
         raise SystemExit(f"sfox-tokens: {exc.message}") from None
 
 
 @signals.celeryd_after_setup.connect
-def _announce_settings(**_: Any) -> None:
+def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """Say at start-up, once logging is set up, where minting goes and what is off."""
     # worker_init (above) runs before the worker configures logging: lines logged
     # there never reach the worker's log.
-    settings = Settings.from_conf(app.conf)
+    conf = _conf_of(instance)
+    settings = Settings.from_conf(conf)
     if is_plain_http_off_host(settings.api_url):
         logger.warning(
             "SFOX_API_URL %s is plain http:// (allowed by SFOX_PLAIN_HTTP_HOSTS): "
             "for a local sFOX stand-in only, never with a real enterprise key",
             settings.api_url,
         )
-    visibility = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
-    longest = settings.retry.deadline + settings.retry.retry_after_max
-    if app.conf.broker_url.startswith(("redis", "rediss")) and visibility <= longest:
+    visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
+    longest = longest_hold(settings)
+    if str(conf.get("broker_url") or "").startswith(("redis", "rediss")) and visibility <= longest:
         logger.warning(
-            "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest mint (%g s deadline plus "
-            "%g s Retry-After): Redis may hand a running task to a second worker",
+            "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest a task holds its message "
+            "(%g s: its turn, requests in flight, and a Retry-After countdown): Redis may "
+            "hand a running task to a second worker",
             visibility,
-            settings.retry.deadline,
-            settings.retry.retry_after_max,
+            longest,
         )
     if not settings.api_key:
         logger.warning(
@@ -143,6 +153,17 @@ def _announce_settings(**_: Any) -> None:
         settings.mint_concurrency,
         settings.result_ttl,
     )
+
+
+def longest_hold(settings: Settings) -> float:
+    """Seconds a package task may hold its message: a turn, then a countdown at most.
+
+    A run stops starting requests after its turn; those in flight end within their
+    timeouts, and a broker countdown waits at most the longest ``Retry-After``.
+    """
+    request = settings.connect_timeout + settings.read_timeout
+    in_place = settings.retry.inprocess_wait_max
+    return settings.task_turn + request + in_place + settings.retry.retry_after_max
 
 
 @signals.worker_process_init.connect

@@ -3,10 +3,13 @@
 This module owns :class:`FakeSfox`, a small threaded HTTP server that behaves like sFOX's
 enterprise user-token endpoints (batch and single) and the order endpoint, plus everything the
 test suite, the demo, the benchmark and the docker service need to make it misbehave on purpose:
-scripted faults (:class:`Fault`), refused users, latency, and a per-IP rate limiter with a
-penalty period.  It records every request it answers so tests can assert on traffic shape
-(``max_requests_in_window``) without ever storing a secret: Authorization headers are reduced to
-a verdict, and issued tokens live only in ``issued_tokens``.
+scripted faults (:class:`Fault`), refused users, latency, and a rate limiter with a penalty
+period.  The limiter counts per client address, as sFOX counts per IP (``rate_limit_per =
+"address"``), or one budget for every client (``"server"``: many hosts behind one NAT).  It
+records every request it answers so tests can assert on traffic shape
+(``max_requests_in_window``, per address in ``stats()["by_address"]``) and on how old each token
+was when an order used it, without ever storing a secret: Authorization headers are reduced to a
+verdict, and issued tokens live only in ``issued_tokens``.
 
 It deliberately imports nothing but the standard library, so it can run as a service
 (``python -m tasks.fake_sfox``) in an image that does not have the rest of the package's
@@ -74,6 +77,10 @@ _MAX_BODY = 10 * 1024 * 1024
 
 FaultKind = Literal["status", "reset", "delay", "malformed", "drop_user", "extra_user"]
 _FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
+
+#: What the rate limit counts: each client address on its own (sFOX's rule), or all together.
+RateLimitPer = Literal["address", "server"]
+_RATE_LIMIT_PER: frozenset[str] = frozenset(get_args(RateLimitPer))
 
 AuthVerdict = Literal["none", "enterprise", "user_token", "expired_token", "invalid"]
 
@@ -328,6 +335,7 @@ class Order:
     amount: float | None
     client_order_id: str | None
     status: str = "started"
+    #: When the order request arrived (monotonic).
     placed_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,6 +361,8 @@ class FakeSfoxConfig:
     rate_limit: int | None = None
     rate_window: float = 10.0
     rate_penalty: float = 60.0
+    #: "address": a budget and a penalty per client IP, as sFOX does; "server": one for all.
+    rate_limit_per: RateLimitPer = "address"
     retry_after_on_limit: bool = False
     shuffle: bool = True
     max_batch: int | None = None
@@ -383,6 +393,8 @@ class FakeSfoxConfig:
         for name in ("retry_after_on_limit", "shuffle", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean")
+        if self.rate_limit_per not in _RATE_LIMIT_PER:
+            raise ValueError(f"rate_limit_per must be one of {sorted(_RATE_LIMIT_PER)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +409,8 @@ class _Request:
     ip: str
     headers: dict[str, str]
     body: bytes
+    #: When it arrived (monotonic), before any latency or delay.
+    arrived: float = 0.0
 
 
 @dataclass
@@ -471,6 +485,7 @@ class FakeSfox:
         rate_limit: int | None = None,
         rate_window: float = 10.0,
         rate_penalty: float = 60.0,
+        rate_limit_per: RateLimitPer = "address",
         retry_after_on_limit: bool = False,
         shuffle: bool = True,
         max_batch: int | None = None,
@@ -491,6 +506,7 @@ class FakeSfox:
             rate_limit=rate_limit,
             rate_window=rate_window,
             rate_penalty=rate_penalty,
+            rate_limit_per=rate_limit_per,
             retry_after_on_limit=retry_after_on_limit,
             shuffle=shuffle,
             max_batch=max_batch,
@@ -518,11 +534,20 @@ class FakeSfox:
         self._client_order_ids: dict[tuple[str, str], float] = {}
         self._duplicates = 0
         self._rate_limited = 0
+        self._rate_limited_by_ip: dict[str, int] = {}
+        # Keyed by client address, or by "*" when the limit is per server.
         self._hits: dict[str, deque[float]] = {}
         self._penalty_until: dict[str, float] = {}
         self._next_order_id = 1_000_001
         self._minted = 0
         self._fail_counter = 0
+        #: token -> when it was minted (monotonic); user -> tokens minted for them.
+        self._token_born: dict[str, float] = {}
+        self._mints_by_user: dict[str, int] = {}
+        #: Seconds since minting of the token each order request carried.
+        self._token_ages: list[float] = []
+        # Turns the monotonic times kept here into wall-clock times for stats().
+        self._wall_offset = time.time() - time.monotonic()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -591,10 +616,11 @@ class FakeSfox:
             raise ValueError(str(exc)) from exc
         with self._lock:
             old, self._config = self._config, new
-            if (old.rate_limit, old.rate_window, old.rate_penalty) != (
+            if (old.rate_limit, old.rate_window, old.rate_penalty, old.rate_limit_per) != (
                 new.rate_limit,
                 new.rate_window,
                 new.rate_penalty,
+                new.rate_limit_per,
             ):
                 self._hits.clear()
                 self._penalty_until.clear()
@@ -682,20 +708,68 @@ class FakeSfox:
         with self._lock:
             return sum(1 for record in self._log if record.path.startswith(path_prefix))
 
-    def max_requests_in_window(self, window_s: float, path_prefix: str | None = None) -> int:
-        """Most requests that arrived within any ``window_s``-second span (half-open)."""
+    def max_requests_in_window(
+        self, window_s: float, path_prefix: str | None = None, *, ip: str | None = None
+    ) -> int:
+        """Most requests that arrived within any ``window_s``-second span (half-open).
+
+        ``ip`` counts only the requests from that client address.
+        """
         if not window_s > 0:
             raise ValueError("window_s must be > 0")
         with self._lock:
             times = sorted(
-                r.time for r in self._log if path_prefix is None or r.path.startswith(path_prefix)
+                r.time
+                for r in self._log
+                if (path_prefix is None or r.path.startswith(path_prefix)) and ip in (None, r.ip)
             )
-        best = start = 0
-        for end, t in enumerate(times):
-            while t - times[start] >= window_s:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
+        return _densest(times, window_s)
+
+    def rate_limited_by_address(self) -> dict[str, int]:
+        """The limiter's 429s per client address (scripted 429 faults are not included)."""
+        with self._lock:
+            return dict(self._rate_limited_by_ip)
+
+    def token_ages_at_use(self) -> list[float]:
+        """For each order request, seconds since the token it carried was minted."""
+        with self._lock:
+            return list(self._token_ages)
+
+    def _by_address(self, window_s: float) -> dict[str, dict[str, int]]:
+        """Requests, 429s and the densest window of each client address."""
+        with self._lock:
+            times: dict[str, list[float]] = {}
+            counts: dict[str, dict[str, int]] = {}
+            for record in self._log:
+                times.setdefault(record.ip, []).append(record.time)
+                entry = counts.setdefault(
+                    record.ip,
+                    {"requests": 0, "token_requests": 0, "order_requests": 0, "rate_limited": 0},
+                )
+                entry["requests"] += 1
+                if record.path.startswith(TOKENS_PATH):
+                    entry["token_requests"] += 1
+                elif record.path.startswith(ORDERS_PATH):
+                    entry["order_requests"] += 1
+            for ip, limited in self._rate_limited_by_ip.items():
+                counts.setdefault(
+                    ip, {"requests": 0, "token_requests": 0, "order_requests": 0, "rate_limited": 0}
+                )["rate_limited"] = limited
+        for ip, entry in counts.items():
+            entry["max_requests_in_window"] = _densest(sorted(times.get(ip, [])), window_s)
+        return dict(sorted(counts.items()))
+
+    def _token_use_stats_locked(self) -> dict[str, Any]:
+        ages = sorted(self._token_ages)
+        minted_twice = sum(1 for n in self._mints_by_user.values() if n > 1)
+        return {
+            "orders": len(ages),
+            "max_s": round(ages[-1], 3) if ages else None,
+            "p99_s": round(_percentile(ages, 0.99), 3) if ages else None,
+            "p50_s": round(_percentile(ages, 0.5), 3) if ages else None,
+            "users_minted": len(self._mints_by_user),
+            "users_minted_more_than_once": minted_twice,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Counters for the control API and for humans; contains no tokens or keys."""
@@ -719,6 +793,14 @@ class FakeSfox:
                 "requests_by_path": by_path,
                 "status_counts": by_status,
                 "tokens_issued": len(self._tokens),
+                "token_use": self._token_use_stats_locked(),
+                "times": {
+                    "first_request_at": self._wall(self._log[0].time) if self._log else None,
+                    "last_request_at": self._wall(self._log[-1].time) if self._log else None,
+                    "last_order_at": (
+                        self._wall(max(o.placed_at for o in self._orders)) if self._orders else None
+                    ),
+                },
                 "rate_limited": self._rate_limited,
                 "orders_placed": len(self._orders),
                 "duplicate_order_attempts": self._duplicates,
@@ -731,8 +813,12 @@ class FakeSfox:
         result["max_token_requests_in_window"] = self.max_requests_in_window(
             cfg.rate_window, TOKENS_PATH
         )
+        result["by_address"] = self._by_address(cfg.rate_window)
         result["config"] = dataclasses.asdict(cfg)
         return result
+
+    def _wall(self, monotonic: float) -> float:
+        return round(self._wall_offset + monotonic, 4)
 
     # ---- request handling (called from handler threads) -------------------------------
 
@@ -751,16 +837,17 @@ class FakeSfox:
         """Seconds of penalty left if this request must get a 429, else None."""
         if cfg.rate_limit is None:
             return None
-        until = self._penalty_until.get(ip)
+        budget = ip if cfg.rate_limit_per == "address" else "*"
+        until = self._penalty_until.get(budget)
         if until is not None:
             if now < until:
                 return until - now
-            del self._penalty_until[ip]
-        hits = self._hits.setdefault(ip, deque())
+            del self._penalty_until[budget]
+        hits = self._hits.setdefault(budget, deque())
         while hits and now - hits[0] >= cfg.rate_window:
             hits.popleft()
         if len(hits) >= cfg.rate_limit:
-            self._penalty_until[ip] = now + cfg.rate_penalty
+            self._penalty_until[budget] = now + cfg.rate_penalty
             return cfg.rate_penalty
         # Only admitted requests fill the window; the penalty is the punishment for overflow.
         hits.append(now)
@@ -784,7 +871,7 @@ class FakeSfox:
         headers = {k: v for k, v in req.headers.items() if k in _LOGGED_HEADERS}
         with self._lock:
             cfg = self._config
-            now = time.monotonic()
+            now = req.arrived = time.monotonic()
             record = _LiveRecord(
                 now,
                 req.method,
@@ -798,6 +885,7 @@ class FakeSfox:
             penalty_left = self._rate_check_locked(req.ip, now, cfg)
             if penalty_left is not None:
                 self._rate_limited += 1
+                self._rate_limited_by_ip[req.ip] = self._rate_limited_by_ip.get(req.ip, 0) + 1
             fault = None if penalty_left is not None else self._take_fault_locked(req.path, cfg)
         pause = cfg.latency + (fault.seconds if fault is not None and fault.kind == "delay" else 0)
         if pause > 0:
@@ -884,6 +972,8 @@ class FakeSfox:
         expires, text = expiry[self._minted % 2]
         self._minted += 1
         self._tokens[token] = (user_id, expires)
+        self._token_born[token] = time.monotonic()
+        self._mints_by_user[user_id] = self._mints_by_user.get(user_id, 0) + 1
         return {"token": token, "expires": text, "partner_user_id": user_id}
 
     def _check_enterprise(self, req: _Request) -> _Response | None:
@@ -951,6 +1041,10 @@ class FakeSfox:
             owner = (
                 entry[0] if entry is not None and entry[1] > datetime.now(timezone.utc) else None
             )
+            if entry is not None:
+                # How old the token was when its order arrived.
+                born = self._token_born[cast(str, credential)]
+                self._token_ages.append(max(0.0, req.arrived - born))
         if owner is None:
             return _error(401, "invalid token")
         if side not in ORDER_SIDES:
@@ -980,7 +1074,7 @@ class FakeSfox:
                 price=body.get("price"),
                 amount=body.get("amount"),
                 client_order_id=client_order_id,
-                placed_at=now,
+                placed_at=req.arrived,
             )
             self._next_order_id += 1
             self._orders.append(order)
@@ -1085,6 +1179,22 @@ def _validate_order(side: str, body: Mapping[str, Any]) -> str | None:
     if not has["quantity"]:
         return "quantity is required"
     return None
+
+
+def _densest(times: Sequence[float], window_s: float) -> int:
+    """Most of the sorted ``times`` within any half-open ``window_s``-second span."""
+    best = start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def _percentile(ordered: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile of sorted, non-empty ``ordered``."""
+    rank = max(1, math.ceil(share * len(ordered)))
+    return ordered[rank - 1]
 
 
 def _is_loopback(ip: str) -> bool:
@@ -1243,6 +1353,11 @@ def _build_parser(prog: str = "python -m tasks.fake_sfox") -> argparse.ArgumentP
     parser.add_argument("--rate-window", type=float, default=10.0)
     parser.add_argument("--rate-penalty", type=float, default=60.0)
     parser.add_argument(
+        "--rate-limit-per", choices=sorted(_RATE_LIMIT_PER), default="address",
+        help="count the rate limit per client address, as sFOX does (default), or for the "
+        "whole server, as if every client sat behind one NAT",
+    )  # fmt: skip
+    parser.add_argument(
         "--retry-after", action="store_true", help="send Retry-After on rate-limit 429s"
     )
     parser.add_argument("--no-shuffle", action="store_true", help="keep token response order")
@@ -1277,6 +1392,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             rate_limit=args.rate_limit,
             rate_window=args.rate_window,
             rate_penalty=args.rate_penalty,
+            rate_limit_per=args.rate_limit_per,
             retry_after_on_limit=args.retry_after,
             shuffle=not args.no_shuffle,
             max_batch=args.max_batch,

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from bench._plain import SlidingWindow, parse_rate
+from bench._plain import (
+    SlidingWindow,
+    nightly_bound_s,
+    nightly_requests,
+    parse_rate,
+    run_nightly,
+    write_orders,
+)
 from bench._profile import GLUE, summarize_spy
+from tasks.fake_sfox import FakeSfox
 
 
 class FakeClock:
@@ -69,3 +77,36 @@ def test_summarize_spy_counts_each_sample_for_its_deepest_package_frame(tmp_path
     assert (
         summary["hot_spots"][0]["function"] == "cryptography/fernet.py:Fernet._encrypt_from_parts"
     )
+
+
+def test_nightly_bound_is_the_requests_past_the_first_window_at_the_rate() -> None:
+    """One mint per batch and one order per user; the first `limit` go at once, the rest at rate."""
+    assert nightly_requests(1000, 100) == 1010
+    assert nightly_bound_s(1010, "240/10s") == pytest.approx((1010 - 240) / 24)
+    # Two budgets (egress addresses) double both the free first window and the rate.
+    assert nightly_bound_s(1010, "240/10s", budgets=2) == pytest.approx((1010 - 480) / 48)
+    assert nightly_bound_s(100, "240/10s") == 0.0
+
+
+def test_plain_nightly_loop_places_every_order_once_with_tokens_minted_in_batches(
+    tmp_path: Path,
+) -> None:
+    """The partner's loop mints a batch per 10 users and places each user's order once."""
+    # Given an orders file of 50 users and a stand-in with sFOX's per-address rule
+    orders = tmp_path / "orders.csv"
+    write_orders(orders, [f"u{i:03d}" for i in range(50)])
+    with FakeSfox("bench-key", rate_limit=250, rate_window=10.0) as fake:
+        # When the plain nightly loop runs with two threads
+        outcome = run_nightly(
+            fake.url, "bench-key", str(orders), batch_size=10, rate=(240, 10.0), threads=2
+        )
+        stats = fake.stats()
+
+    # Then every order is placed once, with one batch mint per 10 users and no re-mint
+    assert (outcome.placed, outcome.orders, outcome.mints, outcome.remints) == (50, 50, 5, 0)
+    assert outcome.errors == [] and outcome.rate_limited == 0
+    assert stats["orders_placed"] == 50 and stats["duplicate_order_attempts"] == 0
+    assert stats["token_use"]["users_minted_more_than_once"] == 0
+    assert {o["client_order_id"] for o in stats["orders"]} == {
+        f"plain-u{i:03d}-nightly" for i in range(50)
+    }

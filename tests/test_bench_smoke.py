@@ -46,14 +46,18 @@ def bench_redis() -> str:
 def test_smoke_run_measures_every_approach_and_writes_its_report(
     bench_redis: str, tmp_path: Path
 ) -> None:
-    """`python -m bench.run --smoke` runs every section and writes RESULTS.md, chart.png, JSON."""
+    """`python -m bench.run --smoke` runs every section and writes RESULTS.md, chart.png, JSON.
+
+    That includes the nightly run (the package's task and the plain loop) and the
+    egress runs, each address sending from its own loopback alias.
+    """
     # Given a private output folder and the benchmark's own database
     command = [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)]
     command += ["--redis-url", bench_redis]
 
     # When the smoke benchmark runs
     proc = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
 
     # Then it succeeds and every measured approach minted a token for every user
@@ -62,7 +66,9 @@ def test_smoke_run_measures_every_approach_and_writes_its_report(
     measured = [
         row
         for row in results["rows"]
-        if not row["skipped"] and not row["projected"] and row["approach"] != "bound"
+        if not row["skipped"]
+        and not row["projected"]
+        and row["approach"] not in ("bound", "sliding-window minimum")
     ]
     approaches = {row["approach"] for row in measured}
     assert {
@@ -79,13 +85,33 @@ def test_smoke_run_measures_every_approach_and_writes_its_report(
         assert (row["requests"] > 0) == minting, row
     package = [row for row in measured if row["approach"].startswith("package")]
     assert all(row["rss_largest_mb"] > 0 and row["worker_cpu_s"] > 0 for row in package)
-    assert {row["section"] for row in measured} == {"rate", "grid"}
+    assert {row["section"] for row in measured} == {"rate", "grid", "nightly", "egress"}
+    # The nightly run: every user's one order placed, by the package and by the plain loop
+    nightly = [row for row in measured if row["section"] == "nightly"]
+    assert {row["approach"].split(":")[0].split(",")[0] for row in nightly} == {
+        "package",
+        "plain nightly loop",
+    }
+    for row in nightly:
+        assert row["placed"] == row["users"] <= row["orders"], row
+        assert row["mints"] > 0 and row["token_age_max_s"] is not None, row
+        assert row["rss_largest_mb"] > 0, row
+    # The egress runs: each address's requests arrived from that address, none refused
+    egress = [row for row in measured if row["section"] == "egress"]
+    assert sorted(len(row["addresses"]) for row in egress) == [1, 2, 2]
+    for row in egress:
+        expected = [f"127.0.0.{2 + i}" for i in range(len(row["addresses"]))]
+        assert sorted(row["addresses"]) == expected, row
+        assert all(entry["rate_limited"] == 0 for entry in row["addresses"].values()), row
+        assert sum(entry["requests"] for entry in row["addresses"].values()) == row["requests"]
     assert results["profile"]["in_process"]["measured"]["minter_ms"] > 0
     assert results["profile"]["worker"]["psutil_ms"] > 0
     # And its report, chart and raw results are where it was told
     report = (tmp_path / "RESULTS.md").read_text()
     assert report.startswith("# Benchmark results")
     assert "## Targets" in report
+    assert "## The nightly run at sFOX's limit" in report
+    assert "## Budgets per egress address" in report
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # And it gave its database back
     assert not redis.Redis.from_url(bench_redis).exists("bench:lock")

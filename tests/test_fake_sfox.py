@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tasks._client import http_adapter
 from tasks.fake_sfox import FakeSfox, Fault, http_date
 
 KEY = "test-enterprise-key-0123456789"
@@ -376,6 +377,72 @@ def test_rate_limit_counts_every_endpoint_and_is_off_by_default(http: requests.S
         assert http.get(fake.url + "/nowhere").status_code == 404
         assert http.post(fake.url + "/v1/orders/buy", json={}).status_code == 401
         assert issue(http, fake, ["a"]).status_code == 429
+
+
+def bound_session(address: str) -> requests.Session:
+    """A session whose connections leave from ``address`` (a loopback alias)."""
+    session = requests.Session()
+    adapter = http_adapter(2, address)
+    session.mount("http://", adapter)
+    session.trust_env = False
+    return session
+
+
+def test_rate_limit_is_per_client_address_and_reported_per_address() -> None:
+    """Each client address has its own budget and penalty, and stats show each one's counts."""
+    with (
+        FakeSfox(KEY, rate_limit=2, rate_window=30.0, rate_penalty=30.0) as fake,
+        bound_session("127.0.0.2") as two,
+        bound_session("127.0.0.3") as three,
+    ):
+        assert [issue(two, fake, ["a"]).status_code for _ in range(3)] == [201, 201, 429]
+        # The other address is untouched by the first one's penalty.
+        assert [issue(three, fake, ["b"]).status_code for _ in range(2)] == [201, 201]
+        by_address = fake.stats()["by_address"]
+        assert by_address["127.0.0.2"] == {
+            "requests": 3, "token_requests": 3, "order_requests": 0, "rate_limited": 1,
+            "max_requests_in_window": 3,
+        }  # fmt: skip
+        assert by_address["127.0.0.3"]["rate_limited"] == 0
+        assert by_address["127.0.0.3"]["max_requests_in_window"] == 2
+        assert fake.rate_limited_by_address() == {"127.0.0.2": 1}
+        assert fake.max_requests_in_window(30.0, ip="127.0.0.3") == 2
+
+
+def test_rate_limit_per_server_is_one_budget_for_every_address() -> None:
+    """rate_limit_per="server" counts all addresses together, as if behind one NAT."""
+    with (
+        FakeSfox(KEY, rate_limit=2, rate_window=30.0, rate_penalty=30.0) as fake,
+        bound_session("127.0.0.2") as two,
+        bound_session("127.0.0.3") as three,
+    ):
+        fake.configure(rate_limit_per="server")
+        assert issue(two, fake, ["a"]).status_code == 201
+        assert issue(three, fake, ["b"]).status_code == 201
+        assert issue(two, fake, ["a"]).status_code == 429
+        assert issue(three, fake, ["b"]).status_code == 429
+        assert fake.rate_limited_by_address() == {"127.0.0.2": 1, "127.0.0.3": 1}
+        with pytest.raises(ValueError, match="rate_limit_per"):
+            fake.configure(rate_limit_per="planet")
+
+
+def test_stats_report_token_age_at_use_and_users_minted_twice(
+    fake: FakeSfox, http: requests.Session
+) -> None:
+    """Each order's token age is kept; users given a second token are counted."""
+    first = token_for(http, fake, "alice")
+    token_for(http, fake, "bob")
+    time.sleep(0.2)  # alice's first token is at least this old when used
+    assert order(http, fake, first, client_order_id="o1").status_code == 201
+    again = token_for(http, fake, "alice")
+    assert order(http, fake, again, client_order_id="o2").status_code == 201
+    ages = fake.token_ages_at_use()
+    assert len(ages) == 2 and ages[0] >= 0.2 and ages[1] < ages[0]
+    use = fake.stats()["token_use"]
+    assert use["orders"] == 2 and use["max_s"] == round(ages[0], 3)
+    assert use["users_minted"] == 2 and use["users_minted_more_than_once"] == 1
+    times = fake.stats()["times"]
+    assert times["first_request_at"] <= times["last_order_at"] <= times["last_request_at"]
 
 
 def test_max_requests_in_window_matches_sent_bursts(fake: FakeSfox, http: requests.Session) -> None:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 QUEUE = "nightly-tests"
 NIGHTLY_ENV = {
-    "CELERY_TASK_DEFAULT_QUEUE": QUEUE,
+    "SFOX_QUEUE": QUEUE,
     # The stand-in has no rate limit here; the limiter is still in every call.
     "SFOX_RATE_LIMIT": "5000/1s",
     "SFOX_VISIBILITY_TIMEOUT": "6",
@@ -198,7 +198,7 @@ def test_expired_sealed_token_is_reminted_and_the_order_placed(
     assert result["placed"] == 1
     assert [o.user_id for o in fake_sfox.orders] == ["late-user"]
     assert fake_sfox.count("/v1/enterprise/user-tokens/late-user") == 1
-    assert NightlyRun(redis_client, day).flag("remints") == "1"
+    assert NightlyRun(redis_client, day).remints() == 1
 
 
 def test_token_rejected_with_401_is_reminted_once(nightly_workers, fake_sfox, redis_client):

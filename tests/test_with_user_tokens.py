@@ -11,7 +11,7 @@ import pytest
 from tasks import with_user_tokens
 from tasks._jit import JitRun
 from tests.conftest import REDIS_URL
-from tests.testtasks import flaky_downstream, record_token
+from tests.testtasks import flaky_downstream, record_token, runs_by_user
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,9 @@ def test_each_granted_user_reaches_downstream_once_with_its_own_token(
     seen = {
         k.decode(): v.decode() for k, v in redis_client.hgetall("tests:downstream:basic").items()
     }
-    calls = redis_client.hvals("tests:downstream-calls:basic")
+    runs = runs_by_user(redis_client, "basic")
     assert set(seen) == set(ids) - {"partner-123"}
-    assert all(int(c) == 1 for c in calls)
+    assert set(runs) == set(seen) and set(runs.values()) == {1}
     issued = {
         u: hashlib.sha256(t.encode()).hexdigest() for t, (u, _) in fake_sfox.issued_tokens.items()
     }
@@ -84,7 +84,7 @@ def test_bad_user_ids_raise_at_the_call(worker, fake_sfox, redis_client, bad):
     """Bad user_ids raise ValueError when the canvas is built; nothing is queued or sent."""
     with pytest.raises(ValueError):
         with_user_tokens(bad, record_token.s("bad"))
-    assert redis_client.llen("celery") == 0 and fake_sfox.count() == 0
+    assert redis_client.llen("sfox") == 0 and fake_sfox.count() == 0
 
 
 def test_downstream_must_be_a_signature(worker):
@@ -154,21 +154,19 @@ def _jit_done_runs(events, run_id: str) -> int:
     )
 
 
-@pytest.mark.parametrize("done_callbacks", [False, True])
 def test_every_end_of_a_downstream_task_marks_its_user_done(
-    worker, fake_sfox, redis_client, events, done_callbacks
+    worker, fake_sfox, redis_client, events
 ):
     """Successes, failures, retries, Ignore and replace: each user is marked done at its end.
 
-    By default a success (or ``Ignore``) is marked by the worker that ran it (no
-    extra task); a failure by the ``sfox.jit_done`` errback. A retry is no end:
-    the run finishes only after the retried attempt. ``done_callbacks=True``
-    sends ``sfox.jit_done`` for every user instead.
+    On a worker that imports ``tasks``, a success (or ``Ignore``) is marked by
+    the worker that ran it (no extra task); a failure by the ``sfox.jit_done``
+    errback. A retry is no end: the run finishes only after the retried attempt.
     """
     ids = [f"end-{i}" for i in range(40)]
     fails, retries = ["end-3", "end-27"], ["end-5", "end-38"]
     ignored, replaced = ["end-11"], ["end-12", "end-33"]
-    tag = f"ends-{int(done_callbacks)}"
+    tag = "ends"
     run_id = f"wut-{tag}-{time.time_ns()}"
     run = JitRun(redis_client, run_id)
     with_user_tokens(
@@ -184,7 +182,6 @@ def test_every_end_of_a_downstream_task_marks_its_user_done(
         run_id=run_id,
         chunk_size=10,
         ahead=1,
-        done_callbacks=done_callbacks,
     ).apply_async()
     assert wait_for(lambda: run.progress().finished, timeout=90)
     # Finished means ended: the retried users' second attempts have already run
@@ -201,7 +198,5 @@ def test_every_end_of_a_downstream_task_marks_its_user_done(
     progress = run.progress()
     assert (progress.done, progress.dispatched, progress.failed) == (40, 40, 0)
     time.sleep(1.0)  # let the last events arrive
-    # With callbacks, an ignored task sends none (Celery calls neither link nor errback);
-    # the replaced tasks' link moved to their replacements.
-    expected = 40 - len(ignored) if done_callbacks else len(fails)
-    assert _jit_done_runs(events, run_id) == expected
+    # Only the failures sent a sfox.jit_done task: every other end was marked in place.
+    assert _jit_done_runs(events, run_id) == len(fails)

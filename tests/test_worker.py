@@ -74,7 +74,7 @@ def test_bad_input_is_refused_before_anything_is_sent(worker, fake_sfox, redis_c
     """Bad input raises ValueError at the call; no message is queued, sFOX sees nothing."""
     with pytest.raises(ValueError):
         mint_user_tokens.delay(bad)
-    assert redis_client.llen("celery") == 0
+    assert redis_client.llen("sfox") == 0
     assert fake_sfox.count() == 0
 
 

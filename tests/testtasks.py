@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
+import uuid
 from typing import Any
 
 from tasks import app
@@ -13,28 +16,47 @@ def echo(value: Any) -> Any:
     return value
 
 
+def note_run(client: Any, tag: str, user_id: str) -> None:
+    """Count one run of a downstream task for ``user_id``, idempotently.
+
+    Each run writes a field of its own, so a write retried after a dropped
+    connection counts once: runs are the fields, not an increment.
+    """
+    client.hset(f"tests:downstream-runs:{tag}", f"{user_id}|{uuid.uuid4().hex}", 1)
+
+
+def runs_by_user(client: Any, tag: str) -> dict[str, int]:
+    """How many times each user's downstream task ran."""
+    counts: dict[str, int] = {}
+    for field in client.hkeys(f"tests:downstream-runs:{tag}"):
+        user = field.decode().rsplit("|", 1)[0]
+        counts[user] = counts.get(user, 0) + 1
+    return counts
+
+
+def _client() -> Any:
+    # A partner's task that rides through dropped connections as the package does.
+    from tasks._redis import redis_client
+
+    return redis_client(app.conf.broker_url)
+
+
 @app.task(name="tests.record_token")
 def record_token(tag: str, user_token: dict[str, Any], delay: float = 0.0) -> str:
     """A partner's downstream task: opens the token and notes which user it served."""
-    import time
-
-    import redis
-
     from tasks import unseal
 
     plaintext = unseal(user_token["token"])
     if delay:
         time.sleep(delay)
-    client = redis.Redis.from_url(app.conf.broker_url)
+    client = _client()
     # Store only a digest: the test compares it with the stand-in's token, never the token.
-    import hashlib
-
     client.hset(
         f"tests:downstream:{tag}",
         user_token["partner_user_id"],
         hashlib.sha256(plaintext.encode()).hexdigest(),
     )
-    client.hincrby(f"tests:downstream-calls:{tag}", user_token["partner_user_id"], 1)
+    note_run(client, tag, user_token["partner_user_id"])
     return user_token["partner_user_id"]
 
 

@@ -1,0 +1,107 @@
+"""The base of every package task: its queue, bounded runs, and waits taken at the broker.
+
+Each task of the package is a :class:`SfoxTask`, in ``tasks.app`` or in a
+partner's app that imports ``tasks`` (Celery shares them). The class owns what
+they have in common:
+
+- **the queue.** Every task is sent to ``SFOX_QUEUE`` (default ``sfox``) from
+  any app, so a partner's workers on Celery's default queue never receive one;
+- **acks late, no Celery retry count.** A crash redelivers the message; the
+  carried budgets (:mod:`tasks._retry`) bound retries instead of ``max_retries``;
+- **waits at the broker.** A run that must wait longer than a worker slot
+  should (:class:`~tasks._mint.Deferred`: a long ``Retry-After``, the limiter,
+  the end of its turn) or whose Redis or broker stayed away past the retries
+  in place (:data:`~tasks._redis.STORE_ERRORS`) goes back to the broker with
+  its progress (``_resume``) and a countdown. Such an outage never fails the
+  task: if even the retry cannot be published, the message is rejected with
+  requeue, so the broker keeps it.
+
+A task records progress it must not lose across such a return with
+:meth:`SfoxTask.checkpoint`; it comes back as the ``_resume`` keyword.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from celery import Task
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
+
+from tasks._app import app
+from tasks._mint import Deferred
+from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
+
+__all__ = ["OUTAGE_ERRORS", "SfoxTask"]
+
+logger = logging.getLogger("tasks.outage")
+
+#: Outages of Redis or the broker that outlived the retries in place: waits, never failures.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (*STORE_ERRORS, OperationalError)
+
+#: Attribute of a task's request holding its last checkpoint.
+_CHECKPOINT = "sfox_checkpoint"
+
+
+class SfoxTask(Task):  # type: ignore[misc]
+    """A package task: sent to ``SFOX_QUEUE``, acked late, resumed from the broker."""
+
+    #: Every package task goes to this queue, whichever app sends it.
+    queue = app.conf.get("sfox_queue") or "sfox"
+    acks_late = True
+    #: Celery's counter is off: carried budgets and deadlines bound the retries.
+    max_retries = None
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Progress to resume from if this run must go back to the broker."""
+        setattr(self.request, _CHECKPOINT, state)
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        """The progress :meth:`checkpoint` recorded last in this run, if any."""
+        state: dict[str, Any] | None = getattr(self.request, _CHECKPOINT, None)
+        return state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request_stack.top is None:  # called directly, outside a worker
+            return super().__call__(*args, **kwargs)
+        try:
+            return self.run(*args, **kwargs)
+        except Deferred as deferred:
+            logger.info(
+                "%s[%s] resumes from the broker in %.1f s (%s)",
+                self.name,
+                self.request.id,
+                deferred.countdown,
+                deferred.reason,
+            )
+            raise self._resume_later(kwargs, deferred.state, deferred.countdown) from None
+        except OUTAGE_ERRORS as exc:
+            logger.warning(
+                "%s[%s]: %s unreachable past its retries (%s); resuming from the broker in %.0f s",
+                self.name,
+                self.request.id,
+                "Redis" if isinstance(exc, STORE_ERRORS) else "the broker",
+                type(exc).__name__,
+                REDIS_OUTAGE_COUNTDOWN,
+            )
+            state = self.last_checkpoint() or kwargs.get("_resume")
+            raise self._resume_later(kwargs, state, REDIS_OUTAGE_COUNTDOWN) from None
+
+    def _resume_later(
+        self, kwargs: dict[str, Any], state: dict[str, Any] | None, countdown: float
+    ) -> Exception:
+        new_kwargs = {k: v for k, v in kwargs.items() if k != "_resume"}
+        if state is not None:
+            new_kwargs["_resume"] = state
+        try:
+            return self.retry(  # type: ignore[no-any-return]
+                kwargs=new_kwargs,
+                countdown=max(0.0, countdown),
+                kwargsrepr="{" + ", ".join(f"{k}: …" for k in new_kwargs) + "}",
+                throw=False,
+            )
+        except Reject as reject:
+            # The retry could not be published: keep the message at the broker instead.
+            logger.warning("%s[%s]: left at the broker for redelivery", self.name, self.request.id)
+            return cast(Exception, Reject(reject.reason, requeue=True))
