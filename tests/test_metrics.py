@@ -144,7 +144,7 @@ def test_a_worker_counts_a_mint_with_faults_exactly(metrics_worker, fake_sfox, r
     placed = place_user_order.apply_async(
         kwargs={"run_date": day.isoformat(), "user_token": entry}, queue=QUEUE
     ).get(timeout=60)
-    assert placed["placed"] == 1 and NightlyRun(redis_client, day).flag("remints") == "1"
+    assert placed["placed"] == 1 and NightlyRun(redis_client, day).remints() == 1
 
     text = scrape(metrics_worker.port)
     requests = {

@@ -33,7 +33,7 @@ FAN_OUT = """
 import hashlib, json, sys, time
 import redis
 from tasks import app, with_user_tokens
-from tests.testtasks import record_token
+from tests.testtasks import record_token, runs_by_user
 
 users = json.loads(sys.argv[1])
 with_user_tokens(users, record_token.s("tls"), chunk_size=5).apply_async()
@@ -41,7 +41,7 @@ client = redis.Redis.from_url(app.conf.broker_url)
 deadline = time.monotonic() + 60
 while client.hlen("tests:downstream:tls") < len(users) and time.monotonic() < deadline:
     time.sleep(0.1)
-calls = {k.decode(): int(v) for k, v in client.hgetall("tests:downstream-calls:tls").items()}
+calls = runs_by_user(client, "tls")
 digests = {k.decode(): v.decode() for k, v in client.hgetall("tests:downstream:tls").items()}
 print(json.dumps({"calls": calls, "digests": digests}))
 """
