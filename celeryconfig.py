@@ -106,6 +106,11 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # Take one message at a time, so long tasks don't hoard work other workers could do.
 worker_prefetch_multiplier = 1
+# After a lost broker connection Celery lowers the prefetch count while tasks still run and
+# raises it as they end; before Celery 5.7, on Redis, it could stay low and the worker took
+# no more tasks (seen here with Celery 5.4 to 5.6 after CLIENT KILL). Off, a reconnected
+# worker may reserve a few messages more than it runs, briefly.
+worker_enable_prefetch_count_reduction = False
 # Results of other tasks (the nightly summary) live a day; mint results far less (below).
 result_expires = 86400
 # Store the task's name and args with its result, so Flower and callers can tell runs apart.
@@ -125,6 +130,8 @@ worker_max_tasks_per_child = 10000
 # Send task events so Flower sees every state change, including "sent".
 worker_send_task_events = True
 task_send_sent_event = True
+# A worker serves its own Prometheus metrics on this port, summed over its pool processes.
+sfox_metrics_port = _env("SFOX_METRICS_PORT")
 
 # -- time --------------------------------------------------------------------------
 
@@ -152,8 +159,10 @@ sfox_rate_limit_scope = _env("SFOX_RATE_LIMIT_SCOPE")
 # On a multi-homed host, the local address sFOX requests are sent from (unset: the OS picks).
 sfox_source_address = _env("SFOX_SOURCE_ADDRESS")
 # The limiter needs Redis; by default the running app's broker, else its result backend
-# (tasks._settings.Settings.from_conf), which in a partner's app are the partner's.
-sfox_limiter_url = _env("SFOX_LIMITER_URL")
+# (tasks._settings.Settings.from_conf), which in a partner's app are the partner's. The
+# name holds "backend" so that Celery masks the URL's password wherever it shows the
+# configuration (the worker's conf in Flower, `celery inspect conf`, `celery report`).
+sfox_limiter_backend = _env("SFOX_LIMITER_URL")
 # Seconds one task run goes on starting sFOX requests before it resumes from the broker.
 sfox_task_turn = _env("SFOX_TASK_TURN")
 sfox_token_seal_key = _env("SFOX_TOKEN_SEAL_KEY")

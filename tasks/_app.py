@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
-from celery import Celery
+from celery import Celery, signals
 from celery.app import backends
 from celery.backends.redis import RedisBackend
 
 from tasks._backend import TokenRedisBackend
+from tasks._exceptions import ConfigurationError
 from tasks._logs import hide_task_results_in_logs
+from tasks._metrics import MetricsServer, serve
+from tasks._settings import Settings
 
 __all__ = ["app", "package_conf"]
+
+_log = logging.getLogger("tasks.metrics")
 
 
 class SfoxCelery(Celery):  # type: ignore[misc]
@@ -37,6 +43,50 @@ app = SfoxCelery("tasks")
 app.config_from_object("celeryconfig")
 # Celery's "Task ... succeeded" line must not carry a result (sealed tokens, or worse).
 hide_task_results_in_logs()
+
+
+_metrics_server: MetricsServer | None = None
+
+
+@signals.celeryd_after_setup.connect
+def _serve_metrics(**_: Any) -> None:
+    """With ``SFOX_METRICS_PORT`` set, this worker serves metrics counted by all its processes.
+
+    ``celeryd_after_setup`` comes in the worker's main process once logging is set
+    up and before the pool starts, so every pool process forked later counts
+    where the server reads. A port in use stops the worker: metrics asked for
+    and silently absent would blind the operator.
+    """
+    global _metrics_server
+    try:
+        port = Settings.from_conf(app.conf).metrics_port
+    except ConfigurationError:
+        return  # the worker refuses to start, saying why (tasks._tasks)
+    if port is None or _metrics_server is not None:
+        return
+    try:
+        _metrics_server = serve(port)
+    except OSError as exc:
+        _log.critical(
+            "refusing to start: cannot serve metrics on SFOX_METRICS_PORT=%d: %s", port, exc
+        )
+        raise SystemExit(
+            f"sfox-tokens: cannot serve metrics on SFOX_METRICS_PORT={port}: {exc}"
+        ) from None
+    _log.info(
+        "serving Prometheus metrics of every pool process on port %d (/metrics); counts kept in %s",
+        port,
+        _metrics_server.directory,
+    )
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    """Stop serving and remove the directory the processes counted in."""
+    global _metrics_server
+    if _metrics_server is not None:
+        _metrics_server.close()
+        _metrics_server = None
 
 
 def package_conf(conf: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -46,11 +46,23 @@ class TokenRedisBackend(RedisBackend):  # type: ignore[misc]
         finally:
             _expiry.reset(token)
 
-    def set(self, key: Any, value: Any, expires: Any = None, **retry_policy: Any) -> Any:
+    def _set(self, key: Any, value: Any, *args: Any) -> Any:
+        # Overridden at ``_set``, the one level every supported Celery has: 5.4 to 5.6
+        # call ``_set(key, value)`` and take ``self.expires``; 5.7 passes an ``expires``
+        # (the failure expiry) as a third argument. ``set`` itself gained that keyword
+        # only in 5.7, so passing it there breaks Celery 5.4.
         ttl = _expiry.get()
-        if ttl is not None:
-            expires = ttl if not expires else min(int(expires), ttl)
-        return super().set(key, value, expires=expires, **retry_policy)
+        if ttl is None:
+            return super()._set(key, value, *args)
+        wanted = (args[0] if args else None) or self.expires
+        if wanted:
+            ttl = min(int(wanted), ttl)
+        # Celery's own store: the value with its expiry in one command, then the publish
+        # that wakes a caller waiting on the result.
+        with self.client.pipeline() as pipe:
+            pipe.setex(key, ttl, value)
+            pipe.publish(key, value)
+            pipe.execute()
 
 
 _lock = threading.Lock()

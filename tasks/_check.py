@@ -6,7 +6,7 @@ their passwords masked, the key only as "set"), every network step has a short
 timeout, and none has a side effect at sFOX: reachability is an unauthenticated
 ``HEAD`` of the base URL. That sends no key and mints nothing; it proves DNS,
 TLS and a route to sFOX, not that the key is accepted, which only a real mint
-can prove.
+can prove. Any HTTP answer counts as reachable except 502, 503 and 504.
 """
 
 from __future__ import annotations
@@ -37,10 +37,19 @@ from tasks._settings import (
     redis_url_of,
 )
 
-__all__ = ["DEFAULT_CHECK_TIMEOUT", "Check", "probe_broker", "run_checks", "safe_url"]
+__all__ = [
+    "DEFAULT_CHECK_TIMEOUT",
+    "DOWN_STATUSES",
+    "Check",
+    "probe_broker",
+    "run_checks",
+    "safe_url",
+]
 
 #: Seconds any one network step of a check may take.
 DEFAULT_CHECK_TIMEOUT = 5.0
+#: Answers to the sFOX probe that mean the API is down (a gateway before it says so).
+DOWN_STATUSES = frozenset({502, 503, 504})
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -185,13 +194,13 @@ def _check_sfox(conf: Mapping[str, Any], timeout: float) -> Check:
         return Check("sFOX", False, f"{url} does not answer{sent_from}: {type(exc).__name__}{hint}")
     finally:
         session.close()
-    how = f"HTTP {response.status_code} to an unauthenticated HEAD /; no key sent, nothing minted"
-    if response.status_code >= 500:
-        return Check(
-            "sFOX",
-            False,
-            f"{url} answers{sent_from} with an error ({how}): down or in maintenance?",
-        )
+    status = response.status_code
+    how = f"HTTP {status} to an unauthenticated HEAD /; no key sent, nothing minted"
+    # sFOX documents nothing about HEAD /: any answer proves DNS, TLS and a route, whatever
+    # its status (a 404, or a 501 from a server without HEAD), except the gateway statuses
+    # that say the API behind it is down.
+    if status in DOWN_STATUSES:
+        return Check("sFOX", False, f"{url}{sent_from} is down or in maintenance ({how})")
     return Check("sFOX", True, f"{url} answers{sent_from} ({how})")
 
 
@@ -221,7 +230,7 @@ def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
     except ConfigurationError as exc:
         return Check("rate limit", False, exc.message)
     what = f"{rate.limit} requests per {rate.period:g} s"
-    url = conf.get("sfox_limiter_url") or redis_url_of(
+    url = conf.get("sfox_limiter_backend") or redis_url_of(
         conf.get("broker_url"), conf.get("result_backend")
     )
     if not url:

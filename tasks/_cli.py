@@ -18,7 +18,6 @@ import io
 import logging
 import os
 import secrets
-import socket
 import sys
 import time
 import uuid
@@ -543,8 +542,8 @@ def _add_check(sub: Any) -> None:
         description="Checks the configuration this host would run with, one line each: the "
         "settings parse, the broker and result backend answer, the enterprise key is set "
         "(never printed), sFOX answers an unauthenticated HEAD of its base URL (no key sent, "
-        "nothing minted), the seal key seals and opens, the rate limit parses and its Redis "
-        "answers.",
+        "nothing minted; any status but 502, 503 or 504 means reachable), the seal key seals "
+        "and opens, the rate limit parses and its Redis answers.",
         epilog="exit codes: 0 all checks passed, 1 a check failed, 2 bad usage",
     )
     check.add_argument(
@@ -612,7 +611,6 @@ def embedded_worker(app: Any, queue: str, *, concurrency: int = 2) -> Iterator[N
         perform_ping_check=False,
         loglevel="WARNING",
         queues=[queue],
-        hostname=f"{queue}@{socket.gethostname()}",
         shutdown_timeout=10.0,
     ):
         yield
@@ -649,11 +647,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     if args.broker:
         settings.update(broker_url=args.broker, result_backend=args.broker)
-        settings["sfox_limiter_url"] = args.broker if args.broker.startswith("redis") else None
+        settings["sfox_limiter_backend"] = args.broker if args.broker.startswith("redis") else None
         print(f"broker: {safe_url(args.broker)} (private queue {queue})")
     else:
+        # A host in the URL: without one kombu warns, on every connection it clones, that
+        # it falls back to 'localhost' (the memory transport ignores the host either way).
         settings.update(
-            broker_url="memory://", result_backend="cache+memory://", sfox_limiter_url=None
+            broker_url="memory://localhost/",
+            result_backend="cache+memory://",
+            sfox_limiter_backend=None,
         )
         os.environ.pop("CELERY_BROKER_URL", None)
         os.environ.pop("CELERY_RESULT_BACKEND", None)

@@ -44,6 +44,7 @@ from tasks._exceptions import (
     TokenRejected,
     TransportError,
 )
+from tasks._metrics import request_done
 from tasks._settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, check_api_url
 
 __all__ = [
@@ -191,7 +192,11 @@ class SfoxClient:
         decides what to do about it.
         """
         body = self._post(
-            "/v1/enterprise/user-tokens", self._api_key, {"data": list(user_ids)}, "user tokens"
+            "/v1/enterprise/user-tokens",
+            self._api_key,
+            {"data": list(user_ids)},
+            "user tokens",
+            endpoint="user_tokens",
         )
         data = body.get("data")
         if not isinstance(data, list):
@@ -218,7 +223,7 @@ class SfoxClient:
     def create_user_token(self, user_id: str) -> IssuedToken:
         """``POST /v1/enterprise/user-tokens/{user_id}``: one user's token."""
         path = "/v1/enterprise/user-tokens/" + quote(user_id, safe="")
-        body = self._post(path, self._api_key, None, "user token")
+        body = self._post(path, self._api_key, None, "user token", endpoint="user_token")
         token = _parse_token(body.get("data"))
         if token.partner_user_id != user_id:
             raise MalformedResponse(
@@ -230,15 +235,31 @@ class SfoxClient:
         """``POST /v1/orders/{side}`` with the user's token; sFOX's order as a dict."""
         if side not in ("buy", "sell"):
             raise ValueError(f"side must be 'buy' or 'sell', not {side!r}")
-        return self._post(f"/v1/orders/{side}", user_token, dict(order), "order", user_token=True)
+        return self._post(
+            f"/v1/orders/{side}",
+            user_token,
+            dict(order),
+            "order",
+            endpoint="order",
+            user_token=True,
+        )
 
     # -- wire ----------------------------------------------------------------------
 
     def _post(
-        self, path: str, bearer: str, payload: Any, what: str, *, user_token: bool = False
+        self,
+        path: str,
+        bearer: str,
+        payload: Any,
+        what: str,
+        *,
+        endpoint: str,
+        user_token: bool = False,
     ) -> dict[str, Any]:
+        """POST ``payload``; ``endpoint`` names the route in the metrics (no ID in it)."""
         url = self.base_url + path
         started = time.monotonic()
+        status: int | None = None
         try:
             with self._borrow() as session:
                 response = session.post(
@@ -248,6 +269,7 @@ class SfoxClient:
                     timeout=self.timeouts.as_requests(),
                     allow_redirects=False,
                 )
+            status = response.status_code
         except requests.Timeout as exc:
             raise TransportError(
                 f"sFOX {what} request timed out ({type(exc).__name__}) after "
@@ -257,6 +279,8 @@ class SfoxClient:
             raise TransportError(
                 f"sFOX {what} request failed in transport: {type(exc).__name__}"
             ) from None
+        finally:
+            request_done(endpoint, status, time.monotonic() - started)
         try:
             return self._classify(response, what, user_token=user_token)
         finally:

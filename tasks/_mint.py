@@ -32,6 +32,7 @@ from typing import Any, TypedDict
 
 from tasks._client import IssuedToken, SfoxClient
 from tasks._exceptions import InvalidUserIds, RequestRefused
+from tasks._metrics import tokens_minted, users_refused
 from tasks._ratelimit import Limiter, LimiterWait
 from tasks._retry import Budget, Defer, RetryPolicy
 from tasks._seal import Sealer
@@ -390,6 +391,7 @@ class Minter:
 
     def _accept(self, batch: _Batch, issued: dict[str, IssuedToken], progress: _Progress) -> None:
         """Seal ``batch``'s tokens, queue its missing users alone (caller holds the lock)."""
+        tokens_minted(len(issued))  # the client keeps requested users only, once each
         missing = []
         for user_id in batch.user_ids:
             token = issued.get(user_id)
@@ -405,6 +407,7 @@ class Minter:
                     status=None,
                     error="sFOX left this user out of its answer twice",
                 )
+                users_refused(1)
                 logger.warning("user %s: left out of sFOX's answer twice; failed", user_id)
             else:
                 missing.append(user_id)
@@ -425,6 +428,7 @@ class Minter:
             progress.failed[user_id] = FailedEntry(
                 user_id=user_id, status=exc.status, error=exc.error
             )
+            users_refused(1)
             logger.warning("users refused by sFOX: 1 (%s: %s %s)", user_id, exc.status, exc.error)
             return
         middle = len(user_ids) // 2

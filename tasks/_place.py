@@ -29,6 +29,7 @@ from tasks._exceptions import (
     SealError,
     TokenRejected,
 )
+from tasks._metrics import token_reminted
 from tasks._ratelimit import Limiter, held
 from tasks._retry import Budget, RetryPolicy
 from tasks._seal import Sealer
@@ -161,6 +162,7 @@ class OrderPlacer:
         holder.sealed = self.sealer.seal(issued.token)
         holder.expires = issued.expires
         holder.reminted = True
+        token_reminted()
         self._on_remint(holder.user_id)
 
     def _send(self, user_id: str, token: str, side: str, body: dict[str, Any]) -> dict[str, Any]:

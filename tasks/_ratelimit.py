@@ -42,6 +42,7 @@ from typing import Protocol
 
 import redis
 
+from tasks._metrics import limiter_waited
 from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, redis_client
 from tasks._settings import Rate
 
@@ -194,6 +195,7 @@ def acquire(
         wait, paused, slot = limiter.try_acquire(hold)
         if wait <= 0:
             return slot
+        limiter_waited(wait)  # slept here, or as the broker countdown LimiterWait asks for
         if wait > max_wait:
             raise LimiterWait(wait, paused)
         if paused:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import tenacity
 
 from tasks._exceptions import RateLimited, RetriesExhausted, TransientError
+from tasks._metrics import rate_limit_paused
 from tasks._ratelimit import Limiter, held
 from tasks._settings import RetrySettings
 
@@ -175,6 +176,7 @@ class RetryPolicy:
             "Retry-After" if exc.retry_after is not None else "SFOX_RATE_LIMIT_PENALTY",
         )
         limiter.pause(pause)
+        rate_limit_paused()
 
     def call(self, send: Callable[[], T], budget: Budget, *, what: str) -> T:
         """Run ``send`` until it succeeds, fails for good, or the budget runs out.

@@ -145,6 +145,8 @@ class Settings:
     rate_limit_scope: str = ""
     #: Local IP address outgoing sFOX requests are sent from; ``None`` lets the OS choose.
     source_address: str | None = None
+    #: Port a worker serves its Prometheus metrics on; ``None``: none served.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         check_api_url(self.api_url, self.plain_http_hosts)
@@ -170,6 +172,10 @@ class Settings:
             )
         if self.source_address is not None:
             _check_source_address(self.source_address)
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigurationError(
+                f"SFOX_METRICS_PORT={self.metrics_port} must be a TCP port, 1 to 65535"
+            )
         retry = self.retry
         _positive("SFOX_RETRY_ATTEMPTS", retry.attempts)
         _positive("SFOX_RETRY_DEADLINE", retry.deadline)
@@ -182,9 +188,9 @@ class Settings:
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
         """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills.
 
-        The limiter and the run books live in ``sfox_limiter_url`` if set, else in
-        this configuration's own broker or result backend, whichever is Redis: the
-        app that runs the tasks, which may be a partner's.
+        The limiter and the run books live in ``sfox_limiter_backend``
+        (SFOX_LIMITER_URL) if set, else in this configuration's own broker or result
+        backend, whichever is Redis: the app that runs the tasks, which may be a partner's.
         """
 
         def get(name: str, default: Any) -> Any:
@@ -204,6 +210,7 @@ class Settings:
                 retry_after_max=float(get("sfox_retry_after_max", defaults.retry_after_max)),
             )
             seal = get("sfox_token_seal_key", "")
+            metrics_port = get("sfox_metrics_port", None)
             return cls(
                 api_url=str(get("sfox_api_url", DEFAULT_API_URL)).rstrip("/"),
                 api_key=get("sfox_enterprise_api_key", None),
@@ -215,7 +222,7 @@ class Settings:
                 rate_limit_penalty=float(
                     get("sfox_rate_limit_penalty", DEFAULT_RATE_LIMIT_PENALTY)
                 ),
-                limiter_url=get("sfox_limiter_url", None)
+                limiter_url=get("sfox_limiter_backend", None)
                 or redis_url_of(conf.get("broker_url"), conf.get("result_backend")),
                 seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
                 connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
@@ -229,6 +236,7 @@ class Settings:
                 ),
                 rate_limit_scope=str(get("sfox_rate_limit_scope", "")).strip(),
                 source_address=(str(get("sfox_source_address", "")).strip() or None),
+                metrics_port=None if metrics_port is None else int(metrics_port),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None

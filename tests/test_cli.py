@@ -10,7 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -303,6 +306,76 @@ def test_check_fails_when_sfox_does_not_answer(redis_client):
     assert verdicts.pop("sFOX") == "FAIL"
     assert set(verdicts.values()) == {"ok"}
     assert f"{url} does not answer" in out.stdout
+
+
+class _ProbeTarget(BaseHTTPRequestHandler):
+    """A server that knows GET only: http.server answers any HEAD with 501."""
+
+    #: Every request: (method, path, headers).
+    seen: ClassVar[list[tuple[str, str, dict[str, str]]]] = []
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            self.seen.append((self.command, self.path, dict(self.headers)))
+        return parsed
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _answering(status: int) -> type[_ProbeTarget]:
+    class Answering(_ProbeTarget):
+        seen: ClassVar[list[tuple[str, str, dict[str, str]]]] = []
+
+        def do_HEAD(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return Answering
+
+
+@pytest.mark.parametrize(
+    ("handler", "status", "verdict"),
+    [
+        (type("NoHead", (_ProbeTarget,), {"seen": []}), 501, "ok"),
+        (_answering(404), 404, "ok"),
+        (_answering(503), 503, "FAIL"),
+    ],
+    ids=["no-HEAD-501", "404", "503"],
+)
+def test_check_reads_any_answer_but_down_as_reachable(redis_client, handler, status, verdict):
+    """A server without HEAD (501) or one answering 404 is reachable; 503 is down.
+
+    Either way the check shows the status it got, and the one request it sent
+    carries no key and no Authorization header.
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        out = run("check", "--timeout", "5", env={"SFOX_API_URL": url})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    verdicts = check_lines(out)
+    assert verdicts.pop("sFOX") == verdict, out.stdout
+    assert set(verdicts.values()) == {"ok"}, out.stdout
+    assert out.returncode == (0 if verdict == "ok" else 1)
+    (line,) = [line for line in out.stdout.splitlines() if line[6:16].strip() == "sFOX"]
+    assert f"HTTP {status} to an unauthenticated HEAD /" in line
+    ((method, path, headers),) = handler.seen
+    assert (method, path) == ("HEAD", "/")
+    assert "authorization" not in {name.lower() for name in headers}
+    assert ENTERPRISE_KEY not in repr(headers)
 
 
 # -- fake-sfox -----------------------------------------------------------------------

@@ -199,6 +199,17 @@ def test_celery_services_use_the_stack_redis(compose, project):
         assert env["CELERY_BROKER_URL"] == env["CELERY_RESULT_BACKEND"] == "redis://redis:6379/0"
 
 
+def test_workers_expose_their_metrics_to_the_stack_only(compose):
+    """Every worker serves metrics on a port exposed to the stack's network, never published."""
+    worker = compose["services"]["worker"]
+    port = worker["environment"]["SFOX_METRICS_PORT"]
+    assert Settings.from_conf({"sfox_metrics_port": port}).metrics_port == int(port)
+    assert worker["expose"] == [port]
+    assert "ports" not in worker
+    for name in ("beat", "flower"):
+        assert "SFOX_METRICS_PORT" not in compose["services"][name].get("environment", {})
+
+
 def test_flower_is_never_left_unauthenticated(compose):
     """Flower's credentials come from the env file only; its API stays closed; loopback only."""
     flower = compose["services"]["flower"]
@@ -282,7 +293,7 @@ class NativeStack:
         self.log_dir = log_dir
         self.beat_dir = log_dir / "beat"
         self.beat_dir.mkdir()
-        self.ports = {"fake-sfox": free_port(), "flower": free_port()}
+        self.ports = {"fake-sfox": free_port(), "flower": free_port(), "metrics": free_port()}
         self.node = f"compose-{uuid.uuid4().hex[:8]}"
         self.queue = self.node
         self.processes: dict[str, ServiceProcess] = {}
@@ -300,6 +311,8 @@ class NativeStack:
         )
         if service.name == "flower":
             env.update(FLOWER_PORT=str(self.ports["flower"]), FLOWER_ADDRESS="127.0.0.1")
+        if "SFOX_METRICS_PORT" in env:
+            env["SFOX_METRICS_PORT"] = str(self.ports["metrics"])
         if service.name == "beat":
             # A schedule that cannot come due while the test watches (the nightly entry reads it).
             later = datetime.now(timezone.utc) + timedelta(hours=12)
@@ -409,6 +422,17 @@ def test_dev_worker_mints_through_the_stand_in(stack):
     stats = http_get(stack.url("fake-sfox", "/_fake/stats")).json()
     assert stats["tokens_issued"] == 2
     assert stats["status_counts"] == {"201": 1}
+
+
+@pytest.mark.slow
+def test_dev_worker_serves_its_metrics(stack):
+    """The worker's compose environment turns its metrics on: they count the mint above."""
+    stack.processes["worker"].wait_for(
+        lambda: "serving Prometheus metrics" in stack.processes["worker"].log(), 30, "metrics"
+    )
+    text = http_get(f"http://127.0.0.1:{stack.ports['metrics']}/metrics").text
+    assert "sfox_tokens_minted_total" in text
+    assert "dev-user" not in text
 
 
 @pytest.mark.slow

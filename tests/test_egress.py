@@ -174,10 +174,10 @@ def test_check_probes_sfox_from_the_source_address_and_names_the_scope(limited_f
 def test_check_reports_the_pause_of_its_own_scope(redis_client):
     """The rate-limit check reads the pause of the configured scope, not the default one."""
     RedisLimiter.from_url(REDIS_URL, Rate(5, 10.0), scope="egress-b").pause(30)
-    conf = {"sfox_limiter_url": REDIS_URL, "sfox_rate_limit_scope": "egress-b"}
+    conf = {"sfox_limiter_backend": REDIS_URL, "sfox_rate_limit_scope": "egress-b"}
     scoped = _check_rate(conf, 2.0)
     assert "scope 'egress-b'" in scoped.detail and "pause" in scoped.detail
-    assert "pause" not in _check_rate({"sfox_limiter_url": REDIS_URL}, 2.0).detail
+    assert "pause" not in _check_rate({"sfox_limiter_backend": REDIS_URL}, 2.0).detail
 
 
 # ---- both together -------------------------------------------------------------------------------
