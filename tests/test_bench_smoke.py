@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,10 +57,27 @@ def test_smoke_run_measures_every_approach_and_writes_its_report(
     command = [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)]
     command += ["--redis-url", bench_redis]
 
-    # When the smoke benchmark runs
-    proc = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    # When the smoke benchmark runs (in a process group of its own, so that whatever
+    # happens to this test, its workers and servers are stopped with it)
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+    proc.stdout, proc.stderr = stdout, stderr
 
     # Then it succeeds and every measured approach minted a token for every user
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
