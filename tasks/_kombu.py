@@ -38,17 +38,28 @@ from tasks._redis import STORE_ERRORS
 __all__ = ["AMQP", "Channel", "Connection", "QoS", "Transport"]
 
 
-def _running_tags() -> set[Any]:
-    """Delivery tags of the messages whose tasks this worker runs, or has handed to its pool.
+def _written_to_a_process(request: Any) -> bool:
+    """Whether the pool has begun writing ``request`` to a pool process (it will run there).
 
-    A request handed to a pool process may run although the pool has not yet
-    said it started: put back, it would run twice. Kept, it is acknowledged when
-    it ends, or comes back after the visibility timeout if it never ran.
+    Requests still in the pool's outgoing buffer are dropped when the connection
+    is lost, and must be put back.
+    """
+    ref = getattr(request, "_apply_result", None)
+    job = ref() if callable(ref) else None
+    return job is not None and getattr(job, "_write_to", None) is not None
+
+
+def _running_tags() -> set[Any]:
+    """Delivery tags of the messages whose tasks this worker runs, or is handing to a process.
+
+    A request written to a pool process runs although the pool has not yet said
+    it started: put back, it would run twice. Kept, it is acknowledged when it
+    ends, or comes back after the visibility timeout if its worker dies.
     """
     from celery.worker import state
 
     requests = [*state.active_requests]
-    requests += [r for r in state.reserved_requests if getattr(r, "_apply_result", None)]
+    requests += [r for r in state.reserved_requests if _written_to_a_process(r)]
     tags = set()
     for request in requests:
         message = getattr(request, "message", None)

@@ -9,11 +9,12 @@ environment.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 
 import redis
 from celery import Celery
+
+from tests.downstream_runs import note_run
 
 app = Celery("partner-embedded", include=["tasks"])
 app.conf.update(
@@ -29,6 +30,5 @@ app.conf.update(
 def record(tag: str, user_token: dict[str, Any]) -> str:
     """The partner's downstream task: note one run for the user (a field per run)."""
     user_id = user_token["partner_user_id"]
-    client = redis.Redis.from_url(app.conf.broker_url)
-    client.hset(f"tests:downstream-runs:{tag}", f"{user_id}|{uuid.uuid4().hex}", 1)
+    note_run(redis.Redis.from_url(app.conf.broker_url), tag, user_id)
     return str(user_id)

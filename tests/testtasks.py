@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from typing import Any
 
 from tasks import app
+from tests.downstream_runs import note_run, runs_by_user
+
+__all__ = ["echo", "flaky_downstream", "note_run", "record_token", "runs_by_user"]
 
 
 @app.task(name="tests.echo")
 def echo(value: Any) -> Any:
     """Return ``value``: a task with the global result expiry, to compare TTLs."""
     return value
-
-
-def note_run(client: Any, tag: str, user_id: str) -> None:
-    """Count one run of a downstream task for ``user_id``, idempotently.
-
-    Each run writes a field of its own, so a write retried after a dropped
-    connection counts once: runs are the fields, not an increment.
-    """
-    client.hset(f"tests:downstream-runs:{tag}", f"{user_id}|{uuid.uuid4().hex}", 1)
-
-
-def runs_by_user(client: Any, tag: str) -> dict[str, int]:
-    """How many times each user's downstream task ran."""
-    counts: dict[str, int] = {}
-    for field in client.hkeys(f"tests:downstream-runs:{tag}"):
-        user = field.decode().rsplit("|", 1)[0]
-        counts[user] = counts.get(user, 0) + 1
-    return counts
 
 
 def _client() -> Any:
