@@ -390,6 +390,12 @@ class JitRun:
         raw = self.client.hgetall(self.state)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
+    def downstream(self, celery_app: Any) -> tuple[Signature, dict[str, Any]]:
+        """The run's downstream signature, bound to ``celery_app``, and where to send it."""
+        spec = self.spec()
+        signature = celery_app.signature(json.loads(spec["downstream"]))
+        return signature, route_options(json.loads(spec.get("route") or "{}"))
+
     def progress(self) -> RunProgress:
         with self.client.pipeline() as pipe:
             pipe.hmget(self.state, "total", "dispatched", "failed", "inflight")
@@ -591,9 +597,7 @@ def jit_mint_chunk(
             return {"run": run_id, "chunk": chunk.index, "sent": 0, "failed": [], "skipped": True}
         result = get_runtime(self.app.conf).minter().mint(chunk.user_ids, _resume)
     self.checkpoint({"minted": result, "sent": int(resume.get("sent", 0))})
-    spec = run.spec()
-    downstream = self.app.signature(json.loads(spec["downstream"]))
-    route = route_options(json.loads(spec.get("route") or "{}"))
+    downstream, route = run.downstream(self.app)
     tokens = result["tokens"]
     for position in range(int(resume.get("sent", 0)), len(tokens)):
         send_downstream(run_id, downstream, tokens[position], route)

@@ -53,7 +53,6 @@ from tasks._jit import (
     JitRun,
     RunProgress,
     downstream_route,
-    route_options,
     send_chunks,
     send_downstream,
     stale_after,
@@ -479,9 +478,7 @@ def _resend_if_stalled(run: NightlyRun, progress: RunProgress, after: float) -> 
         len(missing),
         ", ".join(missing[:20]),
     )
-    spec = run.jit.spec()
-    downstream = app.signature(json.loads(spec["downstream"]))
-    route = route_options(json.loads(spec.get("route") or "{}"))
+    downstream, route = run.jit.downstream(app)
     for user_id in missing:
         # No token: the order task mints one for the user (it cannot open an empty seal).
         send_downstream(

@@ -21,6 +21,7 @@ from tasks._nightly import NightlyRun
 from tasks._seal import Sealer, derive_seal_key
 from tasks.fake_sfox import Fault
 from tests.conftest import ENTERPRISE_KEY
+from tests.services import eventually
 from tests.workers import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,7 @@ def test_killed_pool_processes_leave_every_order_exactly_once(fake_sfox, redis_c
     workers = start_workers(tmp_path, fake_sfox, concurrency=3)
     try:
         result = run("2026-11-21", write_orders(tmp_path, users))
-        assert wait_until(lambda: len(fake_sfox.orders) >= 60)
+        assert eventually(lambda: len(fake_sfox.orders) >= 60, timeout=120)
         for child in children(workers[0].proc.pid):
             os.kill(child, signal.SIGKILL)
         summary = result.get(timeout=240)
@@ -148,7 +149,7 @@ def test_killed_worker_replaced_by_another_finishes_the_run(fake_sfox, redis_cli
     first = start_workers(tmp_path, fake_sfox, concurrency=3, name="doomed")[0]
     result = run("2026-11-22", write_orders(tmp_path, users))
     try:
-        assert wait_until(lambda: len(fake_sfox.orders) >= 60)
+        assert eventually(lambda: len(fake_sfox.orders) >= 60, timeout=120)
         for child in children(first.proc.pid):
             os.kill(child, signal.SIGKILL)
         first.proc.kill()
@@ -173,7 +174,7 @@ def test_run_survives_killed_redis_connections(nightly_workers, fake_sfox, redis
     fake_sfox.configure(latency=0.005)
     users = [f"ck-{i}" for i in range(300)]
     result = run("2026-11-23", write_orders(tmp_path, users))
-    assert wait_until(lambda: len(fake_sfox.orders) >= 50)
+    assert eventually(lambda: len(fake_sfox.orders) >= 50, timeout=120)
     me = redis_client.client_id()
     # Only this suite's database: other suites and the benchmark share the Redis server.
     db = str(redis_client.connection_pool.connection_kwargs.get("db", 0))
@@ -263,15 +264,6 @@ def stage_one_order(redis_client, day, user_id, ref="#1"):
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
-
-
-def wait_until(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def sfox_tokens(*args, timeout=120):

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from tasks import run_progress, with_user_tokens
 from tests.conftest import ENTERPRISE_KEY
+from tests.services import eventually
 from tests.test_nightly import write_orders
 from tests.test_worker import dump_redis
 from tests.testtasks import runs_by_user
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture
@@ -60,7 +51,7 @@ def test_sidecar_neither_worker_takes_the_others_tasks(
         fan, partner.signature("partner.record", args=("sidecar",)), chunk_size=25, ahead=2
     )
     canvas.apply_async()
-    assert wait_for(lambda: run_progress(canvas.run_id).finished, timeout=120), run_progress(
+    assert eventually(lambda: run_progress(canvas.run_id).finished, timeout=120), run_progress(
         canvas.run_id
     )
     runs = runs_by_user(redis_client, "sidecar")
@@ -112,7 +103,7 @@ def test_embedded_the_partners_worker_runs_every_package_task(
         fan, partner.signature("partner_embedded.record", args=("embedded",)), chunk_size=20
     )
     canvas.apply_async(queue=EMBEDDED_QUEUE)
-    assert wait_for(lambda: run_progress(canvas.run_id).finished, timeout=120)
+    assert eventually(lambda: run_progress(canvas.run_id).finished, timeout=120)
     runs = runs_by_user(redis_client, "embedded")
     assert set(runs) == set(fan) and set(runs.values()) == {1}
 

@@ -15,13 +15,12 @@ import uuid
 from collections import Counter
 
 import pytest
-from celery import Celery
 
 from tasks import run_progress, with_user_tokens
 from tests.conftest import REDIS_URL
 from tests.test_nightly import children, write_orders
 from tests.testtasks import record_token, runs_by_user
-from tests.workers import WorkerProcess
+from tests.workers import Caller, WorkerProcess
 
 QUEUE = "sfox-rabbit"
 DEFAULT_CONSUMER_TIMEOUT = 1800000
@@ -67,21 +66,6 @@ def amqp_url(vhost: str) -> str:
     return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
 
 
-class Caller:
-    """Sends the package's tasks by name over AMQP; results come from the suite's Redis."""
-
-    def __init__(self, url: str) -> None:
-        self.app = Celery("caller")
-        self.app.conf.update(task_serializer="json", accept_content=["json"])
-        self.connection = self.app.connection_for_write(url)
-
-    def send(self, name: str, **options):
-        return self.app.send_task(name, connection=self.connection, queue=QUEUE, **options)
-
-    def close(self) -> None:
-        self.connection.release()
-
-
 def rabbit_worker(tmp_path, fake_sfox, vhost, name, **env):
     return WorkerProcess(
         name,
@@ -111,7 +95,7 @@ def test_a_long_night_on_rabbitmq_outlasts_its_consumer_timeout(
     worker = rabbit_worker(
         tmp_path, fake_sfox, vhost, "rabbit", SFOX_RATE_LIMIT="10/1s", SFOX_TASK_TURN="5"
     )
-    caller = Caller(amqp_url(vhost))
+    caller = Caller(amqp_url(vhost), QUEUE)
     try:
         users = [f"rmq-{i}" for i in range(700)]
         nightly = caller.send(
@@ -154,7 +138,7 @@ def test_killed_pool_processes_on_rabbitmq_leave_every_order_exactly_once(
     """SIGKILL the pool processes mid-run on RabbitMQ: each order exists once, none missing."""
     fake_sfox.configure(latency=0.01)
     worker = rabbit_worker(tmp_path, fake_sfox, vhost, "rabbit-kill", SFOX_RATE_LIMIT="5000/1s")
-    caller = Caller(amqp_url(vhost))
+    caller = Caller(amqp_url(vhost), QUEUE)
     users = [f"rmqkill-{i}" for i in range(300)]
     try:
         result = caller.send(

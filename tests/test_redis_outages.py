@@ -16,14 +16,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from tasks import with_user_tokens
 from tasks._jit import JitRun
 from tasks._redis import redis_client
 from tests.redis_server import ConnectionKiller, PrivateRedis
+from tests.services import eventually
 from tests.testtasks import record_token, runs_by_user
-from tests.workers import WorkerProcess
+from tests.workers import Caller, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -61,29 +61,6 @@ def outage_workers(private_redis, fake_sfox, tmp_path):
         worker.stop()
 
 
-class Caller:
-    """The caller's side: sends the package's tasks by name to the private Redis.
-
-    Through a connection of its own, since Celery prefers CELERY_BROKER_URL (the
-    suite's database) over any broker an app is given.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.app = Celery("caller")
-        self.app.conf.update(
-            task_serializer="json",
-            accept_content=["json"],
-            task_publish_retry_policy={"max_retries": 12, "interval_step": 0.5, "interval_max": 2},
-        )
-        self.connection = self.app.connection_for_write(url)
-
-    def send(self, name: str, **options: Any) -> str:
-        return self.app.send_task(name, connection=self.connection, queue=QUEUE, **options).id
-
-    def close(self) -> None:
-        self.connection.release()
-
-
 def result_of(store, task_id: str, timeout: float, state=lambda: None) -> Any:
     """The task's result, read from the backend by polling (a caller's pub/sub is dropped too)."""
     deadline = time.monotonic() + timeout
@@ -98,19 +75,10 @@ def result_of(store, task_id: str, timeout: float, state=lambda: None) -> Any:
     raise AssertionError(f"task {task_id} did not succeed in {timeout:g} s: {state()}")
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def start_the_work(caller: Caller, tmp_path, tag: str) -> dict[str, Any]:
     """Mints, a fan-out and a nightly run, all sent at once."""
     mints = {
-        caller.send("sfox.mint_user_tokens", args=[[f"{tag}-m{n}-{i}" for i in range(150)]]): n
+        caller.send("sfox.mint_user_tokens", args=[[f"{tag}-m{n}-{i}" for i in range(150)]]).id: n
         for n in range(12)
     }
     fan_ids = [f"{tag}-f{i}" for i in range(400)]
@@ -128,7 +96,7 @@ def start_the_work(caller: Caller, tmp_path, tag: str) -> dict[str, Any]:
     )
     nightly = caller.send(
         "sfox.run_nightly_orders", kwargs={"run_date": "2026-10-01", "orders_file": str(orders)}
-    )
+    ).id
     return {
         "mints": mints,
         "fan_ids": fan_ids,
@@ -166,7 +134,7 @@ def check_nothing_lost(work: dict[str, Any], store, fake_sfox, tag: str) -> None
     # package cannot send a partner's task again without risking a second run. So here:
     # at most 1% of users run twice, and the run's progress tells the truth about who ran.
     run = JitRun(store, work["run_id"])
-    assert wait_for(lambda: settled(run, store, tag), timeout=120), run.progress()
+    assert eventually(lambda: settled(run, store, tag), timeout=120), run.progress()
     runs = runs_by_user(store, tag)
     assert set(runs) <= set(work["fan_ids"])
     twice = {u: n for u, n in runs.items() if n != 1}
@@ -195,7 +163,7 @@ def test_nothing_is_lost_while_redis_drops_every_connection(
     """CLIENT KILL of every connection each second: every task ends, nothing twice, none lost."""
     fake_sfox.configure(latency=0.01)
     store = redis_client(private_redis.url)
-    caller = Caller(private_redis.url)
+    caller = Caller(private_redis.url, QUEUE)
     try:
         with ConnectionKiller(private_redis.client(), interval=1.0) as killer:
             work = start_the_work(caller, tmp_path, "drop")
@@ -211,7 +179,7 @@ def test_nothing_is_lost_across_a_redis_restart(private_redis, outage_workers, f
     """Redis restarts twice mid-run (its data kept): every task ends, nothing twice, none lost."""
     fake_sfox.configure(latency=0.01)
     store = redis_client(private_redis.url)
-    caller = Caller(private_redis.url)
+    caller = Caller(private_redis.url, QUEUE)
     try:
         work = start_the_work(caller, tmp_path, "restart")
         for _ in range(2):

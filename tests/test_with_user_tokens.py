@@ -11,18 +11,10 @@ import pytest
 from tasks import with_user_tokens
 from tasks._jit import JitRun
 from tests.conftest import REDIS_URL
+from tests.services import eventually
 from tests.testtasks import flaky_downstream, record_token, runs_by_user
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout=60.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def test_each_granted_user_reaches_downstream_once_with_its_own_token(
@@ -34,7 +26,7 @@ def test_each_granted_user_reaches_downstream_once_with_its_own_token(
     run_id = "wut-basic"
     with_user_tokens(ids, record_token.s("basic"), run_id=run_id, chunk_size=50).apply_async()
     run = JitRun(redis_client, run_id)
-    assert wait_for(lambda: run.progress().finished)
+    assert eventually(lambda: run.progress().finished, timeout=60)
     seen = {
         k.decode(): v.decode() for k, v in redis_client.hgetall("tests:downstream:basic").items()
     }
@@ -70,7 +62,7 @@ def test_minting_stays_a_bounded_number_of_chunks_ahead(worker, fake_sfox, redis
         with_user_tokens(
             ids, record_token.s("jit", delay=0.01), run_id=run_id, chunk_size=10, ahead=2
         ).apply_async()
-        assert wait_for(lambda: run.progress().finished, timeout=90)
+        assert eventually(lambda: run.progress().finished, timeout=90)
     finally:
         stop.set()
         watcher.join()
@@ -183,12 +175,12 @@ def test_every_end_of_a_downstream_task_marks_its_user_done(
         chunk_size=10,
         ahead=1,
     ).apply_async()
-    assert wait_for(lambda: run.progress().finished, timeout=90)
+    assert eventually(lambda: run.progress().finished, timeout=90)
     # Finished means ended: the retried users' second attempts have already run
     # (a replaced user is done when handed over, so its replacement may still be running).
     ok = {m.decode() for m in redis_client.smembers(f"tests:flaky-ok:{tag}")}
     assert set(retries) <= ok
-    assert wait_for(lambda: redis_client.scard(f"tests:flaky-ok:{tag}") == 37, timeout=10)
+    assert eventually(lambda: redis_client.scard(f"tests:flaky-ok:{tag}") == 37, timeout=10)
     ok = {m.decode() for m in redis_client.smembers(f"tests:flaky-ok:{tag}")}
     assert ok == set(ids) - set(fails) - set(ignored)
     attempts = {

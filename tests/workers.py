@@ -93,6 +93,34 @@ class WorkerProcess:
             self._log.close()
 
 
+class Caller:
+    """Sends tasks by name to ``queue`` on the broker at ``url``, as another app would.
+
+    Through a connection of its own: Celery prefers CELERY_BROKER_URL (the
+    suite's Redis database) over any broker an app is given. Results come from
+    the result backend the environment names.
+    """
+
+    def __init__(self, url: str, queue: str) -> None:
+        from celery import Celery
+
+        self.queue = queue
+        self.app = Celery("caller")
+        self.app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            task_publish_retry_policy={"max_retries": 12, "interval_step": 0.5, "interval_max": 2},
+        )
+        self.connection = self.app.connection_for_write(url)
+
+    def send(self, name: str, **options: Any) -> Any:
+        """The task's AsyncResult."""
+        return self.app.send_task(name, connection=self.connection, queue=self.queue, **options)
+
+    def close(self) -> None:
+        self.connection.release()
+
+
 class EventRecorder:
     """Receives every event on the broker in a thread and keeps them."""
 
