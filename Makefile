@@ -2,7 +2,7 @@
 # `make bench` the benchmark (about 40 minutes with the nightly and egress sections, an
 # estimate until they have had a full run; writes bench/RESULTS.md).
 # Both create .venv and install the project into it first when needed.
-# `make test-floors` runs the core end-to-end tests again with every direct dependency
+# `make test-fast` runs the pure-logic tier in seconds. `make test-floors` runs the core end-to-end tests again with every direct dependency
 # at the lowest version pyproject.toml allows (CI runs both).
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-floors lint typecheck check clean bench
+.PHONY: demo test test-fast test-floors lint typecheck check clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ test: $(STAMP)
 	.ci/ensure-redis
 	$(BIN)/ruff check tasks tests bench celeryconfig.py
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Pure logic only (tests/fast/: no Redis, no worker, no network): seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/fast -q $(PYTEST_ARGS)
+
+# Extra arguments for pytest in test, test-fast and test-floors: PYTEST_ARGS="-x -q"
+PYTEST_ARGS ?=
 
 # A second venv where uv's lowest-direct resolution puts every direct dependency (celery,
 # kombu, redis, requests, tenacity, cryptography, prometheus_client; flower for the
@@ -48,7 +56,7 @@ test-floors: $(STAMP)
 	$(BIN)/uv pip list --python $(FLOORS)/bin/python 2>/dev/null \
 		| grep -iE '^(celery|kombu|redis|requests|tenacity|cryptography|prometheus.client|flower) '
 	$(FLOORS)/bin/python --version
-	$(FLOORS)/bin/python -m pytest $(FLOOR_TESTS) -k '$(FLOOR_DESELECT)'
+	$(FLOORS)/bin/python -m pytest $(FLOOR_TESTS) -k '$(FLOOR_DESELECT)' $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tasks tests bench celeryconfig.py

@@ -30,13 +30,13 @@ def _env(name: str, default: str | None = None) -> str | None:
 # -- broker and results ------------------------------------------------------------
 
 broker_url = _env("CELERY_BROKER_URL", "redis://localhost:6379/0")
-# A Redis backend gets mint results their own short TTL (see tasks._backend).
+# A Redis backend gets mint results their own short TTL (see tasks.worker.backend).
 result_backend = _env("CELERY_RESULT_BACKEND", broker_url)
 
 #: Seconds a message may stay unacknowledged before Redis hands it to another worker.
 #: It bounds recovery after a worker dies; it must exceed the longest a task holds its
 #: message: one turn (SFOX_TASK_TURN) with its requests in flight, or a countdown of at
-#: most SFOX_RETRY_AFTER_MAX (see tasks._tasks.longest_hold; a worker warns if it is not).
+#: most SFOX_RETRY_AFTER_MAX (see tasks.worker.mint.longest_hold; a worker warns if it is not).
 _visibility_timeout = int(_env("SFOX_VISIBILITY_TIMEOUT", "1800") or 1800)
 # Workers sweep for abandoned messages every few seconds (kombu's default is every 100 s),
 # so a dead worker's messages come back within visibility_timeout plus this interval.
@@ -84,7 +84,7 @@ redis_backend_health_check_interval = 30
 
 # -- queues ------------------------------------------------------------------------
 
-#: The package's queue. Every package task is sent here from any app (tasks._base), and
+#: The package's queue. Every package task is sent here from any app (tasks.worker.base), and
 #: `celery -A tasks worker` consumes it alone by default, so it neither takes a partner's
 #: tasks nor is taken from by a partner's workers on Celery's default queue.
 sfox_queue = _env("SFOX_QUEUE", DEFAULT_QUEUE)

@@ -3,7 +3,7 @@
 - :class:`BenchRedis`: the benchmark's own Redis database. It is checked,
   locked against a second benchmark, and emptied before every run, so each
   starts with an empty limiter window and no leftover messages.
-- :class:`FakeProcess`: ``python -m tasks.fake_sfox`` in its own process (its
+- :class:`FakeProcess`: ``python -m tasks.testing`` in its own process (its
   CPU must not share a GIL with the client being measured), driven through
   its ``/_fake/`` control API.
 - :class:`Workers`: ``celery -A tasks worker -P prefork`` processes, with
@@ -102,7 +102,7 @@ class FakeProcess:
         self, *, latency: float, rate_limit: int | None, rate_window: float, rate_penalty: float
     ) -> FakeProcess:
         args = [
-            sys.executable, "-m", "tasks.fake_sfox", "--port", "0",
+            sys.executable, "-m", "tasks.testing", "--port", "0",
             "--latency", str(latency),
             "--rate-window", str(rate_window), "--rate-penalty", str(rate_penalty),
         ]  # fmt: skip

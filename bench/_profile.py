@@ -3,7 +3,7 @@
 Against a stand-in with no latency and no rate limit:
 
 - :func:`in_process` times the in-process path unprofiled, on the process
-  CPU clock: the whole :class:`~tasks._mint.Minter` per batch, and its parts
+  CPU clock: the whole :class:`~tasks.minting.Minter` per batch, and its parts
   alone (the sFOX client's request and parsing, sealing 100 tokens, one
   limiter call). Each is the best of a few runs: the machine may be shared,
   and other work only ever adds CPU time.
@@ -61,12 +61,12 @@ def in_process(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """Unprofiled CPU per batch (ms) of the Minter and of its parts alone, best of ``repeats``."""
-    from tasks._client import SfoxClient
-    from tasks._mint import Minter
-    from tasks._ratelimit import RedisLimiter
-    from tasks._retry import RetryPolicy
-    from tasks._seal import Sealer
     from tasks._settings import Rate, RetrySettings
+    from tasks.budget.ratelimit import RedisLimiter
+    from tasks.budget.retry import RetryPolicy
+    from tasks.minting import Minter
+    from tasks.sealing import Sealer
+    from tasks.sfox.client import SfoxClient
 
     client = SfoxClient(fake_url, api_key)
     # A limit no run reaches: the limiter's cost is measured, never its waits.

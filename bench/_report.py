@@ -795,7 +795,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
         + "Regenerate with `make bench`.",
         "",
-        "Set-up: the sFOX stand-in (`tasks.fake_sfox`) runs as its own process, "
+        "Set-up: the sFOX stand-in (`tasks.testing`) runs as its own process, "
         f"{config['latency'] * 1000:g} ms latency per request, sFOX's per-IP rule "
         f"{config['sfox_rule']}. The package: {config['workers']} Celery worker(s) × "
         f"{config['concurrency']} prefork processes, `SFOX_RATE_LIMIT={config['rate']}` "

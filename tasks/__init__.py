@@ -2,12 +2,11 @@
 
 The public surface is this module: :data:`app`, :func:`unseal`,
 :func:`with_user_tokens` with :func:`run_progress`, the tasks and the exception tree. Tasks are
-registered under the names ``sfox.*``.
+registered under the names ``sfox.*``. Where each concern lives: README, "Where things are".
 """
 
 from __future__ import annotations
 
-from tasks._app import app
 from tasks._exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -24,10 +23,11 @@ from tasks._exceptions import (
     TransientError,
     TransportError,
 )
-from tasks._jit import RunProgress, run_progress, with_user_tokens
-from tasks._nightly import place_user_order, run_nightly_orders
-from tasks._runtime import get_runtime
-from tasks._tasks import mint_user_tokens
+from tasks.fanout.run import RunProgress, run_progress, with_user_tokens
+from tasks.nightly.run import place_user_order, run_nightly_orders
+from tasks.worker.app import app
+from tasks.worker.mint import mint_user_tokens
+from tasks.worker.runtime import unseal
 
 __all__ = [
     "AuthenticationError",
@@ -53,12 +53,3 @@ __all__ = [
     "unseal",
     "with_user_tokens",
 ]
-
-
-def unseal(sealed: str) -> str:
-    """The plaintext user auth token inside ``sealed``.
-
-    Raises :class:`SealError` when it is older than ``SFOX_TOKEN_RESULT_TTL`` or
-    was sealed under another key. Use the plaintext at once; do not store it.
-    """
-    return get_runtime(app.conf).sealer.unseal(sealed)

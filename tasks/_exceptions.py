@@ -24,23 +24,6 @@ that Celery's JSON result backend can rebuild it on the caller's side.
 
 from __future__ import annotations
 
-__all__ = [
-    "AuthenticationError",
-    "ConfigurationError",
-    "InvalidUserIds",
-    "MalformedResponse",
-    "PermanentError",
-    "RateLimited",
-    "RequestRefused",
-    "RetriesExhausted",
-    "SealError",
-    "ServerError",
-    "SfoxError",
-    "TokenRejected",
-    "TransientError",
-    "TransportError",
-]
-
 
 class SfoxError(Exception):
     """Root of every error this package raises."""

@@ -13,10 +13,10 @@ same for every call the package makes:
    script and write of the package is idempotent: running it twice has the
    effect of running it once (each script says why).
 2. **At the broker.** An outage longer than that reaches the task as one of
-   :data:`STORE_ERRORS`. The task's base class (:class:`tasks._tasks.SfoxTask`)
+   :data:`STORE_ERRORS`. The task's base class (:class:`tasks.worker.mint.SfoxTask`)
    sends it back to the broker with its progress, to resume after
    :data:`REDIS_OUTAGE_COUNTDOWN` seconds. It never fails the task. The
-   limiter turns the same errors into a wait (:class:`~tasks._ratelimit.LimiterWait`),
+   limiter turns the same errors into a wait (:class:`~tasks.budget.ratelimit.LimiterWait`),
    so a mint keeps its tokens.
 
 Celery's own Redis use (publishing, acknowledgements, results) is covered by

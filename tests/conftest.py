@@ -35,7 +35,7 @@ os.environ.setdefault("SFOX_API_URL", "http://127.0.0.1:1")
 import pytest  # noqa: E402
 import redis  # noqa: E402
 
-from tasks.fake_sfox import FakeSfox  # noqa: E402
+from tasks.testing import FakeSfox  # noqa: E402
 from tests.workers import WorkerProcess, start_event_recorder  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def fake_sfox_server() -> FakeSfox:
     server = FakeSfox(ENTERPRISE_KEY).start()
     os.environ["SFOX_API_URL"] = server.url
     import tasks
-    from tasks._runtime import reset_runtime
+    from tasks.worker.runtime import reset_runtime
 
     tasks.app.conf.sfox_api_url = server.url
     reset_runtime()

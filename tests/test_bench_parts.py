@@ -15,7 +15,7 @@ from bench._plain import (
     write_orders,
 )
 from bench._profile import GLUE, summarize_spy
-from tasks.fake_sfox import FakeSfox
+from tasks.testing import FakeSfox
 
 
 class FakeClock:

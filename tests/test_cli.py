@@ -18,8 +18,8 @@ from typing import ClassVar
 import pytest
 
 from tasks import mint_user_tokens
-from tasks._check import probe_broker
-from tasks._seal import derive_seal_key
+from tasks.cli.check import probe_broker
+from tasks.sealing import derive_seal_key
 from tests.conftest import ENTERPRISE_KEY, REDIS_URL
 from tests.services import ServiceProcess, answers, free_port, http_get
 from tests.workers import ROOT

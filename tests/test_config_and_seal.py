@@ -8,10 +8,10 @@ from email.utils import formatdate
 import pytest
 from cryptography.fernet import Fernet
 
-from tasks._client import normalise_expires, parse_retry_after
 from tasks._exceptions import ConfigurationError, MalformedResponse, SealError
-from tasks._seal import Sealer, derive_seal_key
 from tasks._settings import Settings, check_api_url
+from tasks.sealing import Sealer, derive_seal_key
+from tasks.sfox.client import normalise_expires, parse_retry_after
 
 
 @pytest.mark.parametrize(

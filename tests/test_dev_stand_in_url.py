@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks._client import SfoxClient
 from tasks._exceptions import ConfigurationError
 from tasks._settings import Settings, check_api_url, is_plain_http_off_host
+from tasks.sfox.client import SfoxClient
 from tests.workers import WorkerProcess
 
 

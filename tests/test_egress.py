@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import pytest
 
 from tasks import mint_user_tokens
-from tasks._check import _check_rate, _check_sfox
-from tasks._client import SfoxClient, Timeouts
 from tasks._exceptions import ConfigurationError, RateLimited, TransportError
-from tasks._ratelimit import LimiterWait, RedisLimiter, held
-from tasks._runtime import Runtime
 from tasks._settings import Rate, Settings
-from tasks.fake_sfox import FakeSfox
+from tasks.budget.ratelimit import LimiterWait, RedisLimiter, held
+from tasks.cli.check import _check_rate, _check_sfox
+from tasks.sfox.client import SfoxClient, Timeouts
+from tasks.testing import FakeSfox
+from tasks.worker.runtime import Runtime
 from tests.conftest import ENTERPRISE_KEY, REDIS_URL
 from tests.workers import WorkerProcess
 

@@ -1,4 +1,4 @@
-"""Tests for tasks.fake_sfox: the fake must behave like sFOX, and misbehave exactly as scripted."""
+"""Tests for tasks.testing: the fake must behave like sFOX, and misbehave exactly as scripted."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tasks._client import http_adapter
-from tasks.fake_sfox import FakeSfox, Fault, http_date
+from tasks.sfox.client import http_adapter
+from tasks.testing import FakeSfox, Fault, http_date
 
 KEY = "test-enterprise-key-0123456789"
 TOKENS = "/v1/enterprise/user-tokens"
@@ -652,10 +652,10 @@ def test_survives_many_concurrent_clients() -> None:
 
 
 def test_cli_serves_until_sigterm_without_printing_the_key() -> None:
-    """`python -m tasks.fake_sfox` announces its address, honours --refuse, exits on SIGTERM."""
+    """`python -m tasks.testing` announces its address, honours --refuse, exits on SIGTERM."""
     env = {**os.environ, "SFOX_ENTERPRISE_API_KEY": "cli-secret-key"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.fake_sfox", "--port", "0", "--refuse", "ghost"],
+        [sys.executable, "-m", "tasks.testing", "--port", "0", "--refuse", "ghost"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -23,8 +23,8 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from tasks import AuthenticationError, mint_user_tokens
-from tasks._seal import derive_seal_key
-from tasks.fake_sfox import FakeSfox, Fault
+from tasks.sealing import derive_seal_key
+from tasks.testing import FakeSfox, Fault
 from tests.conftest import ENTERPRISE_KEY
 from tests.services import Response, ServiceProcess, answers, free_port, http_get
 from tests.workers import ROOT

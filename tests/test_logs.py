@@ -17,10 +17,10 @@ from celery.app import trace
 
 import tasks
 from tasks import mint_user_tokens
-from tasks._logs import SUCCESS_FORMAT, HideReturnValue
-from tasks._outcome import MintOutcome, summarise
-from tasks._seal import derive_seal_key
-from tasks.fake_sfox import Fault
+from tasks.sealing import derive_seal_key
+from tasks.testing import Fault
+from tasks.worker.logs import SUCCESS_FORMAT, HideReturnValue
+from tasks.worker.outcome import MintOutcome, summarise
 from tests.conftest import ENTERPRISE_KEY
 from tests.workers import WorkerProcess
 

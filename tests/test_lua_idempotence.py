@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import redis
 
-from tasks._jit import Chunk, JitRun
-from tasks._nightly import NightlyRun
-from tasks._orders import Order
-from tasks._place import OrderOutcome
-from tasks._ratelimit import RedisLimiter
 from tasks._settings import Rate
+from tasks.budget.ratelimit import RedisLimiter
+from tasks.fanout.run import Chunk, JitRun
+from tasks.nightly.orders import Order
+from tasks.nightly.run import NightlyRun
+from tasks.sfox.orders import OrderOutcome
 
 
 def snapshot(client: redis.Redis) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasks import _metrics, mint_user_tokens, place_user_order
 from tasks._metrics import METRIC_NAMES
-from tasks._nightly import NightlyRun
-from tasks._seal import Sealer, derive_seal_key
-from tasks.fake_sfox import Fault
+from tasks.nightly.run import NightlyRun
+from tasks.sealing import Sealer, derive_seal_key
+from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY
 from tests.services import free_port, http_get
 from tests.test_nightly import stage_one_order

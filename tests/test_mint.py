@@ -12,14 +12,14 @@ from collections import Counter
 
 import pytest
 
-from tasks._client import SfoxClient, Timeouts
 from tasks._exceptions import AuthenticationError, InvalidUserIds, RetriesExhausted, ServerError
-from tasks._mint import Deferred, Minter, _Progress, validate_user_ids
-from tasks._ratelimit import LocalLimiter, RedisLimiter
-from tasks._retry import RetryPolicy
-from tasks._seal import Sealer
 from tasks._settings import Rate, RetrySettings
-from tasks.fake_sfox import Fault
+from tasks.budget.ratelimit import LocalLimiter, RedisLimiter
+from tasks.budget.retry import RetryPolicy
+from tasks.minting import Deferred, Minter, _Progress, validate_user_ids
+from tasks.sealing import Sealer
+from tasks.sfox.client import SfoxClient, Timeouts
+from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY, REDIS_URL
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tasks import place_user_order, run_nightly_orders
-from tasks._nightly import NightlyRun
-from tasks._seal import Sealer, derive_seal_key
-from tasks.fake_sfox import Fault
+from tasks.nightly.run import NightlyRun
+from tasks.sealing import Sealer, derive_seal_key
+from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY
 from tests.services import eventually
 from tests.workers import ROOT, WorkerProcess
@@ -254,7 +254,7 @@ def test_reused_client_order_id_is_recorded_as_already_placed(
 
 
 def stage_one_order(redis_client, day, user_id, ref="#1"):
-    from tasks._orders import Order
+    from tasks.nightly.orders import Order
 
     NightlyRun(redis_client, day).stage(
         [Order(user_id, "buy", "btcusd", 100, None, Decimal("25"), None, ref, 2)]

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from tasks._exceptions import ConfigurationError
-from tasks._orders import Order, OrderError, client_order_id, load_orders
+from tasks.nightly.orders import Order, OrderError, client_order_id, load_orders
 
 DAY = date(2026, 11, 27)
 

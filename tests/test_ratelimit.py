@@ -8,8 +8,8 @@ import time
 import pytest
 
 from tasks._exceptions import ConfigurationError
-from tasks._ratelimit import LimiterWait, LocalLimiter, RedisLimiter, acquire
 from tasks._settings import Rate
+from tasks.budget.ratelimit import LimiterWait, LocalLimiter, RedisLimiter, acquire
 from tests.conftest import REDIS_URL
 
 
@@ -159,8 +159,8 @@ def test_senders_delayed_after_admission_never_overrun_the_servers_window(fake_s
     """
     import random
 
-    from tasks._client import SfoxClient, Timeouts
-    from tasks._ratelimit import held
+    from tasks.budget.ratelimit import held
+    from tasks.sfox.client import SfoxClient, Timeouts
     from tests.conftest import ENTERPRISE_KEY
 
     fake_sfox.configure(rate_limit=10, rate_window=1.0, rate_penalty=0.2)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from tasks import with_user_tokens
-from tasks._jit import JitRun
 from tasks._redis import redis_client
+from tasks.fanout.run import JitRun
 from tests.redis_server import ConnectionKiller, PrivateRedis
 from tests.services import eventually
 from tests.testtasks import record_token, runs_by_user

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tasks.fake_sfox import Fault
+from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY
 from tests.services import Response, ServiceProcess, answers, free_port, http_get
 from tests.tlsredis import TlsRedis

@@ -13,7 +13,7 @@ from celery import states
 
 import tasks
 from tasks import AuthenticationError, ConfigurationError, mint_user_tokens, unseal
-from tasks.fake_sfox import Fault
+from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY
 from tests.testtasks import echo
 from tests.workers import ROOT, WorkerProcess

@@ -42,13 +42,13 @@ from celery import Task, group, signals
 from celery.canvas import Signature
 from kombu.entity import Exchange, Queue
 
-from tasks._app import app
-from tasks._base import SfoxTask
 from tasks._exceptions import InvalidUserIds
-from tasks._mint import MintResult, validate_user_ids
 from tasks._redis import script as script_for
-from tasks._runtime import get_runtime
-from tasks._tasks import TASK_TIME_LIMIT
+from tasks.minting import MintResult, validate_user_ids
+from tasks.worker.app import app
+from tasks.worker.base import SfoxTask
+from tasks.worker.mint import TASK_TIME_LIMIT
+from tasks.worker.runtime import get_runtime
 
 __all__ = [
     "Chunk",

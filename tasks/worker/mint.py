@@ -1,9 +1,9 @@
 """The mint task: thin glue between Celery and the minting code.
 
 Nothing here knows HTTP. The task validates its input and hands it to a
-:class:`~tasks._mint.Minter`; a :class:`~tasks._mint.Deferred` (a wait too
+:class:`~tasks.minting.Minter`; a :class:`~tasks.minting.Deferred` (a wait too
 long to sleep in a worker slot, or the end of the run's turn) becomes a broker
-countdown that carries the work done so far (see :class:`tasks._base.SfoxTask`).
+countdown that carries the work done so far (see :class:`tasks.worker.base.SfoxTask`).
 The retry budget and deadline live in that carried state, so limiter waits
 never count against it.
 """
@@ -16,14 +16,14 @@ from typing import Any
 
 from celery import signals
 
-from tasks._app import app, package_conf
-from tasks._backend import backend_with_ttl
-from tasks._base import SfoxTask
 from tasks._exceptions import ConfigurationError
-from tasks._mint import MintResult, validate_user_ids
-from tasks._outcome import MintOutcome, summarise
-from tasks._runtime import get_runtime, reset_runtime
 from tasks._settings import Settings, is_plain_http_off_host
+from tasks.minting import MintResult, validate_user_ids
+from tasks.worker.app import app, package_conf
+from tasks.worker.backend import backend_with_ttl
+from tasks.worker.base import SfoxTask
+from tasks.worker.outcome import MintOutcome, summarise
+from tasks.worker.runtime import get_runtime, reset_runtime
 
 __all__ = ["TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
 

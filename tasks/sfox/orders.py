@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from tasks._client import SfoxClient
 from tasks._exceptions import (
     PermanentError,
     RequestRefused,
@@ -30,10 +29,11 @@ from tasks._exceptions import (
     TokenRejected,
 )
 from tasks._metrics import token_reminted
-from tasks._ratelimit import Limiter, held
-from tasks._retry import Budget, RetryPolicy
-from tasks._seal import Sealer
 from tasks._settings import Rate
+from tasks.budget.ratelimit import Limiter, held
+from tasks.budget.retry import Budget, RetryPolicy
+from tasks.sealing import Sealer
+from tasks.sfox.client import SfoxClient
 
 __all__ = ["ACCOUNT_RATE", "OrderOutcome", "OrderPlacer", "is_duplicate_rejection"]
 

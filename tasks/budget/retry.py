@@ -26,8 +26,8 @@ import tenacity
 
 from tasks._exceptions import RateLimited, RetriesExhausted, TransientError
 from tasks._metrics import rate_limit_paused
-from tasks._ratelimit import Limiter, held
 from tasks._settings import RetrySettings
+from tasks.budget.ratelimit import Limiter, held
 
 __all__ = ["Budget", "Defer", "RetryPolicy"]
 

@@ -22,10 +22,7 @@ import requests
 from kombu.connection import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-from tasks._client import http_adapter
 from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._ratelimit import scope_prefix
-from tasks._seal import Sealer
 from tasks._settings import (
     DEFAULT_API_URL,
     DEFAULT_CONNECT_TIMEOUT,
@@ -36,6 +33,9 @@ from tasks._settings import (
     check_api_url,
     redis_url_of,
 )
+from tasks.budget.ratelimit import scope_prefix
+from tasks.sealing import Sealer
+from tasks.sfox.client import http_adapter
 
 __all__ = [
     "DEFAULT_CHECK_TIMEOUT",

@@ -7,9 +7,9 @@ they have in common:
 - **the queue.** Every task is sent to ``SFOX_QUEUE`` (default ``sfox``) from
   any app, so a partner's workers on Celery's default queue never receive one;
 - **acks late, no Celery retry count.** A crash redelivers the message; the
-  carried budgets (:mod:`tasks._retry`) bound retries instead of ``max_retries``;
+  carried budgets (:mod:`tasks.budget.retry`) bound retries instead of ``max_retries``;
 - **waits at the broker.** A run that must wait longer than a worker slot
-  should (:class:`~tasks._mint.Deferred`: a long ``Retry-After``, the limiter,
+  should (:class:`~tasks.minting.Deferred`: a long ``Retry-After``, the limiter,
   the end of its turn) or whose Redis or broker stayed away past the retries
   in place (:data:`~tasks._redis.STORE_ERRORS`) goes back to the broker with
   its progress (``_resume``) and a countdown. Such an outage never fails the
@@ -29,9 +29,9 @@ from celery import Task
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
-from tasks._app import app
-from tasks._mint import Deferred
 from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
+from tasks.minting import Deferred
+from tasks.worker.app import app
 
 __all__ = ["OUTAGE_ERRORS", "SfoxTask"]
 

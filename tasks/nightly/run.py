@@ -11,7 +11,7 @@ visibility timeout never hands the coordinator to a second worker.
    The owner's own later turns (same task id) go on with the run;
 2. **stage** the orders in Redis (idempotent: each order once, keyed by its
    deterministic ``client_order_id``); malformed rows are kept as errors;
-3. **fan out** through :mod:`tasks._jit`: tokens are minted chunk by chunk in
+3. **fan out** through :mod:`tasks.fanout.run`: tokens are minted chunk by chunk in
    step with the order tasks, and each user's ``sfox.place_user_order`` gets
    that user's sealed token. From then on the run proceeds by itself;
 4. **watch** it, a turn at a time: each turn reports ``PROGRESS`` (done /
@@ -43,10 +43,11 @@ from typing import Any
 import redis
 from celery import Task
 
-from tasks._app import app
-from tasks._base import SfoxTask
 from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._jit import (
+from tasks._redis import STORE_ERRORS, script
+from tasks.budget.ratelimit import LimiterWait
+from tasks.budget.retry import Defer
+from tasks.fanout.run import (
     CHUNKS_PER_SEGMENT,
     DEFAULT_AHEAD,
     Chunk,
@@ -57,15 +58,14 @@ from tasks._jit import (
     send_downstream,
     stale_after,
 )
-from tasks._mint import Deferred
-from tasks._orders import Order, OrderError, client_order_id, load_orders
-from tasks._outcome import ShortRepr, summarise_nightly
-from tasks._place import OrderOutcome, TokenHolder
-from tasks._ratelimit import LimiterWait
-from tasks._redis import STORE_ERRORS, script
-from tasks._retry import Defer
-from tasks._runtime import get_runtime
-from tasks._tasks import TASK_TIME_LIMIT
+from tasks.minting import Deferred
+from tasks.nightly.orders import Order, OrderError, client_order_id, load_orders
+from tasks.sfox.orders import OrderOutcome, TokenHolder
+from tasks.worker.app import app
+from tasks.worker.base import SfoxTask
+from tasks.worker.mint import TASK_TIME_LIMIT
+from tasks.worker.outcome import ShortRepr, summarise_nightly
+from tasks.worker.runtime import get_runtime
 
 __all__ = ["NightlyRun", "place_user_order", "run_nightly_orders"]
 

@@ -15,18 +15,18 @@ from typing import Any
 
 import redis
 
-from tasks._app import package_conf
-from tasks._client import SfoxClient, Timeouts
 from tasks._exceptions import ConfigurationError
-from tasks._mint import Minter
-from tasks._place import OrderPlacer
-from tasks._ratelimit import Limiter, limiter_for
 from tasks._redis import redis_client
-from tasks._retry import RetryPolicy
-from tasks._seal import Sealer
 from tasks._settings import Settings
+from tasks.budget.ratelimit import Limiter, limiter_for
+from tasks.budget.retry import RetryPolicy
+from tasks.minting import Minter
+from tasks.sealing import Sealer
+from tasks.sfox.client import SfoxClient, Timeouts
+from tasks.sfox.orders import OrderPlacer
+from tasks.worker.app import app, package_conf
 
-__all__ = ["Runtime", "get_runtime", "reset_runtime"]
+__all__ = ["Runtime", "get_runtime", "reset_runtime", "unseal"]
 
 
 class Runtime:
@@ -146,3 +146,12 @@ def reset_runtime() -> None:
         if _current is not None and _current[0] == os.getpid():
             _current[1].close()
         _current = None
+
+
+def unseal(sealed: str) -> str:
+    """The plaintext user auth token inside ``sealed``.
+
+    Raises :class:`~tasks.SealError` when it is older than ``SFOX_TOKEN_RESULT_TTL`` or
+    was sealed under another key. Use the plaintext at once; do not store it.
+    """
+    return get_runtime(app.conf).sealer.unseal(sealed)

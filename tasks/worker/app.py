@@ -10,11 +10,11 @@ from celery import Celery, signals
 from celery.app import backends
 from celery.backends.redis import RedisBackend
 
-from tasks._backend import TokenRedisBackend
 from tasks._exceptions import ConfigurationError
-from tasks._logs import hide_task_results_in_logs
 from tasks._metrics import MetricsServer, serve
 from tasks._settings import Settings
+from tasks.worker.backend import TokenRedisBackend
+from tasks.worker.logs import hide_task_results_in_logs
 
 __all__ = ["app", "package_conf"]
 
@@ -61,7 +61,7 @@ def _serve_metrics(**_: Any) -> None:
     try:
         port = Settings.from_conf(app.conf).metrics_port
     except ConfigurationError:
-        return  # the worker refuses to start, saying why (tasks._tasks)
+        return  # the worker refuses to start, saying why (tasks.worker.mint)
     if port is None or _metrics_server is not None:
         return
     try:

@@ -30,13 +30,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from tasks._client import IssuedToken, SfoxClient
 from tasks._exceptions import InvalidUserIds, RequestRefused
 from tasks._metrics import tokens_minted, users_refused
-from tasks._ratelimit import Limiter, LimiterWait
-from tasks._retry import Budget, Defer, RetryPolicy
-from tasks._seal import Sealer
 from tasks._settings import MAX_USER_ID_LENGTH
+from tasks.budget.ratelimit import Limiter, LimiterWait
+from tasks.budget.retry import Budget, Defer, RetryPolicy
+from tasks.sealing import Sealer
+from tasks.sfox.client import IssuedToken, SfoxClient
 
 __all__ = [
     "Deferred",

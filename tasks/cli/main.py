@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 if TYPE_CHECKING:
-    from tasks._seal import Sealer
+    from tasks.sealing import Sealer
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -193,7 +193,7 @@ def mint_on_workers(
 ) -> tuple[list[Outcome], int]:
     """Send the mint to the workers, ``per_task`` users a task; outcomes and task count."""
     from tasks import app, mint_user_tokens
-    from tasks._check import probe_broker
+    from tasks.cli.check import probe_broker
 
     problem = probe_broker(app.conf.broker_url)
     if problem:
@@ -240,8 +240,8 @@ def mint_locally(user_ids: list[str], *, progress: Progress) -> list[Outcome]:
     """Mint in this process, one batch at a time, through the shared limiter."""
     from tasks import app
     from tasks._exceptions import ConfigurationError, SfoxError
-    from tasks._mint import Deferred
-    from tasks._runtime import get_runtime
+    from tasks.minting import Deferred
+    from tasks.worker.runtime import get_runtime
 
     runtime = get_runtime(app.conf)
     runtime.settings.require_api_key()
@@ -275,9 +275,9 @@ def cmd_mint(args: argparse.Namespace) -> int:
     """Mint tokens for the given users and show a table of user, expiry and outcome."""
     from tasks import app
     from tasks._exceptions import ConfigurationError, SealError
-    from tasks._mint import validate_user_ids
-    from tasks._runtime import get_runtime
     from tasks._settings import Settings
+    from tasks.minting import validate_user_ids
+    from tasks.worker.runtime import get_runtime
 
     user_ids = validate_user_ids(read_user_ids(args), maximum=sys.maxsize)
     settings = Settings.from_conf(app.conf)
@@ -518,7 +518,7 @@ def _add_nightly(sub: Any) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Check the configuration, one line per check; exit 1 if any fails."""
     from tasks import app
-    from tasks._check import run_checks
+    from tasks.cli.check import run_checks
 
     if args.timeout <= 0:
         raise UsageError("--timeout must be greater than 0")
@@ -534,7 +534,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _add_check(sub: Any) -> None:
-    from tasks._check import DEFAULT_CHECK_TIMEOUT
+    from tasks.cli.check import DEFAULT_CHECK_TIMEOUT
 
     check = sub.add_parser(
         "check",
@@ -563,7 +563,7 @@ def cmd_unseal(args: argparse.Namespace) -> int:
     """Print the plaintext of each sealed token read on stdin, one a line."""
     from tasks import app
     from tasks._exceptions import SealError
-    from tasks._runtime import get_runtime
+    from tasks.worker.runtime import get_runtime
 
     if sys.stdin.isatty():
         print("paste sealed tokens, one a line, then Ctrl-D", file=sys.stderr)
@@ -619,9 +619,9 @@ def embedded_worker(app: Any, queue: str, *, concurrency: int = 2) -> Iterator[N
 def cmd_demo(args: argparse.Namespace) -> int:
     """Mint tokens against a local stand-in, through a real worker, and show the outcome."""
     from tasks import app, mint_user_tokens, unseal
-    from tasks._check import safe_url
-    from tasks._runtime import reset_runtime
-    from tasks.fake_sfox import FakeSfox, Fault
+    from tasks.cli.check import safe_url
+    from tasks.testing import FakeSfox, Fault
+    from tasks.worker.runtime import reset_runtime
 
     if args.users < 2:
         raise UsageError("--users must be at least 2")
@@ -715,9 +715,9 @@ def _add_demo(sub: Any) -> None:
 
 def cmd_fake_sfox(args: argparse.Namespace) -> int:
     """Serve the sFOX stand-in; its own parser takes every argument after the subcommand."""
-    from tasks import fake_sfox
+    from tasks.testing.__main__ import main as serve_stand_in
 
-    return fake_sfox.main(args.passthrough, prog="sfox-tokens fake-sfox")
+    return serve_stand_in(args.passthrough, prog="sfox-tokens fake-sfox")
 
 
 def _add_fake_sfox(sub: Any) -> None:

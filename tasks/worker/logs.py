@@ -6,7 +6,7 @@ structured data: ``extra={"data": {..., "return_value": ...}}``. A mint returns
 sealed tokens, and a partner's downstream task may return anything at all, so
 neither the text nor the structured record may carry the result.
 
-:func:`hide_task_results_in_logs` runs when the app loads (see ``tasks._app``):
+:func:`hide_task_results_in_logs` runs when the app loads (see ``tasks.worker.app``):
 
 - the success format loses its ``: <return value>`` tail, so the line reads
   ``Task sfox.mint_user_tokens[id] succeeded in 0.41s``;

@@ -1,0 +1,1 @@
+"""The ``sfox-tokens`` command line."""

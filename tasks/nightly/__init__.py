@@ -1,0 +1,1 @@
+"""The nightly run: reading the orders, placing each once, and its summary."""

@@ -1,0 +1,1 @@
+"""The sFOX side: the HTTP client and order placing. No Celery here."""
