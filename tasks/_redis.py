@@ -25,7 +25,9 @@ Celery's and kombu's settings in ``celeryconfig.py``.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from importlib.resources import files
 from typing import Any
 
 import redis
@@ -38,6 +40,7 @@ __all__ = [
     "REDIS_OUTAGE_COUNTDOWN",
     "REDIS_RETRIES",
     "STORE_ERRORS",
+    "lua",
     "redis_client",
     "script",
 ]
@@ -89,3 +92,13 @@ def script(client: redis.Redis[bytes], source: str) -> Any:
     if found is None:
         found = registered[source] = client.register_script(source)
     return found
+
+
+@functools.cache
+def lua(package: str, *names: str) -> str:
+    """The Lua text of ``names`` (``NAME.lua`` files shipped beside ``package``), joined.
+
+    A script that starts with shared functions names their file first.
+    """
+    folder = files(package)
+    return "\n".join(folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)

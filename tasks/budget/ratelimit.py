@@ -43,7 +43,7 @@ from typing import Protocol
 import redis
 
 from tasks._metrics import limiter_waited
-from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, redis_client
+from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, lua, redis_client, script
 from tasks._settings import Rate
 
 __all__ = [
@@ -60,6 +60,9 @@ __all__ = [
 
 logger = logging.getLogger("tasks.ratelimit")
 
+#: Where the limiter's Lua lives: acquire, release and pause .lua, each naming its KEYS and ARGV.
+_LUA = "tasks.budget"
+
 #: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
 KEY_PREFIX = "sfox:ratelimit"
 
@@ -75,62 +78,6 @@ def scope_prefix(scope: str = "", prefix: str = KEY_PREFIX) -> str:
     its requests come from.
     """
     return f"{prefix}:scope:{scope}" if scope else prefix
-
-
-# KEYS[1] sliding log (zset: slot -> time it counts at), KEYS[2] shared pause.
-# ARGV[1] limit, ARGV[2] period, ARGV[3] unique slot name, ARGV[4] hold; times in microseconds.
-# Returns 0 when a slot was taken, else microseconds to wait: negative for a pause.
-# A slot in flight counts at the latest time its request may arrive (now + hold); when
-# every slot is in flight the wait is at least one period from the first release.
-# Run twice (a retry after a dropped connection): the slot is already in the log, and
-# the second run says so without taking another one.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  return 0
-end
-local pause = redis.call('PTTL', KEYS[2])
-if pause > 0 then
-  return -pause * 1000
-end
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local hold = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now + hold, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.floor((period + hold) / 1000) + 1000)
-  return 0
-end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, math.min(tonumber(oldest[2]) + period - now, period) + 1)
-"""
-
-# KEYS[1] sliding log; ARGV[1] slot name. The slot's request has ended: it counts at now,
-# if that is earlier than the time it was logged at. Run twice, the second run finds the
-# slot already at or before its now and changes nothing.
-_RELEASE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if at and tonumber(at) > now then
-  redis.call('ZADD', KEYS[1], now, ARGV[1])
-  return 1
-end
-return 0
-"""
-
-# KEYS[1] shared pause; ARGV[1] milliseconds. Extends, never shortens, a pause. Run
-# twice, the pause ends at most the retry's delay later: never shorter, never twice over.
-_PAUSE = """
-local want = tonumber(ARGV[1])
-if redis.call('PTTL', KEYS[1]) < want then
-  redis.call('SET', KEYS[1], '1', 'PX', want)
-  return 1
-end
-return 0
-"""
 
 
 class LimiterWait(Exception):
@@ -247,9 +194,9 @@ class RedisLimiter:
         prefix = scope_prefix(scope, prefix)
         self._log_key = f"{prefix}:{rate.limit}/{rate.period:g}:log"
         self._pause_key = f"{prefix}:pause"
-        self._acquire = client.register_script(_ACQUIRE)
-        self._release = client.register_script(_RELEASE)
-        self._pause = client.register_script(_PAUSE)
+        self._acquire = script(client, lua(_LUA, "acquire"))
+        self._release = script(client, lua(_LUA, "release"))
+        self._pause = script(client, lua(_LUA, "pause"))
 
     @classmethod
     def from_url(cls, url: str, rate: Rate, *, scope: str = "") -> RedisLimiter:

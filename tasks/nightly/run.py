@@ -44,7 +44,7 @@ import redis
 from celery import Task
 
 from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._redis import STORE_ERRORS, script
+from tasks._redis import STORE_ERRORS, lua, script
 from tasks.budget.ratelimit import LimiterWait
 from tasks.budget.retry import Defer
 from tasks.fanout.run import (
@@ -90,47 +90,9 @@ MAX_IDS_PER_REASON = 1000
 #: Rows read and staged per Redis round trip.
 _STAGE_BATCH = 500
 
-# KEYS: orders, user_orders, users. ARGV: client_order_id, order json, user id.
-_STAGE_ORDER = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  local current = redis.call('HGET', KEYS[2], ARGV[3])
-  if not current then
-    redis.call('RPUSH', KEYS[3], ARGV[3])
-    current = ''
-  end
-  redis.call('HSET', KEYS[2], ARGV[3], current .. ARGV[1] .. ',')
-  return 1
-end
-return 0
-"""
-
-# Run twice (a retry after a dropped connection), each script below has the effect of
-# one run: HSETNX finds the order staged and changes nothing; a placement written again
-# is the same value; a lease taken again is found already ours.
-
-# KEYS: outcomes. ARGV: client_order_id, outcome json, 1 if it must win.
-_RECORD = """
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return 1
-end
-return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-"""
-
-# KEYS: lease. ARGV: token, milliseconds. Take a free lease, or renew our own.
-_LEASE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS: lease. ARGV: token. Drop the lease if it is ours.
-_DROP_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+#: Where the run's Lua lives (stage_order, record, lease, drop_lease .lua: KEYS and ARGV named
+#: in each); every script is called through one NightlyRun method.
+_LUA = "tasks.nightly"
 
 
 class NightlyRun:
@@ -164,11 +126,13 @@ class NightlyRun:
     def lease_for(self, token: str, seconds: float) -> bool:
         """Take the lease for ``token``, or renew it if it is ``token``'s already."""
         return bool(
-            script(self.client, _LEASE)(keys=[self.lease], args=[token, int(seconds * 1000)])
+            script(self.client, lua(_LUA, "lease"))(
+                keys=[self.lease], args=[token, int(seconds * 1000)]
+            )
         )
 
     def drop_lease(self, token: str) -> None:
-        script(self.client, _DROP_LEASE)(keys=[self.lease], args=[token])
+        script(self.client, lua(_LUA, "drop_lease"))(keys=[self.lease], args=[token])
 
     def flag(self, name: str) -> str | None:
         value = self.client.hget(self.meta, name)
@@ -184,7 +148,7 @@ class NightlyRun:
 
     def stage(self, items: Iterable[Order | OrderError]) -> tuple[int, int]:
         """Store each order once and each row error; ``(orders, errors)`` seen."""
-        stage_order = script(self.client, _STAGE_ORDER)
+        stage_order = script(self.client, lua(_LUA, "stage_order"))
         orders = errors = 0
         pipe = self.client.pipeline(transaction=False)
         pending = 0
@@ -235,7 +199,7 @@ class NightlyRun:
 
     def record(self, coid: str, user_id: str, outcome: OrderOutcome) -> None:
         value = json.dumps({"user_id": user_id, "status": outcome.status, "reason": outcome.reason})
-        script(self.client, _RECORD)(
+        script(self.client, lua(_LUA, "record"))(
             keys=[self.outcomes], args=[coid, value, "1" if outcome.status == "placed" else "0"]
         )
         self.client.expire(self.outcomes, RUN_TTL)

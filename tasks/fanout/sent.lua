@@ -1,0 +1,7 @@
+-- ARGV: ttl, sender, chunk indexes... The caller published these chunks' tasks.
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[7], ARGV[i]) == ARGV[2] then
+    redis.call('HDEL', KEYS[7], ARGV[i])
+  end
+end
+return {}

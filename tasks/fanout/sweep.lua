@@ -1,0 +1,2 @@
+-- ARGV: ttl, sender.
+return stale(release(mine()), 100)
