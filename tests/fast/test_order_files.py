@@ -122,7 +122,7 @@ def partner_orders():
 
 def test_orders_source_callable():
     """module:function supplies rows; bad ones are reported by position."""
-    items = list(load_orders(source="tests.test_orders:partner_orders"))
+    items = list(load_orders(source="tests.fast.test_order_files:partner_orders"))
     assert isinstance(items[0], Order) and isinstance(items[1], OrderError)
     assert items[1].line == 2
 
@@ -140,7 +140,7 @@ def test_the_dev_stacks_sample_orders_are_all_valid():
     """The sample file the dev stack's nightly run uses parses without a single error."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "nightly-orders.csv"
+    path = Path(__file__).resolve().parents[2] / "examples" / "nightly-orders.csv"
     items = list(load_orders(path=str(path)))
     assert items and all(isinstance(i, Order) for i in items)
     assert len({(i.user_id, i.ref) for i in items}) == len(items)

@@ -1,0 +1,1 @@
+"""The fast tier: pure logic, no Redis, no worker, no network (`make test-fast`)."""
