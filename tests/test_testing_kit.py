@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.testing import Fault, FakeSfox
-from tasks.testing.fixtures import fake_sfox, sfox_env  # noqa: F401  (the partner's plugin)
+from tasks.testing import FakeSfox, Fault
+from tasks.testing import fixtures as kit
+
+# What `pytest_plugins = ["tasks.testing.fixtures"]` gives a partner's suite; here the kit's
+# fixtures override the suite's own session-wide stand-in of the same name.
+fake_sfox = kit.fake_sfox
+sfox_env = kit.sfox_env
 
 SFOX_TOKENS = str(Path(sys.executable).with_name("sfox-tokens"))
 
