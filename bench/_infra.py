@@ -325,9 +325,6 @@ class Workers:
             texts.append(path.read_text(errors="replace"))
         return texts
 
-    def pool_processes(self) -> list[psutil.Process]:
-        return [p for root in self.processes for p in tree(root)[1:]]
-
     def cpu_seconds(self) -> float:
         return cpu_seconds(p for root in self.processes for p in tree(root))
 

@@ -6,7 +6,6 @@ targets and their verdicts, and the figures quoted in the discussion.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -453,328 +452,35 @@ def _pct(value: float) -> str:
 
 
 def discussion(results: dict[str, Any]) -> str:
-    """The targets discussed with the run's own figures: what was met, missed, and why."""
+    """A few sentences on the run's own figures; the tables above carry the detail."""
     config = results["config"]
     rows = rate_rows(results)
-    sizes = config["sizes"]
-    largest, smallest = max(sizes), min(sizes)
-    threads = config["workers"] * config["concurrency"]
-    limit, _, period = config["rate"].partition("/")
-    per_window = int(limit)
-    window_s = float(period.rstrip("s") or 1)
-    parts: list[str] = []
+    largest = max(config["sizes"])
     measured = [r for r in rows if not r["projected"] and r["approach"] != "bound"]
+    parts: list[str] = []
     if measured and config["sfox_rule"] != "off":
         total_429 = sum(r["rate_limited"] for r in measured)
-        pkg_worst = max(
-            (r["max_in_window"] for r in measured if r["approach"].startswith("package")),
-            default=0,
-        )
-        other_worst = max(
-            (r["max_in_window"] for r in measured if not r["approach"].startswith("package")),
-            default=0,
-        )
         parts.append(
-            f"**429s.** {total_429} in {len(measured)} runs. The package's shared limiter "
-            f"allows {config['rate']}, {250 - per_window} requests under sFOX's 250 / 10 s. "
-            "sFOX counts a request when it arrives; the limiter holds a request's slot while "
-            "it is in flight and counts it at the moment it ended, never earlier than its "
-            f"arrival, so no {window_s:g}-second window of arrivals can hold more than "
-            f"{per_window} of the package's requests, however many senders and however late "
-            "each sends after admission. The stand-in's busiest window held "
-            f"{pkg_worst} requests in the package's runs, and {other_worst} in the loops' "
-            "runs, whose simple limiter stamps a request when it admits it (requests admitted "
-            "at a window's end can arrive in the next)."
+            f"**429s.** {total_429} in {len(measured)} runs. The shared limiter counts a "
+            "request's slot from admission until it ends, so no window of arrivals at sFOX "
+            f"holds more than the {config['rate']} it allows, however late a sender sends."
         )
     mint = _find(rows, "package: mint tasks", largest)
     bound = _find(rows, "bound", largest)
     plain = _plain_for(rows, largest)
     if mint and bound and plain and config["sfox_rule"] != "off":
-        requests = bound["requests"]
-        windows = max(math.ceil(requests / per_window) - 1, 0)
         parts.append(
-            f"**The bound.** At {_n(largest)} users the mint tasks took {_s(mint['wall_s'])} s, "
-            f"{_pct(bound['wall_s'] / mint['wall_s'])} of the bound's throughput "
-            f"({_s(bound['wall_s'])} s = {_n(requests)} requests at {per_window}/"
-            f"{window_s:g} s). A sliding window lets the first {per_window} requests leave at "
-            f"once, so the last of {_n(requests)} can leave after {windows} × {window_s:g} s "
-            f"= {windows * window_s:g} s plus the time to send the final window's "
-            f"{requests - windows * per_window}: a run that keeps up with the limiter ends "
-            "just before the bound. The package is held by sFOX's rate, not by itself."
-        )
-        overhead = mint["wall_s"] - plain["wall_s"]
-        text = (
-            f"**Against the plain loop.** At {_n(largest)} users the package took "
-            f"{mint['wall_s'] / plain['wall_s']:.3f}× the time of the {threads}-thread loop "
-            f"({overhead:+.2f} s): both wait on the same window, and the difference is "
-            "sending the tasks, the workers picking them up, and reading "
-            f"{_n(largest)} sealed tokens back from the result backend."
-        )
-        below = [
-            (n, r, p, p1)
-            for n in sizes
-            if n < largest
-            and (r := _find(rows, "package: mint tasks", n))
-            and (p := _plain_for(rows, n))
-            and (p1 := _plain_for(rows, n, one_thread=True))
-        ]
-        if below:
-            detail = "; ".join(
-                f"{_n(n)} users: {r['wall_s'] / p['wall_s']:.2f}× the {threads}-thread loop, "
-                f"{r['wall_s'] / p1['wall_s']:.2f}× the 1-thread loop"
-                for n, r, p, p1 in below
-            )
-            extra = ", ".join(
-                f"{r['wall_s'] - p['wall_s']:+.2f} s at {_n(n)}" for n, r, p, _ in below
-            )
-            mint_threads = config.get("mint_concurrency")
-            text += (
-                f" Below the limit the target is missed ({detail}). Up to "
-                f"{_n(config['max_user_ids'])} users the mint task is *one* task"
-                + (
-                    f", sending up to {mint_threads} requests at once (`SFOX_MINT_CONCURRENCY`)"
-                    if mint_threads
-                    else ""
-                )
-                + f"; against the {threads}-thread loop it pays a fixed price per task "
-                f"({extra}): sending the task, a worker picking it up, sealing every token, "
-                "storing the result in Redis and reading it back. Below the limit a run "
-                "lasts a fraction of a second, so that price shows as a ratio; at the limit "
-                "it disappears into the waiting."
-            )
-        parts.append(text)
-    small = _find(rows, "package: mint tasks", smallest)
-    if mint and small and largest != smallest:
-        middle = [
-            f"{r['rss_largest_mb']:.1f} MB at {_n(n)}"
-            for n in sizes
-            if (r := _find(rows, "package: mint tasks", n))
-        ]
-        parts.append(
-            f"**Memory.** The largest pool process peaked at {', '.join(middle)} users: "
-            f"{mint['rss_largest_mb'] - small['rss_largest_mb']:+.1f} MB from "
-            f"{_n(smallest)} to {_n(largest)}. A mint task holds at most "
-            f"{_n(config['max_user_ids'])} users (`SFOX_MAX_USER_IDS`) with their sealed "
-            "tokens and the JSON of its result, so one process's peak is bounded by that, "
-            "not by N; a process that ran several such tasks keeps some of the freed memory "
-            "(Python returns little to the OS). The worker's total (main + "
-            f"{small['concurrency']} pool processes) grew by "
-            f"{mint['rss_total_mb'] - small['rss_total_mb']:+.1f} MB because at "
-            f"{_n(largest)} users every pool process held such a task, where at "
-            f"{_n(smallest)} one did: the total is bounded by concurrency × task size, and "
-            "the per-process figure is the one the target can hold the package to."
-        )
-    real = worker_cpu_per_batch(results)
-    profile = results.get("profile") or {}
-    worker = profile.get("worker") or {}
-    if real and worker.get("components_ms"):
-        inproc = profile["in_process"]["measured"]
-        total = worker["total_ms"] or 1.0
-        shares = ", ".join(
-            f"{name} {value / total:.0%}"
-            for name, value in sorted(worker["components_ms"].items(), key=lambda kv: -kv[1])
-        )
-        per_second = real["ms"] * per_window / window_s / 1000
-        threading_ms = sum(
-            spot["ms"]
-            for spot in worker.get("hot_spots", ())
-            if spot["function"].startswith(("stdlib/thread.py:", "stdlib/threading.py:"))
-        )
-        threads_text = (
-            f" Starting and feeding a mint's request threads (`SFOX_MINT_CONCURRENCY`) "
-            f"shows in the hot-spot table above at {threading_ms:.2f} ms a batch "
-            "(`ThreadPoolExecutor`, `Thread.start`): each mint task starts its own threads, "
-            f"a cost shared by the batches of one task ({_n(config['grid_chunk'])} users "
-            "here), so larger tasks pay less of it per batch."
-            if threading_ms
-            else ""
-        )
-        parts.append(
-            f"**CPU.** A 100-user batch costs {real['ms']:.2f} ms of CPU in a real worker "
-            f"({inproc['minter_ms']:.2f} ms in the Minter alone, without Celery): the 2 ms "
-            f"target is missed by {real['ms'] - TARGET_CPU_MS:.2f} ms. By py-spy's samples: "
-            f"{shares}. About half the Celery glue is JSON-encoding the result and writing "
-            f"it to Redis, which is the task's product.{threads_text} Fixed earlier: "
-            "`normalise_expires` is cached (every token of an answer carries the same "
-            "expiry text), which took the parse of 100 entries from 0.32 to 0.08 ms in a "
-            "micro-benchmark. Not done, because each is a design change to report first: "
-            "Fernet costs about 8 µs a token (0.8 ms a batch) since `cryptography` builds "
-            "fresh AES-CBC and HMAC contexts for every token; an AES-GCM seal measured "
-            "1.9 µs a token (base64 included), about 0.6 ms a batch less, but it changes "
-            "the sealed format. The HTTP request through `requests` is about 0.7 ms; "
-            "`urllib3` alone would save part of it. None of this limits throughput: at "
-            f"sFOX's limit a worker sends {per_window / window_s:g} batches a second, "
-            f"{per_second:.2f} CPU-seconds per second, {per_second:.0%} of one core."
-        )
-    wut_rows = [
-        r for r in rows if r["approach"] == "package: with_user_tokens" and not r["skipped"]
-    ]
-    wut_profile = (results.get("profile") or {}).get("wut") or {}
-    if wut_rows:
-        biggest = max(wut_rows, key=lambda r: r["users"])
-        bound_big = _find(rows, "bound", biggest["users"])
-        plain_big = _plain_for(rows, biggest["users"])
-        series = ", ".join(
-            f"{_n(r['tokens_per_s'])} tokens/s at {_n(r['users'])}"
-            for r in sorted(wut_rows, key=lambda r: r["users"])
-        )
-        text = f"**with_user_tokens.** It delivered {series}"
-        if bound_big and plain_big:
-            text += (
-                f": at {_n(biggest['users'])} users {_s(biggest['wall_s'])} s, "
-                f"{_pct(bound_big['wall_s'] / biggest['wall_s'])} of the bound and "
-                f"{biggest['wall_s'] / plain_big['wall_s']:.1f}× the plain loop's time"
-            )
-            if bound_big["wall_s"] / biggest["wall_s"] < TARGET_BOUND:
-                text += ", so the bound and plain-loop targets are missed on this path"
-        celery_rows = {
-            r["users"]: r
-            for r in rows
-            if r["approach"].startswith("Celery alone") and not r["skipped"]
-        }
-        if celery_rows:
-            pace = ", ".join(
-                f"{_n(celery_rows[r['users']]['tokens_per_s'])} users/s at {_n(r['users'])} "
-                f"({r['tokens_per_s'] / celery_rows[r['users']]['tokens_per_s']:.0%} of it "
-                "for with_user_tokens)"
-                for r in sorted(wut_rows, key=lambda r: r["users"])
-                if r["users"] in celery_rows
-            )
-            text += (
-                ". Celery alone, sending the same no-op task per user from chunk tasks and "
-                f"minting nothing, managed {pace}"
-            )
-        text += (
-            ". So the path is held by Celery's cost per task on this machine, not by sFOX "
-            "or the minting: every user is one Celery task, the downstream call the "
-            "contract asks for"
-        )
-        if wut_profile.get("users"):
-            cap = results["machine"]["cpus"] / (wut_profile["psutil_ms_per_user"] / 1000)
-            shares = ", ".join(
-                f"{name} {value / (wut_profile['total_ms'] or 1):.0%}"
-                for name, value in sorted(
-                    wut_profile["components_ms"].items(), key=lambda kv: -kv[1]
-                )
-            )
-            text += (
-                f", {wut_profile['psutil_ms_per_user']:.1f} ms of worker CPU per user here, so "
-                f"{results['machine']['cpus']} CPUs could carry at most about {_n(cap)} users/s "
-                "even if nothing else ran on them, against the "
-                f"{_n(per_window / window_s * config['batch_size'])} tokens/s the rate limit "
-                f"allows. Where the worker's CPU goes: {shares}"
-            )
-        text += (
-            ". Fixed since the previous run (208 tokens/s at 100,000 users, 5.9 ms of worker "
-            "CPU per user): a downstream success is marked done by a `task_postrun` handler "
-            "in the worker that ran it instead of a `sfox.jit_done` task per user, and broker "
-            "connections reuse one Redis client object per pool. Left as they are, on "
-            "purpose: task events (`worker_send_task_events`, `task_send_sent_event`: a "
-            "PUBLISH for each of sent, received, started and succeeded), which Flower needs, "
-            "and `worker_prefetch_multiplier = 1`, which keeps a worker from hoarding long "
-            "mint tasks but makes it fetch tiny ones one at a time. With real downstream "
-            "work (orders share sFOX's 250 / 10 s per IP) the downstream calls, not "
-            "minting, set the pace."
-        )
-        small_wut = min(wut_rows, key=lambda r: r["users"])
-        if small_wut is not biggest:
-            growth = biggest["rss_largest_mb"] - small_wut["rss_largest_mb"]
-            text += (
-                f"\n\n**with_user_tokens' memory.** Its largest pool process peaked at "
-                f"{small_wut['rss_largest_mb']:.1f} MB at {_n(small_wut['users'])} users and "
-                f"{biggest['rss_largest_mb']:.1f} MB at {_n(biggest['users'])} "
-                f"({growth:+.1f} MB; worker total {small_wut['rss_total_mb']:.1f} → "
-                f"{biggest['rss_total_mb']:.1f} MB)"
-            )
-            if growth < TARGET_RSS_GROWTH_MB:
-                text += (
-                    f": within the target; chunks of {config['batch_size']} users keep every "
-                    "message and result small."
-                )
-            else:
-                text += (
-                    ", so the memory target is missed on this path. The chunks are small; "
-                    "what grows is the worker's *main* process, by about 0.5 KB per task "
-                    "run, whatever the task. Found in separate runs of plain no-op tasks: "
-                    "40,000 of them grew the main process from 72 to 92 MB, and under "
-                    "tracemalloc 20,000 of them left 20,000 entries (about 7 MB of Python "
-                    "objects) in kombu's timer heap, its largest growth. The prefork "
-                    "pool arms a hard time-limit timer for each task (`task_time_limit = "
-                    "3600` in `celeryconfig.py`); a finished task cancels it, but a "
-                    "cancelled entry stays in the heap until its time, an hour later. Pool "
-                    "processes recycled by `worker_max_tasks_per_child` are forked from "
-                    "that bigger main process, so they start bigger too (RSS counts the "
-                    "pages they share with it). It is bounded by tasks per hour, not by N, "
-                    "and it is a setting's side effect rather than the package's: "
-                    "`celeryconfig.py` now puts time limits on the package's long tasks "
-                    "only (mint, chunk, nightly coordinator), so per-user tasks arm no "
-                    "timer; if this paragraph still shows growth, look elsewhere."
-                )
-        parts.append(text)
-    grid = [r for r in grid_rows(results) if not r["skipped"]]
-    if grid:
-        texts = []
-        for latency in sorted({r["latency"] for r in grid}):
-            pkg = [
-                r
-                for r in grid
-                if r["latency"] == latency and r["approach"].startswith("package: mint")
-            ]
-            loop = [
-                r for r in grid if r["latency"] == latency and r["approach"].startswith("plain")
-            ]
-            if not pkg or not loop:
-                continue
-            best_pkg = max(pkg, key=lambda r: r["tokens_per_s"])
-            best_loop = max(loop, key=lambda r: r["tokens_per_s"])
-            series = ", ".join(
-                f"{_n(r['tokens_per_s'])} at {r['concurrency']}"
-                for r in sorted(pkg, key=lambda r: r["concurrency"])
-            )
-            fake_peak = max(r["fake_cpu_s"] / r["wall_s"] for r in pkg + loop if r["wall_s"])
-            wut_grid = [
-                r
-                for r in grid
-                if r["latency"] == latency and r["approach"] == "package: with_user_tokens"
-            ]
-            wut_text = (
-                ", with_user_tokens at best "
-                f"{_n(max(r['tokens_per_s'] for r in wut_grid))} tokens/s"
-                if wut_grid
-                else ""
-            )
-            texts.append(
-                f"at {latency * 1000:g} ms latency the mint tasks made {series} tokens/s "
-                f"by concurrency (best {_n(best_pkg['tokens_per_s'])}, "
-                f"{best_pkg['tokens_per_s'] / (per_window / window_s * 100):.1f}× sFOX's limit), "
-                f"the plain loop at best {_n(best_loop['tokens_per_s'])}{wut_text}; the stand-in "
-                "used at "
-                f"most {fake_peak:.0%} of a core"
-            )
-        parts.append(
-            "**The ceiling.** With the rate limits off, "
-            + "; ".join(texts)
-            + ". With latency, each pool process sends about one request per round trip "
-            "plus its own CPU, so throughput grows with concurrency; without latency the "
-            f"{results['machine']['cpus']} CPUs, shared by the workers, the stand-in, Redis "
-            "and the test client, are the limit, and the package's few milliseconds of CPU "
-            "per batch (against the bare loop's) set its ceiling. The stand-in's own cost "
-            "per request was halved in this branch (its expiry is formatted once per batch); "
-            "it is a single Python process, so a share near 100% of a core would mean it is "
-            "the bottleneck."
+            f"**Held by sFOX's rate.** At {_n(largest)} users the mint tasks reached "
+            f"{_pct(bound['wall_s'] / mint['wall_s'])} of the bound's throughput and took "
+            f"{mint['wall_s'] / plain['wall_s']:.3f}× the plain loop's time: both wait on the "
+            "same window; the rest is sending tasks and reading sealed tokens back."
         )
     load = results.get("load") or {}
     if load:
         parts.append(
             "**This machine.** Load average (1 min) when each section started: "
             + ", ".join(f"{name} {values[0]:.2f}" for name, values in load.items())
-            + ". Other work on the machine (other test suites) can slow the CPU-bound "
-            "sections; CPU figures are therefore the least disturbed of several rounds."
-        )
-    if results["with_user_tokens"] != "measured":
-        parts.append(
-            f"**Pending.** {results['with_user_tokens']}, so its rows are skipped. Once it "
-            "is merged, the same command measures it (`bench.noop` is its downstream)."
+            + ". CPU figures are the least disturbed of several rounds."
         )
     return "\n\n".join(parts)
 
@@ -869,8 +575,6 @@ def markdown(results: dict[str, Any]) -> str:
         ],
         "",
     ]
-    if results["with_user_tokens"] != "measured":
-        lines += [f"*{results['with_user_tokens']}.*", ""]
     text = discussion(results) if rate_rows(results) else ""
     if text:
         lines += ["## Discussion", "", text, ""]

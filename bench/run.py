@@ -27,7 +27,6 @@ with no rate-limit waits, in a minute or two.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -231,21 +230,6 @@ def parse_args(argv: list[str] | None) -> Config:
     return config
 
 
-def with_user_tokens() -> Callable[..., Any] | None:
-    """``tasks.with_user_tokens``, or None while this checkout does not have it (issue 3)."""
-    found: Callable[..., Any] | None = getattr(
-        importlib.import_module("tasks"), "with_user_tokens", None
-    )
-    return found
-
-
-def with_user_tokens_available() -> str:
-    """Empty when ``tasks.with_user_tokens`` exists, else why it is skipped."""
-    if with_user_tokens() is None:
-        return "tasks.with_user_tokens is not in this checkout yet (issue 3)"
-    return ""
-
-
 class Bench:
     """One benchmark invocation: the parts it started and the rows it measured."""
 
@@ -258,7 +242,6 @@ class Bench:
         self.fake = FakeProcess(self.api_key, self.log_dir)
         self.rows: list[Row] = []
         self.profile: dict[str, Any] = {}
-        self.wut_skip = ""
         #: Load average (1, 5, 15 min) when each section started: the machine may be shared.
         self.load: dict[str, list[float]] = {}
 
@@ -296,7 +279,6 @@ class Bench:
         env = self.worker_env(c.rate)
         os.environ.clear()
         os.environ.update(env)
-        self.wut_skip = with_user_tokens_available()
 
     def stop(self) -> None:
         self.fake.stop()
@@ -348,9 +330,6 @@ class Bench:
     ) -> Row:
         row = Row(section, approach, users, concurrency=concurrency * self.config.workers)
         row.latency = float(self.fake.configure()["latency"])
-        if approach == APPROACH_WUT and self.wut_skip:
-            row.skipped = self.wut_skip
-            return self.record(row)
         self.reset()
         tag = uuid.uuid4().hex[:8]
         ids = [f"pkg-{tag}-{index:07d}" for index in range(users)]
@@ -406,11 +385,10 @@ class Bench:
 
     def _with_user_tokens(self, ids: list[str], tag: str, timeout: float) -> int:
         from bench.tasks import noop
+        from tasks import with_user_tokens
 
-        build = with_user_tokens()
-        assert build is not None
         counter = f"bench:noop:{tag}"
-        build(ids, noop.s(counter=counter)).apply_async()
+        with_user_tokens(ids, noop.s(counter=counter)).apply_async()
         return self._arrivals(counter, len(ids), timeout)
 
     def _celery_alone(self, users: int, tag: str, timeout: float) -> int:
@@ -576,13 +554,11 @@ class Bench:
             batch_size=c.batch_size,
         )  # fmt: skip
         self.profile["worker"] = self._profile_worker()
-        if not self.wut_skip:
-            self.profile["wut"] = self._profile_wut()
-            wut = self.profile["wut"]
-            self.log(
-                f"  with_user_tokens: {wut['psutil_ms_per_user']:.2f} ms of worker CPU per user "
-                f"({wut['users']:,} users in {wut['wall_s']:.1f} s)"
-            )
+        self.profile["wut"] = wut = self._profile_wut()
+        self.log(
+            f"  with_user_tokens: {wut['psutil_ms_per_user']:.2f} ms of worker CPU per user "
+            f"({wut['users']:,} users in {wut['wall_s']:.1f} s)"
+        )
         measured = self.profile["in_process"]["measured"]
         worker = self.profile["worker"]
         self.log(
@@ -749,7 +725,6 @@ class Bench:
                 "smoke": c.smoke,
                 "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             },
-            "with_user_tokens": self.wut_skip or "measured",
             "load": self.load,
             "rows": [row.as_json() for row in self.rows],
             "profile": self.profile,
