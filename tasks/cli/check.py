@@ -1,4 +1,4 @@
-"""Configuration sanity checks (``sfox-tokens check``): one verdict per concern.
+"""``sfox-tokens check``: configuration sanity checks, one verdict per concern.
 
 Each check reads only the piece of configuration it is about, so one bad setting
 does not hide the state of the others. None prints a secret (URLs are shown with
@@ -11,6 +11,7 @@ can prove. Any HTTP answer counts as reachable except 502, 503 and 504.
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -34,6 +35,7 @@ from tasks._settings import (
     redis_url_of,
 )
 from tasks.budget.ratelimit import scope_prefix
+from tasks.cli.common import EXIT_FAILED, EXIT_OK, UsageError
 from tasks.sealing import Sealer
 from tasks.sfox.client import http_adapter
 
@@ -74,7 +76,7 @@ def safe_url(url: str) -> str:
     return str(maybe_sanitize_url(url))
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:199] + "…"
 
@@ -103,7 +105,7 @@ def probe_broker(url: str, timeout: float = DEFAULT_CHECK_TIMEOUT) -> str | None
             with Connection(url, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call]
                 conn.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:  # any failure to connect is the answer here
-        return f"{safe_url(url)} does not answer: {_one_line(exc)}"
+        return f"{safe_url(url)} does not answer: {one_line(exc)}"
     return None
 
 
@@ -133,7 +135,7 @@ def _check_redis(name: str, url: str | None, timeout: float, *, broker: bool) ->
         client = _redis(url, timeout)
         client.ping()
     except redis.RedisError as exc:
-        return Check(name, False, f"{safe_url(url)} does not answer: {_one_line(exc)}")
+        return Check(name, False, f"{safe_url(url)} does not answer: {one_line(exc)}")
     try:
         policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown"))
     except redis.RedisError:
@@ -214,7 +216,7 @@ def _check_seal(conf: Mapping[str, Any]) -> Check:
         if sealer.unseal(sealer.seal(probe)) != probe:
             return Check("seal key", False, "a token sealed and opened came back different")
     except (SfoxError, TypeError, ValueError) as exc:
-        message = exc.message if isinstance(exc, SfoxError) else _one_line(exc)
+        message = exc.message if isinstance(exc, SfoxError) else one_line(exc)
         return Check("seal key", False, message)
     if keys:
         source = f"SFOX_TOKEN_SEAL_KEY ({len(keys)} key{'s' if len(keys) > 1 else ''})"
@@ -243,7 +245,7 @@ def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
     except redis.RedisError as exc:
         return Check(
             "rate limit", False, f"{what}; its Redis {safe_url(str(url))} does not answer: "
-            f"{_one_line(exc)}"
+            f"{one_line(exc)}"
         )  # fmt: skip
     paused = f"; a 429 pause holds {who} for {pause_ms / 1000:.0f} s more" if pause_ms > 0 else ""
     return Check(
@@ -262,3 +264,41 @@ def run_checks(
     yield _check_sfox(conf, timeout)
     yield _check_seal(conf)
     yield _check_rate(conf, timeout)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check the configuration, one line per check; exit 1 if any fails."""
+    from tasks import app
+
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be greater than 0")
+    failed = total = 0
+    for check in run_checks(app.conf, timeout=args.timeout):
+        print(check.line(), flush=True)
+        total += 1
+        failed += check.ok is False
+    print(
+        f"\n{total - failed} of {total} checks passed" if failed else f"\nall {total} checks passed"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def register(sub: Any) -> None:
+    check = sub.add_parser(
+        "check",
+        help="check the configuration: broker, backend, key, sFOX, seal key, rate limit",
+        description="Checks the configuration this host would run with, one line each: the "
+        "settings parse, the broker and result backend answer, the enterprise key is set "
+        "(never printed), sFOX answers an unauthenticated HEAD of its base URL (no key sent, "
+        "nothing minted; any status but 502, 503 or 504 means reachable), the seal key seals "
+        "and opens, the rate limit parses and its Redis answers.",
+        epilog="exit codes: 0 all checks passed, 1 a check failed, 2 bad usage",
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_CHECK_TIMEOUT,
+        metavar="SECONDS",
+        help=f"longest wait for any one answer (default {DEFAULT_CHECK_TIMEOUT:g})",
+    )
+    check.set_defaults(func=cmd_check)
