@@ -29,6 +29,8 @@ import psutil
 import redis
 import requests
 
+from tasks.testing.process import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The benchmark's Redis unless told otherwise; other engineers' tests use 14 and 15.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -151,13 +153,7 @@ class FakeProcess:
         return float(times.user + times.system)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
         if getattr(self, "_stderr", None):
             self._stderr.close()
 

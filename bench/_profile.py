@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.testing.process import stop_process
+
 #: Samples per second per process.
 SPY_RATE = 1000
 
@@ -151,13 +153,7 @@ class Spy:
             raise RuntimeError(f"py-spy exited with {self.proc.returncode}; see {log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 30, sig=signal.SIGINT)
         self._log.close()
 
 

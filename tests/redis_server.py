@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from tasks.testing.process import stop_process
 from tests.services import free_port
 
 
@@ -64,11 +65,7 @@ class PrivateRedis:
             return
         with contextlib.suppress(redis.RedisError):  # SHUTDOWN closes its own connection
             self.client().shutdown(nosave=False)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 10, already_asked=True)
 
 
 class ConnectionKiller:

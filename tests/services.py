@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.testing.process import stop_process
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
@@ -134,13 +136,7 @@ class ServiceProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout)
         if getattr(self, "_log", None):
             self._log.close()
         return self.returncode()

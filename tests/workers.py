@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.testing.process import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,13 +84,7 @@ class WorkerProcess:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout)
         if getattr(self, "_log", None):
             self._log.close()
 
