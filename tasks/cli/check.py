@@ -35,7 +35,7 @@ from tasks._settings import (
     redis_url_of,
 )
 from tasks.budget.ratelimit import scope_prefix
-from tasks.cli.common import EXIT_FAILED, EXIT_OK, UsageError
+from tasks.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_command
 from tasks.sealing import Sealer
 from tasks.sfox.client import http_adapter
 
@@ -283,17 +283,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+COMMAND_DOC = """
+``sfox-tokens check``: check the configuration: broker, backend, key, sFOX, seal key, rate limit
+
+Checks the configuration this host would run with, one line each: the settings parse,
+the broker and result backend answer, the enterprise key is set (never printed), sFOX
+answers an unauthenticated HEAD of its base URL (no key sent, nothing minted; any status
+but 502, 503 or 504 means reachable), the seal key seals and opens, the rate limit
+parses and its Redis answers.
+
+exit codes: 0 all checks passed, 1 a check failed, 2 bad usage
+"""
+
+
 def register(sub: Any) -> None:
-    check = sub.add_parser(
-        "check",
-        help="check the configuration: broker, backend, key, sFOX, seal key, rate limit",
-        description="Checks the configuration this host would run with, one line each: the "
-        "settings parse, the broker and result backend answer, the enterprise key is set "
-        "(never printed), sFOX answers an unauthenticated HEAD of its base URL (no key sent, "
-        "nothing minted; any status but 502, 503 or 504 means reachable), the seal key seals "
-        "and opens, the rate limit parses and its Redis answers.",
-        epilog="exit codes: 0 all checks passed, 1 a check failed, 2 bad usage",
-    )
+    check = add_command(sub, "check", cmd_check, COMMAND_DOC)
     check.add_argument(
         "--timeout",
         type=float,
@@ -301,4 +305,3 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help=f"longest wait for any one answer (default {DEFAULT_CHECK_TIMEOUT:g})",
     )
-    check.set_defaults(func=cmd_check)

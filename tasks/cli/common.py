@@ -7,7 +7,7 @@ import csv
 import io
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -170,3 +170,26 @@ def add_waiting_options(
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help=progress_help
     )
+
+
+def add_command(
+    sub: Any, name: str, func: Callable[[argparse.Namespace], int], doc: str | None, **options: Any
+) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` running ``func``, its texts read from ``doc``.
+
+    ``doc`` is written like a module docstring: a first line ````sfox-tokens NAME``: the
+    one-line help``, then paragraphs of description, and last an ``exit codes:`` paragraph,
+    the epilog.
+    """
+    first, _, rest = (doc or "").strip().partition("\n")
+    paragraphs = [" ".join(p.split()) for p in rest.split("\n\n") if p.strip()]
+    epilog = paragraphs.pop() if paragraphs and paragraphs[-1].startswith("exit codes:") else None
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=first.partition("``: ")[2],
+        description=" ".join(paragraphs) or None,
+        epilog=epilog,
+        **options,
+    )
+    parser.set_defaults(func=func)
+    return parser

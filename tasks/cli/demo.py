@@ -1,4 +1,9 @@
-"""``sfox-tokens demo``: the stand-in, an embedded worker and one mint, in one process."""
+"""``sfox-tokens demo``: mint tokens against a local sFOX stand-in and show the outcome
+
+Runs the main job end to end on this machine: a local sFOX stand-in, an embedded broker
+and worker (or --broker), a batch with a refused user and transient faults; prints a
+table with tokens masked.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from tasks.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
+    add_command,
     mask,
     print_table,
 )
@@ -119,13 +125,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="mint tokens against a local sFOX stand-in and show the outcome",
-        description="Runs the main job end to end on this machine: a local sFOX stand-in, "
-        "an embedded broker and worker (or --broker), a batch with a refused user and "
-        "transient faults; prints a table with tokens masked.",
-    )
+    demo = add_command(sub, "demo", cmd_demo, __doc__)
     demo.add_argument("--broker", metavar="URL", help="use this broker (a private queue on it)")
     demo.add_argument("--users", type=int, default=12, help="how many users (default 12)")
-    demo.set_defaults(func=cmd_demo)

@@ -1,4 +1,12 @@
-"""``sfox-tokens mint``: tokens for a list of users, on the workers or in this process."""
+"""``sfox-tokens mint``: mint tokens for users and show who got one
+
+Mints sFOX user auth tokens through the workers (or in this process with --local) and
+prints a table of user, expiry and outcome. Tokens are masked unless --reveal is given.
+Lists longer than --per-task are split into several mint tasks.
+
+exit codes: 0 every user got a token, 1 some did not (or the workers could not be
+reached), 2 bad usage or configuration
+"""
 
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from tasks.cli.common import (
     Outcome,
     Progress,
     UsageError,
+    add_command,
     add_waiting_options,
     mask,
     one_line,
@@ -195,15 +204,7 @@ def cmd_mint(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    mint = sub.add_parser(
-        "mint",
-        help="mint tokens for users and show who got one",
-        description="Mints sFOX user auth tokens through the workers (or in this process with "
-        "--local) and prints a table of user, expiry and outcome. Tokens are masked unless "
-        "--reveal is given. Lists longer than --per-task are split into several mint tasks.",
-        epilog="exit codes: 0 every user got a token, 1 some did not (or the workers could not "
-        "be reached), 2 bad usage or configuration",
-    )
+    mint = add_command(sub, "mint", cmd_mint, __doc__)
     mint.add_argument("user_ids", nargs="*", metavar="USER_ID", help="user IDs to mint for")
     mint.add_argument(
         "--file",
@@ -232,4 +233,3 @@ def register(sub: Any) -> None:
         progress_help=f"progress bar on stderr (default: on for over {PROGRESS_MIN_USERS} users "
         "when stderr is a terminal)",
     )
-    mint.set_defaults(func=cmd_mint)

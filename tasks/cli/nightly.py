@@ -1,4 +1,13 @@
-"""``sfox-tokens nightly``: send the nightly order run for a date and print its summary."""
+"""``sfox-tokens nightly``: run the nightly orders now and show the summary
+
+Sends sfox.run_nightly_orders to the workers for --date (default today, UTC), shows its
+progress, then its summary. A second run for a date that already ran, or is running,
+does nothing and says so. The orders file must be readable by the workers at the same
+path.
+
+exit codes: 0 every order placed (or the run was already done), 1 some orders failed or
+rows were skipped, 2 bad usage or configuration
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from tasks.cli.common import (
     POLL_INTERVAL,
     Progress,
     UsageError,
+    add_command,
     add_waiting_options,
     print_table,
 )
@@ -104,16 +114,7 @@ def print_nightly(summary: Mapping[str, Any]) -> int:
 
 
 def register(sub: Any) -> None:
-    nightly = sub.add_parser(
-        "nightly",
-        help="run the nightly orders now and show the summary",
-        description="Sends sfox.run_nightly_orders to the workers for --date (default today, "
-        "UTC), shows its progress, then its summary. A second run for a date that already "
-        "ran, or is running, does nothing and says so. The orders file must be readable by "
-        "the workers at the same path.",
-        epilog="exit codes: 0 every order placed (or the run was already done), 1 some orders "
-        "failed or rows were skipped, 2 bad usage or configuration",
-    )
+    nightly = add_command(sub, "nightly", cmd_nightly, __doc__)
     nightly.add_argument(
         "--date", metavar="YYYY-MM-DD", help="the run's date (default: today, UTC)"
     )
@@ -127,4 +128,3 @@ def register(sub: Any) -> None:
         timeout_help="stop waiting after this long (the run goes on); default 6 h",
         progress_help="progress bar on stderr (default: on when stderr is a terminal)",
     )
-    nightly.set_defaults(func=cmd_nightly)

@@ -1,4 +1,12 @@
-"""``sfox-tokens unseal``: open sealed tokens read on stdin."""
+"""``sfox-tokens unseal``: print the plaintext of sealed tokens read on stdin
+
+Reads sealed tokens on stdin, one a line, and prints each one's plaintext user auth
+token on stdout. Needs the workers' seal key (SFOX_TOKEN_SEAL_KEY, or the enterprise key
+it is derived from); a token older than SFOX_TOKEN_RESULT_TTL no longer opens.
+
+exit codes: 0 every token opened, 1 one did not (nothing is printed), 2 nothing on stdin
+or no seal key
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from typing import Any
 from tasks.cli.common import (
     EXIT_OK,
     UsageError,
+    add_command,
 )
 
 
@@ -36,14 +45,4 @@ def cmd_unseal(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    unseal = sub.add_parser(
-        "unseal",
-        help="print the plaintext of sealed tokens read on stdin",
-        description="Reads sealed tokens on stdin, one a line, and prints each one's plaintext "
-        "user auth token on stdout. Needs the workers' seal key (SFOX_TOKEN_SEAL_KEY, or "
-        "the enterprise key it is derived from); a token older than SFOX_TOKEN_RESULT_TTL "
-        "no longer opens.",
-        epilog="exit codes: 0 every token opened, 1 one did not (nothing is printed), "
-        "2 nothing on stdin or no seal key",
-    )
-    unseal.set_defaults(func=cmd_unseal)
+    add_command(sub, "unseal", cmd_unseal, __doc__)
