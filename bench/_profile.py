@@ -28,8 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.testing.process import stop_process
-
 #: Samples per second per process.
 SPY_RATE = 1000
 
@@ -68,6 +66,7 @@ def in_process(
     from tasks.budget.retry import RetryPolicy
     from tasks.minting import Minter
     from tasks.sealing import Sealer
+    from tasks.sfox.access import SfoxAccess
     from tasks.sfox.client import SfoxClient
 
     client = SfoxClient(fake_url, api_key)
@@ -75,12 +74,8 @@ def in_process(
     limiter = RedisLimiter.from_url(redis_url, Rate(10_000_000, 10.0))
     sealer = Sealer.for_keys((), api_key, 900)
     minter = Minter(
-        client,
-        limiter,
-        RetryPolicy(RetrySettings()),
-        sealer,
+        SfoxAccess(client, limiter, RetryPolicy(RetrySettings()), sealer, rate_limit_penalty=60.0),
         batch_size=batch_size,
-        rate_limit_penalty=60.0,
     )
     ids = [f"prof-{index:07d}" for index in range(users)]
     batches = [ids[i : i + batch_size] for i in range(0, users, batch_size)]
@@ -153,7 +148,13 @@ class Spy:
             raise RuntimeError(f"py-spy exited with {self.proc.returncode}; see {log}")
 
     def stop(self) -> None:
-        stop_process(self.proc, 30, sig=signal.SIGINT)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
         self._log.close()
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -33,10 +33,10 @@ from typing import Any, TypedDict
 from tasks._exceptions import InvalidUserIds, RequestRefused
 from tasks._metrics import tokens_minted, users_refused
 from tasks._settings import MAX_USER_ID_LENGTH
-from tasks.budget.ratelimit import Limiter, LimiterWait
-from tasks.budget.retry import Budget, Defer, RetryPolicy
-from tasks.sealing import Sealer
-from tasks.sfox.client import IssuedToken, SfoxClient
+from tasks.budget.ratelimit import LimiterWait
+from tasks.budget.retry import Budget, Defer
+from tasks.sfox.access import SfoxAccess
+from tasks.sfox.client import IssuedToken
 
 __all__ = [
     "Deferred",
@@ -215,31 +215,17 @@ class Minter:
     of its own that end with the call.
     """
 
-    def __init__(
-        self,
-        client: SfoxClient,
-        limiter: Limiter,
-        policy: RetryPolicy,
-        sealer: Sealer,
-        *,
-        batch_size: int,
-        rate_limit_penalty: float,
-        concurrency: int = 1,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, access: SfoxAccess, *, batch_size: int, concurrency: int = 1) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        self.client = client
-        self.limiter = limiter
-        self.policy = policy
-        self.sealer = sealer
+        self.client, self.limiter = access.client, access.limiter
+        self.policy, self.sealer = access.policy, access.sealer
         self.batch_size = batch_size
         #: Requests in flight at once; 1 sends batches one after another on the caller's thread.
         self.concurrency = concurrency
-        self.rate_limit_penalty = rate_limit_penalty
-        self._sleep = sleep
-        self._clock = clock
+        self.rate_limit_penalty = access.rate_limit_penalty
+        self._sleep = access.sleep
+        self._clock = access.clock
 
     def mint(self, user_ids: Sequence[str], state: dict[str, Any] | None = None) -> MintResult:
         """Mint every ID in ``user_ids`` (already validated and distinct).

@@ -18,6 +18,7 @@ from tasks.budget.ratelimit import LocalLimiter, RedisLimiter
 from tasks.budget.retry import RetryPolicy
 from tasks.minting import Deferred, Minter, _Progress, validate_user_ids
 from tasks.sealing import Sealer
+from tasks.sfox.access import SfoxAccess
 from tasks.sfox.client import SfoxClient, Timeouts
 from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY, REDIS_URL
@@ -55,17 +56,16 @@ def make_minter(fake, sleeps, sealer, *, limiter=None, batch_size=100, concurren
     retry.setdefault("wait_initial", 0.01)
     retry.setdefault("wait_max", 0.05)
     client = SfoxClient(fake.url, ENTERPRISE_KEY, timeouts=Timeouts(connect=0.5, read=0.5))
-    return Minter(
+    access = SfoxAccess(
         client,
         limiter or LocalLimiter(Rate(1000, 1.0), clock=sleeps.clock),
         RetryPolicy(RetrySettings(**retry), sleep=sleeps, clock=sleeps.clock),
         sealer,
-        batch_size=batch_size,
         rate_limit_penalty=60.0,
-        concurrency=concurrency,
         sleep=sleeps,
         clock=sleeps.clock,
     )
+    return Minter(access, batch_size=batch_size, concurrency=concurrency)
 
 
 def token_requests(fake) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,10 +29,9 @@ from tasks._exceptions import (
 )
 from tasks._metrics import token_reminted
 from tasks._settings import Rate
-from tasks.budget.ratelimit import Limiter, held
-from tasks.budget.retry import Budget, RetryPolicy
-from tasks.sealing import Sealer
-from tasks.sfox.client import SfoxClient
+from tasks.budget.ratelimit import held
+from tasks.budget.retry import Budget
+from tasks.sfox.access import SfoxAccess
 
 __all__ = ["ACCOUNT_RATE", "OrderOutcome", "OrderPlacer", "is_duplicate_rejection"]
 
@@ -82,24 +80,13 @@ class OrderPlacer:
     """Places orders for users with their own tokens."""
 
     def __init__(
-        self,
-        client: SfoxClient,
-        limiter: Limiter,
-        policy: RetryPolicy,
-        sealer: Sealer,
-        *,
-        rate_limit_penalty: float,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time,
-        on_remint: Callable[[str], None] = lambda _user: None,
+        self, access: SfoxAccess, *, on_remint: Callable[[str], None] = lambda _user: None
     ) -> None:
-        self.client = client
-        self.limiter = limiter
-        self.policy = policy
-        self.sealer = sealer
-        self.rate_limit_penalty = rate_limit_penalty
-        self._sleep = sleep
-        self._clock = clock
+        self.client, self.limiter = access.client, access.limiter
+        self.policy, self.sealer = access.policy, access.sealer
+        self.rate_limit_penalty = access.rate_limit_penalty
+        self._sleep = access.sleep
+        self._clock = access.clock
         self._on_remint = on_remint
 
     def place(self, holder: TokenHolder, side: str, body: dict[str, Any]) -> OrderOutcome:

@@ -22,6 +22,7 @@ from tasks.budget.ratelimit import Limiter, limiter_for
 from tasks.budget.retry import RetryPolicy
 from tasks.minting import Minter
 from tasks.sealing import Sealer
+from tasks.sfox.access import SfoxAccess
 from tasks.sfox.client import SfoxClient, Timeouts
 from tasks.sfox.orders import OrderPlacer
 from tasks.worker.app import app, package_conf
@@ -93,29 +94,27 @@ class Runtime:
             turn=self.settings.task_turn if turn else None,
         )
 
-    def minter(self, *, turn: bool = True) -> Minter:
-        """A minter for one task run: it starts no request after the run's turn."""
-        return Minter(
+    def access(self, *, turn: bool) -> SfoxAccess:
+        """This process's client, limiter and sealer, with a retry policy for one task run."""
+        return SfoxAccess(
             self.client,
             self.limiter,
             self.policy(turn=turn),
             self.sealer,
-            batch_size=self.settings.batch_size,
-            concurrency=self.settings.mint_concurrency,
             rate_limit_penalty=self.settings.rate_limit_penalty,
             sleep=self.sleep,
         )
 
-    def placer(self, on_remint: Callable[[str], None]) -> OrderPlacer:
-        return OrderPlacer(
-            self.client,
-            self.limiter,
-            self.policy(turn=True),
-            self.sealer,
-            rate_limit_penalty=self.settings.rate_limit_penalty,
-            sleep=self.sleep,
-            on_remint=on_remint,
+    def minter(self, *, turn: bool = True) -> Minter:
+        """A minter for one task run: it starts no request after the run's turn."""
+        return Minter(
+            self.access(turn=turn),
+            batch_size=self.settings.batch_size,
+            concurrency=self.settings.mint_concurrency,
         )
+
+    def placer(self, on_remint: Callable[[str], None]) -> OrderPlacer:
+        return OrderPlacer(self.access(turn=True), on_remint=on_remint)
 
     def close(self) -> None:
         with self._lock:

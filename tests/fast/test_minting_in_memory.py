@@ -8,6 +8,7 @@ from tasks.budget.ratelimit import LocalLimiter
 from tasks.budget.retry import RetryPolicy
 from tasks.minting import Minter
 from tasks.sealing import Sealer, derive_seal_key
+from tasks.sfox.access import SfoxAccess
 from tasks.sfox.client import IssuedToken, Timeouts
 
 
@@ -39,15 +40,15 @@ class StubSfox:
 
 def minter(stub, *, batch_size=2):
     sealer = Sealer([derive_seal_key("ek")], 900)
-    return Minter(
+    access = SfoxAccess(
         stub,
         LocalLimiter(Rate.parse("1000/1s")),
         RetryPolicy(RetrySettings(wait_initial=0.0), sleep=lambda s: None, jitter=lambda a, b: 0),
         sealer,
-        batch_size=batch_size,
         rate_limit_penalty=0.0,
         sleep=lambda s: None,
-    ), sealer
+    )
+    return Minter(access, batch_size=batch_size), sealer
 
 
 def test_every_user_gets_a_sealed_token_in_the_order_given():
