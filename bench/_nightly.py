@@ -191,13 +191,7 @@ def run_nightly_plain(bench: Bench, users: int, orders: Path) -> Row:
 
 
 def section_nightly(bench: Bench) -> None:
-    c = bench.config
-    bench.log(
-        f"the nightly run: one order per user, stand-in latency {c.latency * 1000:g} ms, "
-        f"sFOX rule {c.sfox_limit or 'off'}/{c.sfox_window:g}s, package {c.rate}, "
-        f"{c.workers} worker(s) x {c.concurrency}"
-    )
-    bench.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
+    c = bench.begin_section("the nightly run, one order per user")
     for index, users in enumerate(c.nightly_sizes):
         tag = uuid.uuid4().hex[:8]
         orders = bench.out_dir / f"nightly-orders-{users}.csv"
@@ -281,12 +275,10 @@ def run_egress(bench: Bench, addresses: int, *, shared: bool) -> Row:
 
 def section_egress(bench: Bench) -> None:
     c = bench.config
-    bench.log(
-        f"budgets per egress address: {c.egress_requests} requests of {c.egress_batch} users "
-        f"per address, sFOX rule {c.sfox_limit or 'off'}/{c.sfox_window:g}s per address, "
-        f"package {c.rate} per scope"
+    c = bench.begin_section(
+        f"budgets per egress address ({c.egress_requests} requests of {c.egress_batch} users "
+        "each; sFOX's rule per address, the package's rate per scope)"
     )
-    bench.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
     for addresses in c.egress_counts:
         run_egress(bench, addresses, shared=False)
     if max(c.egress_counts, default=1) > 1:

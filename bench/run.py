@@ -38,7 +38,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,10 @@ def plain_approach(threads: int) -> str:
 
 APPROACH_NAIVE = "naive, 1 request per user"
 APPROACH_BOUND = "bound"
+
+
+#: Config fields given as comma-separated whole numbers.
+_INT_LISTS = ("sizes", "grid_concurrency", "nightly_sizes", "egress_counts")
 
 
 @dataclass
@@ -180,36 +184,18 @@ def parse_args(argv: list[str] | None) -> Config:
     add("--out", type=Path, default=None, help="where RESULTS.md and chart.png go (bench/)")
     add("--smoke", action="store_true", help="tiny N, no rate-limit waits, < 60 s")
     args = parser.parse_args(argv)
-    config = Config(
-        sizes=_ints(args.sizes),
-        workers=args.workers,
-        concurrency=args.concurrency,
-        latency=args.latency,
-        rate=args.rate,
-        sfox_limit=args.sfox_limit or None,
-        sfox_window=args.sfox_window,
-        sfox_penalty=args.sfox_penalty,
-        batch_size=args.batch_size,
-        max_user_ids=args.max_user_ids,
-        naive_max=args.naive_max,
-        grid_concurrency=_ints(args.grid_concurrency),
-        grid_latency=_floats(args.grid_latency),
-        grid_users=args.grid_users,
-        grid_chunk=args.grid_chunk,
-        grid_wut_users=args.grid_wut_users,
-        profile_users=args.profile_users,
-        profile_wut_users=args.profile_wut_users,
-        nightly_sizes=_ints(args.nightly_sizes),
-        egress_counts=_ints(args.egress_counts),
-        egress_requests=args.egress_requests,
-        egress_batch=args.egress_batch,
-        egress_chunk=args.egress_chunk,
-        egress_concurrency=args.egress_concurrency,
-        sections=[s.strip() for s in args.sections.split(",") if s.strip()],
-        redis_url=args.redis_url,
-        out=args.out or (ROOT / "bench" / ("out/smoke" if args.smoke else "")),
-        smoke=args.smoke,
-    )
+    # Each Config field comes from the option of the same name; these few are parsed.
+    parsed: dict[str, Any] = {
+        **{name: _ints(getattr(args, name)) for name in _INT_LISTS},
+        "grid_latency": _floats(args.grid_latency),
+        "sfox_limit": args.sfox_limit or None,
+        "sections": [s.strip() for s in args.sections.split(",") if s.strip()],
+        "out": args.out or (ROOT / "bench" / ("out/smoke" if args.smoke else "")),
+    }
+    given: dict[str, Any] = {
+        f.name: parsed.get(f.name, getattr(args, f.name, None)) for f in fields(Config)
+    }
+    config = Config(**given)
     if config.smoke:
         config.sizes = [200, 500]
         config.concurrency = min(config.concurrency, 2)
@@ -464,14 +450,19 @@ class Bench:
 
     # -- the sections ----------------------------------------------------------------
 
-    def section_rate(self) -> None:
+    def begin_section(self, what: str) -> Config:
+        """Log what a section measures under which limits; set the stand-in to them."""
         c = self.config
         self.log(
-            f"at the rate limit: stand-in latency {c.latency * 1000:g} ms, sFOX rule "
+            f"{what}: stand-in latency {c.latency * 1000:g} ms, sFOX rule "
             f"{c.sfox_limit or 'off'}/{c.sfox_window:g}s, package {c.rate}, "
             f"{c.workers} worker(s) x {c.concurrency}"
         )
         self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
+        return c
+
+    def section_rate(self) -> None:
+        c = self.begin_section("at the rate limit")
         plain = plain_approach(c.threads)
         for users in c.sizes:
             self.run_package(

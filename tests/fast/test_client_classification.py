@@ -7,15 +7,7 @@ import json
 import pytest
 import requests
 
-from tasks import (
-    AuthenticationError,
-    MalformedResponse,
-    PermanentError,
-    RateLimited,
-    RequestRefused,
-    ServerError,
-    TokenRejected,
-)
+import tasks
 from tasks.sfox.client import SfoxClient, parse_retry_after
 
 KEY = "ek-secret"
@@ -43,13 +35,13 @@ def test_a_2xx_object_is_the_body(client):
 @pytest.mark.parametrize("body", [None, [1, 2]])
 def test_a_2xx_that_is_not_an_object_is_malformed(client, body):
     """Not JSON, or not an object: transient, so retried."""
-    with pytest.raises(MalformedResponse):
+    with pytest.raises(tasks.MalformedResponse):
         client._classify(answer(200, body), "token")
 
 
 def test_429_is_rate_limited_with_its_retry_after(client):
     """A 429 carries Retry-After seconds to the shared pause."""
-    with pytest.raises(RateLimited) as info:
+    with pytest.raises(tasks.RateLimited) as info:
         client._classify(answer(429, {"error": "slow"}, {"Retry-After": "7"}), "token")
     assert info.value.retry_after == 7
 
@@ -57,36 +49,36 @@ def test_429_is_rate_limited_with_its_retry_after(client):
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_server_errors_are_transient(client, status):
     """5xx answers are retried."""
-    with pytest.raises(ServerError):
+    with pytest.raises(tasks.ServerError):
         client._classify(answer(status, {"error": "down"}), "token")
 
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_401_and_403_blame_the_key_or_the_user_token(client, status):
     """To the enterprise key: fix the key; to a user token: mint that user a new one."""
-    with pytest.raises(AuthenticationError):
+    with pytest.raises(tasks.AuthenticationError):
         client._classify(answer(status, {"error": "no"}), "token")
-    with pytest.raises(TokenRejected):
+    with pytest.raises(tasks.TokenRejected):
         client._classify(answer(status, {"error": "no"}), "order", user_token=True)
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
 def test_refusals_keep_sfoxs_error_text(client, status):
     """400/404/422 may be one user's fault: the error text travels with it."""
-    with pytest.raises(RequestRefused) as info:
+    with pytest.raises(tasks.RequestRefused) as info:
         client._classify(answer(status, {"error": "user not found"}), "token")
     assert info.value.error == "user not found"
 
 
 def test_a_redirect_is_permanent(client):
     """A 3xx means SFOX_API_URL points at the wrong place."""
-    with pytest.raises(PermanentError, match="SFOX_API_URL"):
+    with pytest.raises(tasks.PermanentError, match="SFOX_API_URL"):
         client._classify(answer(302, {}), "token")
 
 
 def test_the_key_never_reaches_a_message(client):
     """An error text echoing the enterprise key is scrubbed."""
-    with pytest.raises(RequestRefused) as info:
+    with pytest.raises(tasks.RequestRefused) as info:
         client._classify(answer(400, {"error": f"bad key {KEY}"}), "token")
     assert KEY not in str(info.value)
 
