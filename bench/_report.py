@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _report_nightly
+from bench._report_nightly import _n, _s, section_rows
 
 APPROACH_ORDER = (
     "package: with_user_tokens",
@@ -36,20 +37,12 @@ def _order(approach: str) -> tuple[int, str]:
     return len(APPROACH_ORDER), approach
 
 
-def _n(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def _s(value: float) -> str:
-    return f"{value:,.2f}" if value < 100 else f"{value:,.1f}"
-
-
 def rate_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in results["rows"] if r["section"] == "rate"]
+    return section_rows(results, "rate")
 
 
 def grid_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in results["rows"] if r["section"] == "grid"]
+    return section_rows(results, "grid")
 
 
 def _find(rows: Iterable[dict[str, Any]], prefix: str, users: int) -> dict[str, Any] | None:

@@ -13,19 +13,26 @@ SCALING_SHARE = 0.9
 
 
 def _n(value: float) -> str:
+    """A count, with thousands separators."""
     return f"{value:,.0f}"
 
 
 def _s(value: float) -> str:
+    """Seconds, with two decimals under 100 and one above."""
     return f"{value:,.2f}" if value < 100 else f"{value:,.1f}"
 
 
+def section_rows(results: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    """The rows one section of the run measured."""
+    return [r for r in results["rows"] if r["section"] == section]
+
+
 def nightly_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in results["rows"] if r["section"] == "nightly"]
+    return section_rows(results, "nightly")
 
 
 def egress_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in results["rows"] if r["section"] == "egress"]
+    return section_rows(results, "egress")
 
 
 def _pick(rows: Iterable[dict[str, Any]], prefix: str, users: int) -> dict[str, Any] | None:
