@@ -45,6 +45,7 @@ from kombu.entity import Exchange, Queue
 from tasks._app import app
 from tasks._base import SfoxTask
 from tasks._exceptions import InvalidUserIds
+from tasks._kombu import ONCE_HEADER
 from tasks._mint import MintResult, validate_user_ids
 from tasks._redis import script as script_for
 from tasks._runtime import get_runtime
@@ -633,7 +634,10 @@ def send_downstream(
     done = _done_signature(run_id, user_id)
     sig.link(done)
     sig.link_error(done)
-    sig.set(headers={DONE_HEADER: [run_id, user_id]}, **route)
+    # ONCE_HEADER: a copy of this user's task sent by a chunk task that ran again (its
+    # worker died, or Redis dropped the line before it noted its progress) is dropped by
+    # the package's transport, if another task of this user was handed over first.
+    sig.set(headers={DONE_HEADER: [run_id, user_id], ONCE_HEADER: f"{run_id}:{user_id}"}, **route)
     sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
 
 

@@ -20,6 +20,27 @@ Redis is down at that moment (a restart), the messages it could not put back
 are put back by the worker's next restore sweep once Redis answers, not left
 for the visibility timeout.
 
+Kombu takes a message off its queue with ``BRPOP`` and records it as
+unacknowledged with a second command. A connection that drops between the two,
+or while ``BRPOP``'s answer is on its way, loses the message: Redis has popped
+it, and no one holds it. This channel takes a message with one Lua script
+(:data:`TAKE`) that pops it and records it in the same step, and notes in a
+small per-consumer inbox which message it handed over. When the answer is lost
+on the way, the next take hands the same message over again. When nothing is
+waiting, the channel waits with ``BLMOVE q q RIGHT RIGHT``, which blocks like
+``BRPOP`` but leaves the message where it is.
+
+Kombu also publishes a message again when Redis dropped the connection before
+answering the first ``LPUSH``, which may have landed: the task would then run
+twice. The take script remembers each message it hands over, by a hash of its
+content less its delivery tag, for :data:`SEEN_TTL` seconds, and drops another
+delivery of the same content. A message put back after a crash keeps its
+delivery tag, so it is handed over again as it should; a task's retry is a new
+message (its retry count goes up). And a message may name, in its
+:data:`ONCE_HEADER` header, a piece of work that must run as one task: a
+``with_user_tokens`` downstream task names its run and user, so that a chunk
+task that ran twice cannot run a user's task twice.
+
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
 ``rediss://``); URLs, and what Flower reads from them, stay as they are.
@@ -27,15 +48,111 @@ picks this transport wherever kombu would pick its Redis one (``redis://``,
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import uuid
+from queue import Empty
+from time import monotonic, time
 from typing import Any
 
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import loads
+from redis.exceptions import NoScriptError, ResponseError
 
 from tasks._redis import STORE_ERRORS
 
-__all__ = ["AMQP", "Channel", "Connection", "QoS", "Transport"]
+__all__ = ["AMQP", "ONCE_HEADER", "SEEN_TTL", "TAKE", "Channel", "Connection", "QoS", "Transport"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a handed-over message is remembered (by a hash of its content, less its
+#: delivery tag), to drop a second delivery of it that a retried publish made. Such a
+#: copy lands right behind the first.
+SEEN_TTL = 900
+#: Seconds a consumer's inbox (the message it was last handed) outlives its last take.
+INBOX_TTL = 3600
+#: A message header naming a piece of work that must run as one task: the first task
+#: id handed over for it holds it for ONCE_TTL seconds, and a message of another task id
+#: for it is dropped. Its retries, its replacement and its redeliveries keep its id.
+ONCE_HEADER = "sfox_once"
+ONCE_TTL = 86400
+
+#: Pop the first message of KEYS[4..] and record it as unacknowledged, in one step.
+#: KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
+#: ARGV[1] now, ARGV[2] tag of the message last received through this inbox ("" none),
+#: ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL,
+#: ARGV[6] ONCE_HEADER, ARGV[7] prefix of its keys, ARGV[8] ONCE_TTL.
+#: Returns nil (nothing waiting), or {queue key, message, tag, copies dropped, again}:
+#: ``again`` is 1 when this is the message of a take whose answer never arrived, and
+#: then ``message`` is its unacked record ``[message, exchange, routing key]``.
+TAKE = """
+local prev = redis.call('HGET', KEYS[3], 'tag')
+if prev and prev ~= ARGV[2] then
+  local record = redis.call('HGET', KEYS[1], prev)
+  if record then
+    return {redis.call('HGET', KEYS[3], 'key'), record, prev, 0, 1}
+  end
+end
+local dropped = 0
+for i = 4, #KEYS do
+  while true do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local ok, msg = pcall(cjson.decode, item)
+    local props = ok and type(msg) == 'table' and msg['properties']
+    local tag = type(props) == 'table' and props['delivery_tag']
+    if type(tag) ~= 'string' then
+      redis.call('DEL', KEYS[3])
+      return {KEYS[i], item, false, dropped, 0}
+    end
+    local fresh = true
+    local at = string.find(item, tag, 1, true)
+    local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
+    local first = redis.call('GET', seen)
+    if not first then
+      redis.call('SET', seen, tag, 'EX', ARGV[4])
+    elseif first ~= tag then
+      fresh = false
+    end
+    local headers = msg['headers']
+    if fresh and type(headers) == 'table' and type(headers['id']) == 'string'
+        and type(headers[ARGV[6]]) == 'string' then
+      local once = ARGV[7] .. headers[ARGV[6]]
+      local holder = redis.call('GET', once)
+      if not holder then
+        redis.call('SET', once, headers['id'], 'EX', ARGV[8])
+      elseif holder ~= headers['id'] then
+        fresh = false
+      end
+    end
+    if not fresh then dropped = dropped + 1 end
+    if fresh then
+      local info = props['delivery_info']
+      if type(info) ~= 'table' then info = {} end
+      local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
+        .. cjson.encode(info['routing_key'] or '') .. ']'
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('HSET', KEYS[1], tag, record)
+      redis.call('HSET', KEYS[3], 'tag', tag, 'key', KEYS[i])
+      redis.call('EXPIRE', KEYS[3], ARGV[5])
+      return {KEYS[i], item, tag, dropped, 0}
+    end
+  end
+end
+redis.call('DEL', KEYS[3])
+if dropped > 0 then return {false, false, false, dropped, 0} end
+return nil
+"""
+_TAKE_SHA = hashlib.sha1(TAKE.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
+
+#: This process's consumers, told apart from other processes' by their inboxes.
+_PROCESS = uuid.uuid4().hex
+#: Per inbox: the tag of the last message this process received through it.
+_last_received: dict[str, str] = {}
 
 
 def _written_to_a_process(request: Any) -> bool:
@@ -76,6 +193,14 @@ _unrestored: set[Any] = set()
 class QoS(kombu_redis.QoS):
     """Kombu's Redis ack emulation, leaving running tasks' messages to their own ack."""
 
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        taken = getattr(self.channel, "_taken", None)
+        if taken is not None and delivery_tag in taken:
+            taken.discard(delivery_tag)  # the take script has recorded it already
+            virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+        else:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+
     def restore_unacked(self, client: Any = None) -> None:
         running = _running_tags()
         waiting = [tag for tag in self._delivered if tag not in running]
@@ -99,9 +224,154 @@ class QoS(kombu_redis.QoS):
             pass  # Redis is away: the next restore sweep tries again
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _sync_client: Any = None
+    #: What the consuming connection's pending command is: "TAKE", "WAIT" or None (BRPOP).
+    _pending: str | None = None
+    #: Whether the next poll waits for a message (the last take found none).
+    _waiting = False
+    _wait_turn = 0
+    #: How to wait: BLMOVE (Redis >= 6.2), or BLPOP on a key no one fills.
+    _wait_command = "BLMOVE"
+    #: Whether Redis has the take script cached (EVALSHA), as far as this channel knows.
+    _take_cached = True
+    _inbox_key = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        #: Tags the take script recorded as unacked, not yet appended to the QoS.
+        self._taken: set[str] = set()
+
+    def _key(self, queue: str, pri: int) -> str:
+        return str(self._q_for_pri(queue, pri))  # type: ignore[no-untyped-call]
+
+    def _takes_atomically(self) -> bool:
+        """Whether this channel takes with :data:`TAKE`; else it is kombu's own."""
+        return bool(self.ack_emulation) and not self.global_keyprefix
+
+    def _take_keys(self, queues: list[str]) -> tuple[list[str], list[Any]]:
+        keys = [self._key(queue, pri) for pri in self.priority_steps for queue in queues]
+        digest = hashlib.sha1("\0".join(sorted(keys)).encode()).hexdigest()[:16]  # noqa: S324
+        inbox = f"sfox:inbox:{_PROCESS}:{os.getpid()}:{digest}"
+        self._inbox_key = inbox
+        args = [
+            time(),
+            _last_received.get(inbox, ""),
+            "sfox:seen:",
+            SEEN_TTL,
+            INBOX_TTL,
+            ONCE_HEADER,
+            "sfox:once:",
+            ONCE_TTL,
+        ]
+        return [self.unacked_key, self.unacked_index_key, inbox, *keys], args
+
+    def _taken_payload(self, reply: Any, inbox: str) -> tuple[Any, str] | None:
+        """The payload and queue of a take's answer; None when it handed nothing over."""
+        if reply is None:
+            _last_received[inbox] = ""
+            return None
+        key, item, tag, dropped, again = reply
+        if dropped:
+            logger.info(
+                "dropped %d second delivery(ies) of a message whose publish was retried",
+                dropped,
+            )
+        if key is None:
+            _last_received[inbox] = ""
+            return None
+        tag = _text(tag) if tag is not None else ""
+        _last_received[inbox] = tag
+        payload = loads(_text(item))  # type: ignore[no-untyped-call]
+        if again:
+            payload = payload[0]  # its unacked record: [message, exchange, routing key]
+        if tag:
+            self._taken.add(tag)
+        return payload, _text(key).rsplit(self.sep, 1)[0]
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if not self._takes_atomically():
+            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
+            return None
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        if self._waiting:
+            self._pending = "WAIT"
+            self._wait_turn += 1
+            key = self._key(queues[self._wait_turn % len(queues)], 0)
+            if self._wait_command == "BLMOVE":
+                connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
+            else:
+                connection.send_command("BLPOP", f"{self._inbox_key}:idle", timeout or 1)
+            return None
+        self._pending = "TAKE"
+        keys, args = self._take_keys(queues)
+        if self._take_cached:
+            connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
+        else:
+            connection.send_command("EVAL", TAKE, len(keys), *keys, *args)
+        return None
+
+    def _brpop_read(self, **options: Any) -> Any:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+        inbox = self._inbox_key
+        try:
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "EVALSHA" if pending == "TAKE" else "BLMOVE", **options
+                )
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:
+                self._take_cached = False  # Redis lost it (a restart); EVAL caches it again
+                raise Empty() from None
+            except ResponseError:
+                if pending != "WAIT" or self._wait_command != "BLMOVE":
+                    raise
+                self._wait_command = "BLPOP"  # Redis before 6.2
+                raise Empty() from None
+            if pending == "WAIT":
+                self._waiting = False
+                raise Empty()
+            self._take_cached = True
+            taken = self._taken_payload(reply, inbox)
+            if taken is None:
+                self._waiting = reply is None
+                raise Empty()
+            payload, queue = taken
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        if not self._takes_atomically():
+            return super()._get(queue)  # type: ignore[no-untyped-call]
+        keys, args = self._take_keys([queue])
+        with self.conn_or_acquire() as client:
+            reply = client.eval(TAKE, len(keys), *keys, *args)
+        taken = self._taken_payload(reply, keys[2])
+        if taken is None:
+            raise Empty()
+        return taken[0]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
