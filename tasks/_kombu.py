@@ -18,7 +18,10 @@ until the task ends and acknowledges it, or, if its worker dies instead, until
 the visibility timeout hands it to another worker, as for any crash. And when
 Redis is down at that moment (a restart), the messages it could not put back
 are put back by the worker's next restore sweep once Redis answers, not left
-for the visibility timeout.
+for the visibility timeout. An acknowledgement that Redis was not there to take
+still ends the message here (its record is removed at the next sweep): left
+among the delivered, it would be put back when the channel closes, and its
+task, which has ended, would run again.
 
 Kombu takes a message off its queue with ``BRPOP`` and records it as
 unacknowledged with a second command. A connection that drops between the two,
@@ -30,16 +33,17 @@ on the way, the next take hands the same message over again. When nothing is
 waiting, the channel waits with ``BLMOVE q q RIGHT RIGHT``, which blocks like
 ``BRPOP`` but leaves the message where it is.
 
-Kombu also publishes a message again when Redis dropped the connection before
-answering the first ``LPUSH``, which may have landed: the task would then run
-twice. The take script remembers each message it hands over, by a hash of its
-content less its delivery tag, for :data:`SEEN_TTL` seconds, and drops another
-delivery of the same content. A message put back after a crash keeps its
-delivery tag, so it is handed over again as it should; a task's retry is a new
-message (its retry count goes up). And a message may name, in its
-:data:`ONCE_HEADER` header, a piece of work that must run as one task: a
-``with_user_tokens`` downstream task names its run and user, so that a chunk
-task that ran twice cannot run a user's task twice.
+A publish whose answer a dropped connection cut is sent again, by redis-py
+(the same bytes) or by kombu (a new delivery tag), and the first may have
+landed: the task would run twice. The take script remembers each message it
+hands over, by a hash of its content less its delivery tag, for
+:data:`SEEN_TTL` seconds, and drops another delivery of the same content. A
+message this channel puts back (after a crash, a lost connection, a reject)
+gets a header of its own (:data:`RESTORE_HEADER`), so each return is handed
+over again; a task's retry is a new message (its retry count goes up). And a
+message may name, in its :data:`ONCE_HEADER` header, a piece of work that must
+run as one task: a ``with_user_tokens`` downstream task names its run and user,
+so that a chunk task that ran twice cannot run a user's task twice.
 
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
@@ -65,7 +69,17 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from tasks._redis import STORE_ERRORS
 
-__all__ = ["AMQP", "ONCE_HEADER", "SEEN_TTL", "TAKE", "Channel", "Connection", "QoS", "Transport"]
+__all__ = [
+    "AMQP",
+    "ONCE_HEADER",
+    "RESTORE_HEADER",
+    "SEEN_TTL",
+    "TAKE",
+    "Channel",
+    "Connection",
+    "QoS",
+    "Transport",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +94,8 @@ INBOX_TTL = 3600
 #: for it is dropped. Its retries, its replacement and its redeliveries keep its id.
 ONCE_HEADER = "sfox_once"
 ONCE_TTL = 86400
+#: A header each message put back gets a new value of, telling it from the first delivery.
+RESTORE_HEADER = "sfox_restore"
 
 #: Pop the first message of KEYS[4..] and record it as unacknowledged, in one step.
 #: KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
@@ -112,12 +128,7 @@ for i = 4, #KEYS do
     local fresh = true
     local at = string.find(item, tag, 1, true)
     local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
-    local first = redis.call('GET', seen)
-    if not first then
-      redis.call('SET', seen, tag, 'EX', ARGV[4])
-    elseif first ~= tag then
-      fresh = false
-    end
+    if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then fresh = false end
     local headers = msg['headers']
     if fresh and type(headers) == 'table' and type(headers['id']) == 'string'
         and type(headers[ARGV[6]]) == 'string' then
@@ -188,6 +199,8 @@ def _running_tags() -> set[Any]:
 
 #: Tags of messages a closing channel could not put back (Redis was down): put back later.
 _unrestored: set[Any] = set()
+#: Tags of messages acknowledged while Redis was away: their records are removed later.
+_unremoved: set[Any] = set()
 
 
 class QoS(kombu_redis.QoS):
@@ -201,6 +214,21 @@ class QoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
 
+    def ack(self, delivery_tag: Any) -> None:
+        """Acknowledge; if Redis is away, the message is still done, and its record goes later.
+
+        Left among the delivered, a message whose ack failed would be put back
+        when the channel closes, and its task, which has ended, would run again.
+        """
+        if getattr(self.channel.connection, "client", None) is None:
+            _unremoved.add(delivery_tag)  # its channel closed while the task ran
+        else:
+            try:
+                self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+            except STORE_ERRORS:
+                _unremoved.add(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
     def restore_unacked(self, client: Any = None) -> None:
         running = _running_tags()
         waiting = [tag for tag in self._delivered if tag not in running]
@@ -209,14 +237,21 @@ class QoS(kombu_redis.QoS):
         self._restore(client)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
-        if _unrestored:
+        if _unrestored or _unremoved:
             self._restore(None)
         return super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def _restore(self, client: Any) -> None:
         """Put back what is owed; a tag already acked or put back is a no-op."""
+        if not (_unrestored or _unremoved):
+            return
+        if client is None and getattr(self.channel.connection, "client", None) is None:
+            return  # closed with its connection: the next channel's sweep does it
         try:
             with self.channel.conn_or_acquire(client) as conn:
+                for tag in list(_unremoved):
+                    self._remove_from_indices(tag, conn.pipeline()).execute()  # type: ignore[no-untyped-call]
+                    _unremoved.discard(tag)
                 for tag in list(_unrestored):
                     self.restore_by_tag(tag, client=conn)  # type: ignore[no-untyped-call]
                     _unrestored.discard(tag)
@@ -293,6 +328,16 @@ class Channel(kombu_redis.Channel):
         if tag:
             self._taken.add(tag)
         return payload, _text(key).rsplit(self.sep, 1)[0]
+
+    def _do_restore_message(
+        self, payload: Any, exchange: Any, routing_key: Any, pipe: Any, leftmost: bool = False
+    ) -> None:
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        if isinstance(headers, dict):
+            headers[RESTORE_HEADER] = uuid.uuid4().hex  # not a copy: hand it over again
+        super()._do_restore_message(  # type: ignore[no-untyped-call]
+            payload, exchange, routing_key, pipe, leftmost
+        )
 
     def _brpop_start(self, timeout: Any = None) -> None:
         if not self._takes_atomically():

@@ -214,3 +214,19 @@ def test_work_named_once_runs_as_one_task(take_queue, redis_client):
         queue.get(timeout=0.5)
     for m in got:
         m.ack()
+
+
+def test_the_same_bytes_pushed_twice_run_once_and_each_return_runs(take_queue, redis_client):
+    """redis-py resending an LPUSH (same tag) is one message; each requeue is handed over."""
+    conn, queue = take_queue
+    celery_like(conn, "task-d")
+    raw = redis_client.lindex(QUEUE, 0)
+    redis_client.lpush(QUEUE, raw)  # the resent LPUSH whose first answer was lost
+    message = queue.get(timeout=5)
+    for _ in range(2):  # put back twice (two lost connections): handed over both times
+        message.requeue()
+        message = queue.get(timeout=5)
+        assert message.headers["id"] == "task-d"
+    message.ack()
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)

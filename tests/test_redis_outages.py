@@ -20,6 +20,7 @@ import pytest
 from tasks import with_user_tokens
 from tasks._jit import JitRun
 from tasks._redis import redis_client
+from tests.downstream_runs import task_ids_by_user
 from tests.redis_server import ConnectionKiller, PrivateRedis
 from tests.services import eventually
 from tests.testtasks import record_token, runs_by_user
@@ -138,7 +139,8 @@ def check_nothing_lost(work: dict[str, Any], store, fake_sfox, tag: str) -> None
     lost = set(work["fan_ids"]) - set(runs)
     print(f"fan-out: {len(lost)} lost, {len(twice)} run twice")
     assert set(runs) <= set(work["fan_ids"])
-    assert not lost and not twice, (sorted(lost), twice)
+    ids = task_ids_by_user(store, tag)
+    assert not lost and not twice, (sorted(lost), {u: ids[u] for u in twice})
     assert run.progress().done == len(work["fan_ids"])
 
 
