@@ -344,7 +344,7 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
             return None
         if timeout is None:
-            timeout = self.brpop_timeout
+            timeout = getattr(self, "brpop_timeout", 1)  # kombu < 5.5 has none: 1 s
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
