@@ -18,7 +18,32 @@ until the task ends and acknowledges it, or, if its worker dies instead, until
 the visibility timeout hands it to another worker, as for any crash. And when
 Redis is down at that moment (a restart), the messages it could not put back
 are put back by the worker's next restore sweep once Redis answers, not left
-for the visibility timeout.
+for the visibility timeout. An acknowledgement that Redis was not there to take
+still ends the message here (its record is removed at the next sweep): left
+among the delivered, it would be put back when the channel closes, and its
+task, which has ended, would run again.
+
+Kombu takes a message off its queue with ``BRPOP`` and records it as
+unacknowledged with a second command. A connection that drops between the two,
+or while ``BRPOP``'s answer is on its way, loses the message: Redis has popped
+it, and no one holds it. This channel takes a message with one Lua script
+(:data:`TAKE`) that pops it and records it in the same step, and notes in a
+small per-consumer inbox which message it handed over. When the answer is lost
+on the way, the next take hands the same message over again. When nothing is
+waiting, the channel waits with ``BLMOVE q q RIGHT RIGHT``, which blocks like
+``BRPOP`` but leaves the message where it is.
+
+A publish whose answer a dropped connection cut is sent again, by redis-py
+(the same bytes) or by kombu (a new delivery tag), and the first may have
+landed: the task would run twice. The take script remembers each message it
+hands over, by a hash of its content less its delivery tag, for
+:data:`SEEN_TTL` seconds, and drops another delivery of the same content. A
+message this channel puts back (after a crash, a lost connection, a reject)
+gets a header of its own (:data:`RESTORE_HEADER`), so each return is handed
+over again; a task's retry is a new message (its retry count goes up). And a
+message may name, in its :data:`ONCE_HEADER` header, a piece of work that must
+run as one task: a ``with_user_tokens`` downstream task names its run and user,
+so that a chunk task that ran twice cannot run a user's task twice.
 
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
@@ -27,15 +52,118 @@ picks this transport wherever kombu would pick its Redis one (``redis://``,
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import uuid
+from queue import Empty
+from time import monotonic, time
 from typing import Any
 
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import loads
+from redis.exceptions import NoScriptError, ResponseError
 
 from tasks._redis import STORE_ERRORS
 
-__all__ = ["AMQP", "Channel", "Connection", "QoS", "Transport"]
+__all__ = [
+    "AMQP",
+    "ONCE_HEADER",
+    "RESTORE_HEADER",
+    "SEEN_TTL",
+    "TAKE",
+    "Channel",
+    "Connection",
+    "QoS",
+    "Transport",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a handed-over message is remembered (by a hash of its content, less its
+#: delivery tag), to drop a second delivery of it that a retried publish made. Such a
+#: copy lands right behind the first.
+SEEN_TTL = 900
+#: Seconds a consumer's inbox (the message it was last handed) outlives its last take.
+INBOX_TTL = 3600
+#: A message header naming a piece of work that must run as one task: the first task
+#: id handed over for it holds it for ONCE_TTL seconds, and a message of another task id
+#: for it is dropped. Its retries, its replacement and its redeliveries keep its id.
+ONCE_HEADER = "sfox_once"
+ONCE_TTL = 86400
+#: A header each message put back gets a new value of, telling it from the first delivery.
+RESTORE_HEADER = "sfox_restore"
+
+#: Pop the first message of KEYS[4..] and record it as unacknowledged, in one step.
+#: KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
+#: ARGV[1] now, ARGV[2] tag of the message last received through this inbox ("" none),
+#: ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL,
+#: ARGV[6] ONCE_HEADER, ARGV[7] prefix of its keys, ARGV[8] ONCE_TTL.
+#: Returns nil (nothing waiting), or {queue key, message, tag, copies dropped, again}:
+#: ``again`` is 1 when this is the message of a take whose answer never arrived, and
+#: then ``message`` is its unacked record ``[message, exchange, routing key]``.
+TAKE = """
+local prev = redis.call('HGET', KEYS[3], 'tag')
+if prev and prev ~= ARGV[2] then
+  local record = redis.call('HGET', KEYS[1], prev)
+  if record then
+    return {redis.call('HGET', KEYS[3], 'key'), record, prev, 0, 1}
+  end
+end
+local dropped = 0
+for i = 4, #KEYS do
+  while true do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local ok, msg = pcall(cjson.decode, item)
+    local props = ok and type(msg) == 'table' and msg['properties']
+    local tag = type(props) == 'table' and props['delivery_tag']
+    if type(tag) ~= 'string' then
+      redis.call('DEL', KEYS[3])
+      return {KEYS[i], item, false, dropped, 0}
+    end
+    local fresh = true
+    local at = string.find(item, tag, 1, true)
+    local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
+    if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then fresh = false end
+    local headers = msg['headers']
+    if fresh and type(headers) == 'table' and type(headers['id']) == 'string'
+        and type(headers[ARGV[6]]) == 'string' then
+      local once = ARGV[7] .. headers[ARGV[6]]
+      local holder = redis.call('GET', once)
+      if not holder then
+        redis.call('SET', once, headers['id'], 'EX', ARGV[8])
+      elseif holder ~= headers['id'] then
+        fresh = false
+      end
+    end
+    if not fresh then dropped = dropped + 1 end
+    if fresh then
+      local info = props['delivery_info']
+      if type(info) ~= 'table' then info = {} end
+      local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
+        .. cjson.encode(info['routing_key'] or '') .. ']'
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('HSET', KEYS[1], tag, record)
+      redis.call('HSET', KEYS[3], 'tag', tag, 'key', KEYS[i])
+      redis.call('EXPIRE', KEYS[3], ARGV[5])
+      return {KEYS[i], item, tag, dropped, 0}
+    end
+  end
+end
+redis.call('DEL', KEYS[3])
+if dropped > 0 then return {false, false, false, dropped, 0} end
+return nil
+"""
+_TAKE_SHA = hashlib.sha1(TAKE.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
+
+#: This process's consumers, told apart from other processes' by their inboxes.
+_PROCESS = uuid.uuid4().hex
+#: Per inbox: the tag of the last message this process received through it.
+_last_received: dict[str, str] = {}
 
 
 def _written_to_a_process(request: Any) -> bool:
@@ -71,10 +199,35 @@ def _running_tags() -> set[Any]:
 
 #: Tags of messages a closing channel could not put back (Redis was down): put back later.
 _unrestored: set[Any] = set()
+#: Tags of messages acknowledged while Redis was away: their records are removed later.
+_unremoved: set[Any] = set()
 
 
 class QoS(kombu_redis.QoS):
     """Kombu's Redis ack emulation, leaving running tasks' messages to their own ack."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        taken = getattr(self.channel, "_taken", None)
+        if taken is not None and delivery_tag in taken:
+            taken.discard(delivery_tag)  # the take script has recorded it already
+            virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+        else:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def ack(self, delivery_tag: Any) -> None:
+        """Acknowledge; if Redis is away, the message is still done, and its record goes later.
+
+        Left among the delivered, a message whose ack failed would be put back
+        when the channel closes, and its task, which has ended, would run again.
+        """
+        if getattr(self.channel.connection, "client", None) is None:
+            _unremoved.add(delivery_tag)  # its channel closed while the task ran
+        else:
+            try:
+                self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+            except STORE_ERRORS:
+                _unremoved.add(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def restore_unacked(self, client: Any = None) -> None:
         running = _running_tags()
@@ -84,14 +237,21 @@ class QoS(kombu_redis.QoS):
         self._restore(client)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
-        if _unrestored:
+        if _unrestored or _unremoved:
             self._restore(None)
         return super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def _restore(self, client: Any) -> None:
         """Put back what is owed; a tag already acked or put back is a no-op."""
+        if not (_unrestored or _unremoved):
+            return
+        if client is None and getattr(self.channel.connection, "client", None) is None:
+            return  # closed with its connection: the next channel's sweep does it
         try:
             with self.channel.conn_or_acquire(client) as conn:
+                for tag in list(_unremoved):
+                    self._remove_from_indices(tag, conn.pipeline()).execute()  # type: ignore[no-untyped-call]
+                    _unremoved.discard(tag)
                 for tag in list(_unrestored):
                     self.restore_by_tag(tag, client=conn)  # type: ignore[no-untyped-call]
                     _unrestored.discard(tag)
@@ -99,9 +259,164 @@ class QoS(kombu_redis.QoS):
             pass  # Redis is away: the next restore sweep tries again
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _sync_client: Any = None
+    #: What the consuming connection's pending command is: "TAKE", "WAIT" or None (BRPOP).
+    _pending: str | None = None
+    #: Whether the next poll waits for a message (the last take found none).
+    _waiting = False
+    _wait_turn = 0
+    #: How to wait: BLMOVE (Redis >= 6.2), or BLPOP on a key no one fills.
+    _wait_command = "BLMOVE"
+    #: Whether Redis has the take script cached (EVALSHA), as far as this channel knows.
+    _take_cached = True
+    _inbox_key = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        #: Tags the take script recorded as unacked, not yet appended to the QoS.
+        self._taken: set[str] = set()
+
+    def _key(self, queue: str, pri: int) -> str:
+        return str(self._q_for_pri(queue, pri))  # type: ignore[no-untyped-call]
+
+    def _takes_atomically(self) -> bool:
+        """Whether this channel takes with :data:`TAKE`; else it is kombu's own."""
+        return bool(self.ack_emulation) and not self.global_keyprefix
+
+    def _take_keys(self, queues: list[str]) -> tuple[list[str], list[Any]]:
+        keys = [self._key(queue, pri) for pri in self.priority_steps for queue in queues]
+        digest = hashlib.sha1("\0".join(sorted(keys)).encode()).hexdigest()[:16]  # noqa: S324
+        inbox = f"sfox:inbox:{_PROCESS}:{os.getpid()}:{digest}"
+        self._inbox_key = inbox
+        args = [
+            time(),
+            _last_received.get(inbox, ""),
+            "sfox:seen:",
+            SEEN_TTL,
+            INBOX_TTL,
+            ONCE_HEADER,
+            "sfox:once:",
+            ONCE_TTL,
+        ]
+        return [self.unacked_key, self.unacked_index_key, inbox, *keys], args
+
+    def _taken_payload(self, reply: Any, inbox: str) -> tuple[Any, str] | None:
+        """The payload and queue of a take's answer; None when it handed nothing over."""
+        if reply is None:
+            _last_received[inbox] = ""
+            return None
+        key, item, tag, dropped, again = reply
+        if dropped:
+            logger.info(
+                "dropped %d second delivery(ies) of a message whose publish was retried",
+                dropped,
+            )
+        if key is None:
+            _last_received[inbox] = ""
+            return None
+        tag = _text(tag) if tag is not None else ""
+        _last_received[inbox] = tag
+        payload = loads(_text(item))  # type: ignore[no-untyped-call]
+        if again:
+            payload = payload[0]  # its unacked record: [message, exchange, routing key]
+        if tag:
+            self._taken.add(tag)
+        return payload, _text(key).rsplit(self.sep, 1)[0]
+
+    def _do_restore_message(
+        self, payload: Any, exchange: Any, routing_key: Any, pipe: Any, leftmost: bool = False
+    ) -> None:
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        if isinstance(headers, dict):
+            headers[RESTORE_HEADER] = uuid.uuid4().hex  # not a copy: hand it over again
+        super()._do_restore_message(  # type: ignore[no-untyped-call]
+            payload, exchange, routing_key, pipe, leftmost
+        )
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if not self._takes_atomically():
+            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
+            return None
+        if timeout is None:
+            timeout = getattr(self, "brpop_timeout", 1)  # kombu < 5.5 has none: 1 s
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        if self._waiting:
+            self._pending = "WAIT"
+            self._wait_turn += 1
+            key = self._key(queues[self._wait_turn % len(queues)], 0)
+            if self._wait_command == "BLMOVE":
+                connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
+            else:
+                connection.send_command("BLPOP", f"{self._inbox_key}:idle", timeout or 1)
+            return None
+        self._pending = "TAKE"
+        keys, args = self._take_keys(queues)
+        if self._take_cached:
+            connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
+        else:
+            connection.send_command("EVAL", TAKE, len(keys), *keys, *args)
+        return None
+
+    def _brpop_read(self, **options: Any) -> Any:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+        inbox = self._inbox_key
+        try:
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "EVALSHA" if pending == "TAKE" else "BLMOVE", **options
+                )
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:
+                self._take_cached = False  # Redis lost it (a restart); EVAL caches it again
+                raise Empty() from None
+            except ResponseError:
+                if pending != "WAIT" or self._wait_command != "BLMOVE":
+                    raise
+                self._wait_command = "BLPOP"  # Redis before 6.2
+                raise Empty() from None
+            if pending == "WAIT":
+                self._waiting = False
+                raise Empty()
+            self._take_cached = True
+            taken = self._taken_payload(reply, inbox)
+            if taken is None:
+                self._waiting = reply is None
+                raise Empty()
+            payload, queue = taken
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        if not self._takes_atomically():
+            return super()._get(queue)  # type: ignore[no-untyped-call]
+        keys, args = self._take_keys([queue])
+        with self.conn_or_acquire() as client:
+            reply = client.eval(TAKE, len(keys), *keys, *args)
+        taken = self._taken_payload(reply, keys[2])
+        if taken is None:
+            raise Empty()
+        return taken[0]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:

@@ -69,3 +69,162 @@ def test_the_app_publishes_through_it(worker):
 
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
+
+
+QUEUE = "tests-kombu-take"
+
+
+@pytest.fixture
+def take_queue(redis_client):
+    """A kombu connection on the transport, a simple queue on it, and an empty start."""
+    with Connection(REDIS_URL, transport=Transport) as conn:
+        queue = conn.SimpleQueue(QUEUE)
+        queue.clear()
+        try:
+            yield conn, queue
+        finally:
+            queue.clear()
+            queue.close()
+            redis_client.delete("unacked", "unacked_index")
+
+
+def celery_like(conn, task_id: str, retries: int = 0, **headers) -> None:
+    """Publish a message with Celery's id and retries headers, as a task message has."""
+    with conn.Producer() as producer:
+        producer.publish(
+            {"n": task_id},
+            routing_key=QUEUE,
+            headers={"id": task_id, "retries": retries, **headers},
+            serializer="json",
+        )
+
+
+def test_a_taken_message_is_unacked_in_the_same_step(take_queue, redis_client):
+    """Consuming records the message as unacked; acking removes it; nothing left in the queue."""
+    _conn, queue = take_queue
+    queue.put({"n": 1})
+    message = queue.get(timeout=5)
+    tag = message.delivery_tag
+    assert redis_client.hexists("unacked", tag)
+    assert redis_client.zscore("unacked_index", tag) is not None
+    assert redis_client.llen(QUEUE) == 0
+    message.ack()
+    assert not redis_client.hexists("unacked", tag)
+
+
+def test_a_take_whose_answer_was_lost_hands_the_same_message_over_again(take_queue, redis_client):
+    """The script ran, its answer never arrived: the next take gives that message, once."""
+    from tasks._kombu import TAKE
+
+    conn, queue = take_queue
+    queue.put({"n": "lost"})
+    queue.put({"n": "next"})
+    channel = conn.default_channel
+    keys, args = channel._take_keys([QUEUE])
+    lost = redis_client.eval(TAKE, len(keys), *keys, *args)  # the answer that never arrived
+    lost_tag = lost[2].decode()
+    first = queue.get(timeout=5)
+    assert (first.payload, first.delivery_tag) == ({"n": "lost"}, lost_tag)
+    second = queue.get(timeout=5)
+    assert second.payload == {"n": "next"}
+    first.ack()
+    second.ack()
+    assert redis_client.hlen("unacked") == 0
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)
+
+
+def test_a_second_delivery_of_a_retried_publish_is_dropped(take_queue, redis_client):
+    """Two publishes of one task id and retry count run once; a retry (retries + 1) runs."""
+    conn, queue = take_queue
+    celery_like(conn, "task-a")
+    celery_like(conn, "task-a")  # the publish retried after its answer was lost
+    celery_like(conn, "task-a", retries=1)
+    got = [queue.get(timeout=5) for _ in range(2)]
+    assert [(m.headers["id"], m.headers["retries"]) for m in got] == [
+        ("task-a", 0),
+        ("task-a", 1),
+    ]
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)
+    for m in got:
+        m.ack()
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_a_message_put_back_is_handed_over_again(take_queue, redis_client):
+    """A requeued message keeps its delivery tag, so the duplicate check lets it through."""
+    conn, queue = take_queue
+    celery_like(conn, "task-b")
+    message = queue.get(timeout=5)
+    message.requeue()
+    again = queue.get(timeout=5)
+    assert (again.headers["id"], again.delivery_tag) == ("task-b", message.delivery_tag)
+    again.ack()
+
+
+def test_waiting_leaves_the_queue_alone_and_wakes_for_a_message(take_queue, redis_client):
+    """An idle consumer waits without taking; a message published later still arrives."""
+    import threading
+
+    _conn, queue = take_queue
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=1.5)  # a take that found nothing, then a wait
+    timer = threading.Timer(0.3, lambda: celery_like(conn2, "task-c"))
+    with Connection(REDIS_URL, transport=Transport) as conn2:
+        timer.start()
+        try:
+            message = queue.get(timeout=5)
+        finally:
+            timer.cancel()
+    assert message.headers["id"] == "task-c"
+    message.ack()
+
+
+def test_taking_survives_redis_forgetting_its_scripts(take_queue, redis_client):
+    """After SCRIPT FLUSH (as after a restart) the channel loads the take script again."""
+    _conn, queue = take_queue
+    queue.put({"n": 1})
+    queue.get(timeout=5).ack()
+    redis_client.script_flush()
+    queue.put({"n": 2})
+    message = queue.get(timeout=5)
+    assert message.payload == {"n": 2}
+    message.ack()
+
+
+def test_work_named_once_runs_as_one_task(take_queue, redis_client):
+    """Two task ids for one sfox_once name: the second is dropped; the first's retry runs."""
+    from tasks._kombu import ONCE_HEADER
+
+    conn, queue = take_queue
+    celery_like(conn, "first", **{ONCE_HEADER: "run-1:user-1"})
+    celery_like(conn, "second", **{ONCE_HEADER: "run-1:user-1"})  # a chunk that ran twice
+    celery_like(conn, "first", retries=1, **{ONCE_HEADER: "run-1:user-1"})
+    celery_like(conn, "other", **{ONCE_HEADER: "run-1:user-2"})
+    got = [queue.get(timeout=5) for _ in range(3)]
+    assert [(m.headers["id"], m.headers["retries"]) for m in got] == [
+        ("first", 0),
+        ("first", 1),
+        ("other", 0),
+    ]
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)
+    for m in got:
+        m.ack()
+
+
+def test_the_same_bytes_pushed_twice_run_once_and_each_return_runs(take_queue, redis_client):
+    """redis-py resending an LPUSH (same tag) is one message; each requeue is handed over."""
+    conn, queue = take_queue
+    celery_like(conn, "task-d")
+    raw = redis_client.lindex(QUEUE, 0)
+    redis_client.lpush(QUEUE, raw)  # the resent LPUSH whose first answer was lost
+    message = queue.get(timeout=5)
+    for _ in range(2):  # put back twice (two lost connections): handed over both times
+        message.requeue()
+        message = queue.get(timeout=5)
+        assert message.headers["id"] == "task-d"
+    message.ack()
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)

@@ -43,6 +43,7 @@ from celery.canvas import Signature
 from kombu.entity import Exchange, Queue
 
 from tasks._exceptions import InvalidUserIds
+from tasks._kombu import ONCE_HEADER
 from tasks._redis import lua
 from tasks._redis import script as script_for
 from tasks.minting import MintResult, validate_user_ids
@@ -484,7 +485,10 @@ def send_downstream(
     done = _done_signature(run_id, user_id)
     sig.link(done)
     sig.link_error(done)
-    sig.set(headers={DONE_HEADER: [run_id, user_id]}, **route)
+    # ONCE_HEADER: a copy of this user's task sent by a chunk task that ran again (its
+    # worker died, or Redis dropped the line before it noted its progress) is dropped by
+    # the package's transport, if another task of this user was handed over first.
+    sig.set(headers={DONE_HEADER: [run_id, user_id], ONCE_HEADER: f"{run_id}:{user_id}"}, **route)
     sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
 
 
