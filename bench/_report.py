@@ -250,7 +250,7 @@ def profile_section(results: dict[str, Any]) -> str:
             "",
             f"Of all samples, {wut['marker_share']:.1%} were under `{wut['marker']}`, "
             "where kombu's Redis transport builds a `redis.Redis` client object for every "
-            "message it publishes; `tasks._kombu` builds one per connection pool instead "
+            "message it publishes; `tasks.worker.transport` builds one per connection pool instead "
             "(15% of the samples before it). Hot spots (own time):",
             "",
             "| function | ms per user | share |",

@@ -238,3 +238,4 @@ def test_worker_mints_from_its_source_address_under_its_scope(limited_fake, redi
     assert {r.ip for r in limited_fake.requests_log} == {EGRESS[1]}
     scoped = [k.decode() for k in redis_client.scan_iter(match="sfox:ratelimit:scope:egress-b:*")]
     assert scoped and not redis_client.exists("sfox:ratelimit:240/10:log")
+    assert f"in the budget 'egress-b'; sending from {EGRESS[1]};" in worker.log()

@@ -43,7 +43,6 @@ from celery.canvas import Signature
 from kombu.entity import Exchange, Queue
 
 from tasks._exceptions import InvalidUserIds
-from tasks._kombu import ONCE_HEADER
 from tasks._redis import lua
 from tasks._redis import script as script_for
 from tasks.minting import MintResult, validate_user_ids
@@ -51,6 +50,7 @@ from tasks.worker.app import app
 from tasks.worker.base import SfoxTask
 from tasks.worker.mint import TASK_TIME_LIMIT
 from tasks.worker.runtime import get_runtime
+from tasks.worker.transport import ONCE_HEADER
 
 __all__ = [
     "Chunk",

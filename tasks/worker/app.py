@@ -27,10 +27,10 @@ class SfoxCelery(Celery):  # type: ignore[misc]
     The backend is swapped here rather than through the ``result_backend``
     setting because ``CELERY_RESULT_BACKEND`` in the environment overrides that
     setting wherever Celery reads it. Broker connections go through
-    :class:`tasks._kombu.Connection` (see that module).
+    :class:`tasks.worker.transport.Connection` (see that module).
     """
 
-    amqp_cls = "tasks._kombu:AMQP"
+    amqp_cls = "tasks.worker.transport:AMQP"
 
     def _get_backend(self) -> Any:
         backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)

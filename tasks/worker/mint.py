@@ -144,11 +144,18 @@ def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> No
         logger.warning(
             "no sFOX enterprise key (SFOX_ENTERPRISE_API_KEY): mint tasks will fail until set"
         )
+    budget = (
+        f"the budget {settings.rate_limit_scope!r}"
+        if settings.rate_limit_scope
+        else "one budget for all workers"
+    )
     logger.info(
-        "sFOX at %s; %s requests shared by all workers; batches of %d, up to %d at once "
+        "sFOX at %s; %s requests in %s; sending from %s; batches of %d, up to %d at once "
         "per mint task; results live %d s",
         settings.api_url,
         settings.rate,
+        budget,
+        settings.source_address or "the host's default address",
         settings.batch_size,
         settings.mint_concurrency,
         settings.result_ttl,

@@ -9,15 +9,15 @@ import sys
 import pytest
 from kombu import Connection
 
-from tasks._kombu import Transport
+from tasks.worker.transport import Transport
 from tests.conftest import REDIS_URL
 
 
 @pytest.mark.parametrize(
     ("broker", "expected"),
     [
-        ("redis://127.0.0.1:6379/3", "tasks._kombu.Transport"),
-        ("rediss://cache.example:6380/0", "tasks._kombu.Transport"),
+        ("redis://127.0.0.1:6379/3", "tasks.worker.transport.Transport"),
+        ("rediss://cache.example:6380/0", "tasks.worker.transport.Transport"),
         ("amqp://guest:guest@127.0.0.1:5672//", "kombu.transport.pyamqp.Transport"),
     ],
 )
@@ -114,7 +114,7 @@ def test_a_taken_message_is_unacked_in_the_same_step(take_queue, redis_client):
 
 def test_a_take_whose_answer_was_lost_hands_the_same_message_over_again(take_queue, redis_client):
     """The script ran, its answer never arrived: the next take gives that message, once."""
-    from tasks._kombu import TAKE
+    from tasks.worker.transport import TAKE
 
     conn, queue = take_queue
     queue.put({"n": "lost"})
@@ -195,7 +195,7 @@ def test_taking_survives_redis_forgetting_its_scripts(take_queue, redis_client):
 
 def test_work_named_once_runs_as_one_task(take_queue, redis_client):
     """Two task ids for one sfox_once name: the second is dropped; the first's retry runs."""
-    from tasks._kombu import ONCE_HEADER
+    from tasks.worker.transport import ONCE_HEADER
 
     conn, queue = take_queue
     celery_like(conn, "first", **{ONCE_HEADER: "run-1:user-1"})

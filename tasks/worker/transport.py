@@ -67,7 +67,7 @@ from kombu.transport import virtual
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError, ResponseError
 
-from tasks._redis import STORE_ERRORS
+from tasks._redis import STORE_ERRORS, lua, script
 
 __all__ = [
     "AMQP",
@@ -97,67 +97,9 @@ ONCE_TTL = 86400
 #: A header each message put back gets a new value of, telling it from the first delivery.
 RESTORE_HEADER = "sfox_restore"
 
-#: Pop the first message of KEYS[4..] and record it as unacknowledged, in one step.
-#: KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
-#: ARGV[1] now, ARGV[2] tag of the message last received through this inbox ("" none),
-#: ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL,
-#: ARGV[6] ONCE_HEADER, ARGV[7] prefix of its keys, ARGV[8] ONCE_TTL.
-#: Returns nil (nothing waiting), or {queue key, message, tag, copies dropped, again}:
-#: ``again`` is 1 when this is the message of a take whose answer never arrived, and
-#: then ``message`` is its unacked record ``[message, exchange, routing key]``.
-TAKE = """
-local prev = redis.call('HGET', KEYS[3], 'tag')
-if prev and prev ~= ARGV[2] then
-  local record = redis.call('HGET', KEYS[1], prev)
-  if record then
-    return {redis.call('HGET', KEYS[3], 'key'), record, prev, 0, 1}
-  end
-end
-local dropped = 0
-for i = 4, #KEYS do
-  while true do
-    local item = redis.call('RPOP', KEYS[i])
-    if not item then break end
-    local ok, msg = pcall(cjson.decode, item)
-    local props = ok and type(msg) == 'table' and msg['properties']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if type(tag) ~= 'string' then
-      redis.call('DEL', KEYS[3])
-      return {KEYS[i], item, false, dropped, 0}
-    end
-    local fresh = true
-    local at = string.find(item, tag, 1, true)
-    local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
-    if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then fresh = false end
-    local headers = msg['headers']
-    if fresh and type(headers) == 'table' and type(headers['id']) == 'string'
-        and type(headers[ARGV[6]]) == 'string' then
-      local once = ARGV[7] .. headers[ARGV[6]]
-      local holder = redis.call('GET', once)
-      if not holder then
-        redis.call('SET', once, headers['id'], 'EX', ARGV[8])
-      elseif holder ~= headers['id'] then
-        fresh = false
-      end
-    end
-    if not fresh then dropped = dropped + 1 end
-    if fresh then
-      local info = props['delivery_info']
-      if type(info) ~= 'table' then info = {} end
-      local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
-        .. cjson.encode(info['routing_key'] or '') .. ']'
-      redis.call('ZADD', KEYS[2], ARGV[1], tag)
-      redis.call('HSET', KEYS[1], tag, record)
-      redis.call('HSET', KEYS[3], 'tag', tag, 'key', KEYS[i])
-      redis.call('EXPIRE', KEYS[3], ARGV[5])
-      return {KEYS[i], item, tag, dropped, 0}
-    end
-  end
-end
-redis.call('DEL', KEYS[3])
-if dropped > 0 then return {false, false, false, dropped, 0} end
-return nil
-"""
+#: Pop the first message of the consumer's queues and record it as unacked, in one step
+#: (``take.lua``, which names its keys and arguments).
+TAKE = lua(__package__ or "tasks.worker", "take")
 _TAKE_SHA = hashlib.sha1(TAKE.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
 
 #: This process's consumers, told apart from other processes' by their inboxes.
@@ -412,7 +354,7 @@ class Channel(kombu_redis.Channel):
             return super()._get(queue)  # type: ignore[no-untyped-call]
         keys, args = self._take_keys([queue])
         with self.conn_or_acquire() as client:
-            reply = client.eval(TAKE, len(keys), *keys, *args)
+            reply = script(client, TAKE)(keys=keys, args=args)
         taken = self._taken_payload(reply, keys[2])
         if taken is None:
             raise Empty()

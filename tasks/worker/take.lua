@@ -1,0 +1,59 @@
+-- Pop the first message of KEYS[4..] and record it as unacknowledged, in one step.
+-- KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
+-- ARGV[1] now, ARGV[2] tag of the message last received through this inbox ("" none),
+-- ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL,
+-- ARGV[6] ONCE_HEADER, ARGV[7] prefix of its keys, ARGV[8] ONCE_TTL.
+-- Returns nil (nothing waiting), or {queue key, message, tag, copies dropped, again}:
+-- ``again`` is 1 when this is the message of a take whose answer never arrived, and
+-- then ``message`` is its unacked record ``[message, exchange, routing key]``.
+local prev = redis.call('HGET', KEYS[3], 'tag')
+if prev and prev ~= ARGV[2] then
+  local record = redis.call('HGET', KEYS[1], prev)
+  if record then
+    return {redis.call('HGET', KEYS[3], 'key'), record, prev, 0, 1}
+  end
+end
+local dropped = 0
+for i = 4, #KEYS do
+  while true do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local ok, msg = pcall(cjson.decode, item)
+    local props = ok and type(msg) == 'table' and msg['properties']
+    local tag = type(props) == 'table' and props['delivery_tag']
+    if type(tag) ~= 'string' then
+      redis.call('DEL', KEYS[3])
+      return {KEYS[i], item, false, dropped, 0}
+    end
+    local fresh = true
+    local at = string.find(item, tag, 1, true)
+    local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
+    if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then fresh = false end
+    local headers = msg['headers']
+    if fresh and type(headers) == 'table' and type(headers['id']) == 'string'
+        and type(headers[ARGV[6]]) == 'string' then
+      local once = ARGV[7] .. headers[ARGV[6]]
+      local holder = redis.call('GET', once)
+      if not holder then
+        redis.call('SET', once, headers['id'], 'EX', ARGV[8])
+      elseif holder ~= headers['id'] then
+        fresh = false
+      end
+    end
+    if not fresh then dropped = dropped + 1 end
+    if fresh then
+      local info = props['delivery_info']
+      if type(info) ~= 'table' then info = {} end
+      local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
+        .. cjson.encode(info['routing_key'] or '') .. ']'
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('HSET', KEYS[1], tag, record)
+      redis.call('HSET', KEYS[3], 'tag', tag, 'key', KEYS[i])
+      redis.call('EXPIRE', KEYS[3], ARGV[5])
+      return {KEYS[i], item, tag, dropped, 0}
+    end
+  end
+end
+redis.call('DEL', KEYS[3])
+if dropped > 0 then return {false, false, false, dropped, 0} end
+return nil
