@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -350,3 +350,27 @@ class Workers:
 def mb(value: float) -> float:
     """Bytes to MiB."""
     return value / MB
+
+
+@contextlib.contextmanager
+def measured(row: Any, workers: Workers, fake: Any = None) -> Iterator[None]:
+    """Run the block with ``workers`` started and sampled; note its time, CPU and peak RSS.
+
+    Fills ``row``'s wall time (the block alone), the workers' and the stand-in's
+    CPU seconds, and the peak RSS of the largest process and of all of them.
+    """
+    with workers, Sampler(lambda: workers.processes) as sampler:
+        time.sleep(0.3)
+        row.rss_idle_largest_mb = mb(sampler.peak.largest)
+        cpu0 = workers.cpu_seconds()
+        fake0 = fake.cpu_seconds() if fake is not None else 0.0
+        started = time.perf_counter()
+        yield
+        row.wall_s = time.perf_counter() - started
+        # The last tasks (callbacks, done marks) may still be running: let them end first.
+        workers.wait_idle()
+        row.worker_cpu_s = workers.cpu_seconds() - cpu0
+        if fake is not None:
+            row.fake_cpu_s = fake.cpu_seconds() - fake0
+    row.rss_total_mb = mb(sampler.peak.total)
+    row.rss_largest_mb = mb(sampler.peak.largest)

@@ -39,7 +39,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench._infra import BenchError, Sampler, Workers, mb
+from bench._infra import BenchError, Workers, measured
 from bench._plain import (
     TOKENS_PATH,
     nightly_bound_s,
@@ -142,21 +142,12 @@ def run_nightly_package(bench: Bench, users: int, orders: Path, run_date: date) 
         concurrency=c.concurrency,
         redis_client=bench.redis.client,
     )
-    with workers, Sampler(lambda: workers.processes) as sampler:
-        time.sleep(0.3)
-        row.rss_idle_largest_mb = mb(sampler.peak.largest)
-        cpu0, fake0 = workers.cpu_seconds(), bench.fake.cpu_seconds()
-        started_at, started = time.time(), time.perf_counter()
+    with measured(row, workers, bench.fake):
+        started_at = time.time()
         result = app.send_task(
             NIGHTLY_TASK, kwargs={"run_date": run_date.isoformat(), "orders_file": str(orders)}
         )
         summary = _wait_for(bench, result, 3 * row.bound_s + 180)
-        row.wall_s = time.perf_counter() - started
-        workers.wait_idle()
-        row.worker_cpu_s = workers.cpu_seconds() - cpu0
-        row.fake_cpu_s = bench.fake.cpu_seconds() - fake0
-    row.rss_total_mb = mb(sampler.peak.total)
-    row.rss_largest_mb = mb(sampler.peak.largest)
     _count_at_the_stand_in(row, bench.fake.stats(), started_at)
     row.placed = int(summary.get("placed", 0))
     row.tokens = row.placed + int(summary.get("already_placed", 0))
@@ -248,16 +239,8 @@ def run_egress(bench: Bench, addresses: int, *, shared: bool) -> Row:
     )
     tag = uuid.uuid4().hex[:8]
     ids = [f"egress-{tag}-{index:07d}" for index in range(row.users)]
-    with workers, Sampler(lambda: workers.processes) as sampler:
-        time.sleep(0.3)
-        cpu0 = workers.cpu_seconds()
-        started = time.perf_counter()
+    with measured(row, workers):
         row.tokens = bench._mint_tasks(ids, c.egress_chunk, 3 * row.bound_s + 180)
-        row.wall_s = time.perf_counter() - started
-        workers.wait_idle()
-        row.worker_cpu_s = workers.cpu_seconds() - cpu0
-    row.rss_total_mb = mb(sampler.peak.total)
-    row.rss_largest_mb = mb(sampler.peak.largest)
     stats = bench.fake.stats()
     row.requests = row.mints = int(stats["requests"][TOKENS_PATH])
     row.rate_limited = int(stats["rate_limited"])

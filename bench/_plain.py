@@ -83,32 +83,30 @@ class SlidingWindow:
 
 
 @dataclass
-class Outcome:
-    """What one loop measured."""
+class Measured:
+    """What every loop measures, and how it is written out."""
 
-    mode: str
     users: int
     threads: int
     wall_s: float = 0.0
-    tokens: int = 0
-    requests: int = 0
     rate_limited: int = 0
     #: CPU seconds of this process while it ran the loop.
     cpu_s: float = 0.0
     errors: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "users": self.users,
-            "threads": self.threads,
-            "wall_s": self.wall_s,
-            "tokens": self.tokens,
-            "requests": self.requests,
-            "rate_limited": self.rate_limited,
-            "cpu_s": self.cpu_s,
-            "errors": self.errors[:10],
-        }
+        data = dict(self.__dict__)
+        data["errors"] = self.errors[:10]
+        return data
+
+
+@dataclass
+class Outcome(Measured):
+    """What one minting loop measured."""
+
+    mode: str = ""
+    tokens: int = 0
+    requests: int = 0
 
 
 def parse_rate(text: str) -> tuple[int, float]:
@@ -196,7 +194,7 @@ def run_batched(
         data = response.json()["data"]
         return 201, sum(1 for entry in data if entry["partner_user_id"] in wanted)
 
-    outcome = Outcome("batch", len(user_ids), threads)
+    outcome = Outcome(len(user_ids), threads, mode="batch")
     _run(outcome, batches, send, _session(api_key, threads), SlidingWindow(*rate))
     return outcome
 
@@ -218,32 +216,21 @@ def run_naive(
             return response.status_code, 0
         return 201, int(response.json()["data"]["partner_user_id"] == user_id)
 
-    outcome = Outcome("single", len(user_ids), threads)
+    outcome = Outcome(len(user_ids), threads, mode="single")
     _run(outcome, user_ids, send, _session(api_key, threads), SlidingWindow(*rate))
     return outcome
 
 
 @dataclass
-class NightlyOutcome:
+class NightlyOutcome(Measured):
     """What the nightly loop measured."""
 
-    users: int
-    threads: int
     #: Wall-clock time the loop started, so its last order can be timed from outside.
     started_at: float = 0.0
-    wall_s: float = 0.0
     mints: int = 0
     remints: int = 0
     orders: int = 0
     placed: int = 0
-    rate_limited: int = 0
-    cpu_s: float = 0.0
-    errors: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["errors"] = self.errors[:10]
-        return data
 
 
 def read_orders(path: str) -> dict[str, list[dict[str, Any]]]:

@@ -211,12 +211,8 @@ def profile_section(results: dict[str, Any]) -> str:
         "Where the worker's CPU goes, per batch (py-spy; a sample counts for the deepest "
         "package function on its stack):",
         "",
-        "| component | ms per batch | share |",
-        "| --- | ---: | ---: |",
     ]
-    total = worker["total_ms"] or 1.0
-    for name, value in sorted(worker["components_ms"].items(), key=lambda kv: -kv[1]):
-        out.append(f"| {name} | {value:.2f} | {value / total:.0%} |")
+    out += _shares("ms per batch", worker["components_ms"], worker["total_ms"], 2)
     out += [
         "",
         "Hot spots: the functions on top of the stack (own time), per batch:",
@@ -240,12 +236,8 @@ def profile_section(results: dict[str, Any]) -> str:
             "success the worker marks done in a `task_postrun` handler (one Redis call). "
             f"By py-spy's samples ({wut['samples']:,}):",
             "",
-            "| component | ms per user | share |",
-            "| --- | ---: | ---: |",
         ]
-        total = wut["total_ms"] or 1.0
-        for name, value in sorted(wut["components_ms"].items(), key=lambda kv: -kv[1]):
-            out.append(f"| {name} | {value:.3f} | {value / total:.0%} |")
+        out += _shares("ms per user", wut["components_ms"], wut["total_ms"], 3)
         out += [
             "",
             f"Of all samples, {wut['marker_share']:.1%} were under `{wut['marker']}`, "
@@ -598,3 +590,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _shares(unit: str, parts: dict[str, float], total: float, digits: int) -> list[str]:
+    """A table of ``parts`` (name: ms), largest first, with each one's share of ``total``."""
+    total = total or 1.0
+    rows = ["| component | " + unit + " | share |", "| --- | ---: | ---: |"]
+    for name, value in sorted(parts.items(), key=lambda kv: -kv[1]):
+        rows.append(f"| {name} | {value:.{digits}f} | {value / total:.0%} |")
+    return rows

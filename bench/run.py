@@ -55,6 +55,7 @@ from bench._infra import (
     Sampler,
     Workers,
     mb,
+    measured,
 )
 from bench._plain import parse_rate
 from bench._row import Row
@@ -326,24 +327,13 @@ class Bench:
             concurrency=concurrency,
             redis_client=self.redis.client,
         )
-        with workers, Sampler(lambda: workers.processes) as sampler:
-            time.sleep(0.3)
-            row.rss_idle_largest_mb = mb(sampler.peak.largest)
-            cpu0, fake0 = workers.cpu_seconds(), self.fake.cpu_seconds()
-            started = time.perf_counter()
+        with measured(row, workers, self.fake):
             if approach == APPROACH_MINT:
                 row.tokens = self._mint_tasks(ids, chunk, self._timeout(users, rate))
             elif approach == APPROACH_CELERY:
                 row.tokens = self._celery_alone(users, tag, self._timeout(users, rate))
             else:
                 row.tokens = self._with_user_tokens(ids, tag, self._timeout(users, rate))
-            row.wall_s = time.perf_counter() - started
-            # The last users' callbacks may still be running: let them end before stopping.
-            workers.wait_idle()
-            row.worker_cpu_s = workers.cpu_seconds() - cpu0
-            row.fake_cpu_s = self.fake.cpu_seconds() - fake0
-        row.rss_total_mb = mb(sampler.peak.total)
-        row.rss_largest_mb = mb(sampler.peak.largest)
         lost = sum(log.count("Connection to broker lost") for log in workers.logs())
         if lost:
             row.notes.append(

@@ -25,6 +25,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def run_text(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout: float = 60,
+    stdin: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to its end with ``env`` only: its exit code and its text output."""
+    return subprocess.run(
+        [str(a) for a in argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=dict(env),
+    )
+
+
 def eventually(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until it is truthy (True) or ``timeout`` seconds pass (False)."""
     deadline = time.monotonic() + timeout

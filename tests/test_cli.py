@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +20,7 @@ from tasks import mint_user_tokens
 from tasks.cli.check import probe_broker
 from tasks.sealing import derive_seal_key
 from tests.conftest import ENTERPRISE_KEY, REDIS_URL
-from tests.services import ServiceProcess, answers, free_port, http_get
+from tests.services import ServiceProcess, answers, free_port, http_get, run_text
 from tests.workers import ROOT
 
 SCRIPT = Path(sys.executable).with_name("sfox-tokens")
@@ -30,11 +29,9 @@ COMMANDS = ["mint", "check", "unseal", "demo", "fake-sfox"]
 
 def run(*args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60):
     """Run the console script with the tests' environment (plus ``env``)."""
-    return subprocess.run(
+    return run_text(
         [str(SCRIPT), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
+        stdin=stdin,
         timeout=timeout,
         cwd=ROOT,
         env={**os.environ, **(env or {})},

@@ -36,7 +36,7 @@ from tests.composefile import (
     resolve,
 )
 from tests.conftest import REDIS_URL
-from tests.services import ServiceProcess, answers, free_port, http_get
+from tests.services import ServiceProcess, answers, free_port, http_get, run_text
 
 DEV_ENV = ROOT / ".env.dev"
 EXAMPLE_ENV = ROOT / ".env.example"
@@ -88,14 +88,7 @@ VARIANTS = {
 def docker_compose(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run docker-compose in ``project`` with no variable from the test's own environment."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(project)}
-    return subprocess.run(
-        [str(DOCKER_COMPOSE), *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_text([str(DOCKER_COMPOSE), *args], cwd=project, env=env)
 
 
 @needs_docker_compose

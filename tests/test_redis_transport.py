@@ -99,6 +99,16 @@ def celery_like(conn, task_id: str, retries: int = 0, **headers) -> None:
         )
 
 
+def take_all(queue, count: int) -> list[tuple[str, int]]:
+    """Take ``count`` messages and ack them, check none is left: their (id, retries)."""
+    got = [queue.get(timeout=5) for _ in range(count)]
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)
+    for message in got:
+        message.ack()
+    return [(m.headers["id"], m.headers["retries"]) for m in got]
+
+
 def test_a_taken_message_is_unacked_in_the_same_step(take_queue, redis_client):
     """Consuming records the message as unacked; acking removes it; nothing left in the queue."""
     _conn, queue = take_queue
@@ -140,15 +150,7 @@ def test_a_second_delivery_of_a_retried_publish_is_dropped(take_queue, redis_cli
     celery_like(conn, "task-a")
     celery_like(conn, "task-a")  # the publish retried after its answer was lost
     celery_like(conn, "task-a", retries=1)
-    got = [queue.get(timeout=5) for _ in range(2)]
-    assert [(m.headers["id"], m.headers["retries"]) for m in got] == [
-        ("task-a", 0),
-        ("task-a", 1),
-    ]
-    with pytest.raises(queue.Empty):
-        queue.get(timeout=0.5)
-    for m in got:
-        m.ack()
+    assert take_all(queue, 2) == [("task-a", 0), ("task-a", 1)]
     assert redis_client.hlen("unacked") == 0
 
 
@@ -202,16 +204,7 @@ def test_work_named_once_runs_as_one_task(take_queue, redis_client):
     celery_like(conn, "second", **{ONCE_HEADER: "run-1:user-1"})  # a chunk that ran twice
     celery_like(conn, "first", retries=1, **{ONCE_HEADER: "run-1:user-1"})
     celery_like(conn, "other", **{ONCE_HEADER: "run-1:user-2"})
-    got = [queue.get(timeout=5) for _ in range(3)]
-    assert [(m.headers["id"], m.headers["retries"]) for m in got] == [
-        ("first", 0),
-        ("first", 1),
-        ("other", 0),
-    ]
-    with pytest.raises(queue.Empty):
-        queue.get(timeout=0.5)
-    for m in got:
-        m.ack()
+    assert take_all(queue, 3) == [("first", 0), ("first", 1), ("other", 0)]
 
 
 def test_the_same_bytes_pushed_twice_run_once_and_each_return_runs(take_queue, redis_client):

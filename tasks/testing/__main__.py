@@ -72,6 +72,21 @@ def build_parser(prog: str = "python -m tasks.testing") -> argparse.ArgumentPars
     return parser
 
 
+#: Options passed to :class:`FakeSfox` under their own names.
+_SAME_NAMES = (
+    "latency",
+    "rate_limit",
+    "rate_window",
+    "rate_penalty",
+    "rate_limit_per",
+    "max_batch",
+    "token_ttl",
+    "fail_every",
+    "allow_remote_control",
+    "verbose",
+)
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Run the fake until SIGINT/SIGTERM (``prog`` names the command in its help)."""
     args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
@@ -80,19 +95,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             args.api_key or _default_api_key(),
             args.host,
             args.port,
-            latency=args.latency,
-            rate_limit=args.rate_limit,
-            rate_window=args.rate_window,
-            rate_penalty=args.rate_penalty,
-            rate_limit_per=args.rate_limit_per,
+            **{name: getattr(args, name) for name in _SAME_NAMES},
             retry_after_on_limit=args.retry_after,
             shuffle=not args.no_shuffle,
-            max_batch=args.max_batch,
-            token_ttl=args.token_ttl,
-            fail_every=args.fail_every,
             refused=args.refuse,
-            allow_remote_control=args.allow_remote_control,
-            verbose=args.verbose,
         )
     except ValueError as exc:
         print(f"fake_sfox: {exc}", file=sys.stderr)

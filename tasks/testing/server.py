@@ -16,32 +16,27 @@ It deliberately imports nothing but the standard library, so it can run as a ser
 dependencies, and so that importing it never drags Celery in.
 
 Out-of-process users drive it through a small control API under ``/_fake/`` (loopback only by
-default) which is neither rate limited nor logged.
+default) which is neither rate limited nor logged (``control.py``). What it saw is read
+through :class:`~tasks.testing.inspection.Inspection`; the HTTP plumbing is ``http.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import json
 import math
 import random
 import secrets
-import socket
-import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
+from tasks.testing.control import handle_control
 from tasks.testing.faults import (
     _LOGGED_HEADERS,
-    _MAX_BODY,
     ALGORITHM_IDS,
     CLIENT_ORDER_ID_TTL,
     CONTROL_PREFIX,
@@ -54,59 +49,21 @@ from tasks.testing.faults import (
     Fault,
     Order,
     RateLimitPer,
-    RequestRecord,
     _default_message,
     _is_int,
     _is_number,
     _LiveRecord,
 )
-
-# The server
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    ip: str
-    headers: dict[str, str]
-    body: bytes
-    #: When it arrived (monotonic), before any latency or delay.
-    arrived: float = 0.0
-
-
-@dataclass
-class _Response:
-    status: int
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    reset: bool = False
-
-
-def _json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> _Response:
-    return _Response(status, json.dumps(payload).encode(), list(headers))
-
-
-def _error(status: int, message: str | None = None) -> _Response:
-    return _json_response(status, {"error": message or _default_message(status)})
-
-
-def _bearer(headers: Mapping[str, str]) -> str | None:
-    value = headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, credential = value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not credential.strip():
-        return None
-    return credential.strip()
-
-
-def _parse_json(body: bytes) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return False, None
+from tasks.testing.http import (
+    _bearer,
+    _error,
+    _json_response,
+    _parse_json,
+    _Request,
+    _Response,
+    _Server,
+)
+from tasks.testing.inspection import Inspection
 
 
 def _format_expiry(expires: datetime, with_millis: bool) -> tuple[datetime, str]:
@@ -130,7 +87,7 @@ def _batch_expiry(cfg: FakeSfoxConfig) -> tuple[tuple[datetime, str], tuple[date
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class FakeSfox:
+class FakeSfox(Inspection):
     """A fake sFOX API server for tests, demos, benchmarks and the docker service.
 
     All mutable state sits behind one lock; handler threads only sleep (latency, delay faults)
@@ -336,153 +293,6 @@ class FakeSfox:
                 self._tokens[token] = (self._tokens[token][0], _EPOCH)
             return len(victims)
 
-    # ---- inspection --------------------------------------------------------------------
-
-    @property
-    def requests_log(self) -> list[RequestRecord]:
-        """Snapshots of every non-control request, in arrival order."""
-        with self._lock:
-            return [record.snapshot() for record in self._log]
-
-    @property
-    def issued_tokens(self) -> dict[str, tuple[str, datetime]]:
-        """token -> (user_id, expiry) for every token this fake has handed out."""
-        with self._lock:
-            return dict(self._tokens)
-
-    @property
-    def orders(self) -> list[Order]:
-        with self._lock:
-            return list(self._orders)
-
-    @property
-    def duplicate_order_attempts(self) -> int:
-        with self._lock:
-            return self._duplicates
-
-    @property
-    def rate_limited_count(self) -> int:
-        """How many 429s the rate limiter served (scripted 429 faults are not included)."""
-        with self._lock:
-            return self._rate_limited
-
-    def count(self, path_prefix: str = "") -> int:
-        """Number of logged requests whose path starts with ``path_prefix``."""
-        with self._lock:
-            return sum(1 for record in self._log if record.path.startswith(path_prefix))
-
-    def max_requests_in_window(
-        self, window_s: float, path_prefix: str | None = None, *, ip: str | None = None
-    ) -> int:
-        """Most requests that arrived within any ``window_s``-second span (half-open).
-
-        ``ip`` counts only the requests from that client address.
-        """
-        if not window_s > 0:
-            raise ValueError("window_s must be > 0")
-        with self._lock:
-            times = sorted(
-                r.time
-                for r in self._log
-                if (path_prefix is None or r.path.startswith(path_prefix)) and ip in (None, r.ip)
-            )
-        return _densest(times, window_s)
-
-    def rate_limited_by_address(self) -> dict[str, int]:
-        """The limiter's 429s per client address (scripted 429 faults are not included)."""
-        with self._lock:
-            return dict(self._rate_limited_by_ip)
-
-    def token_ages_at_use(self) -> list[float]:
-        """For each order request, seconds since the token it carried was minted."""
-        with self._lock:
-            return list(self._token_ages)
-
-    def _by_address(self, window_s: float) -> dict[str, dict[str, int]]:
-        """Requests, 429s and the densest window of each client address."""
-        with self._lock:
-            times: dict[str, list[float]] = {}
-            counts: dict[str, dict[str, int]] = {}
-            for record in self._log:
-                times.setdefault(record.ip, []).append(record.time)
-                entry = counts.setdefault(
-                    record.ip,
-                    {"requests": 0, "token_requests": 0, "order_requests": 0, "rate_limited": 0},
-                )
-                entry["requests"] += 1
-                if record.path.startswith(TOKENS_PATH):
-                    entry["token_requests"] += 1
-                elif record.path.startswith(ORDERS_PATH):
-                    entry["order_requests"] += 1
-            for ip, limited in self._rate_limited_by_ip.items():
-                counts.setdefault(
-                    ip, {"requests": 0, "token_requests": 0, "order_requests": 0, "rate_limited": 0}
-                )["rate_limited"] = limited
-        for ip, entry in counts.items():
-            entry["max_requests_in_window"] = _densest(sorted(times.get(ip, [])), window_s)
-        return dict(sorted(counts.items()))
-
-    def _token_use_stats_locked(self) -> dict[str, Any]:
-        ages = sorted(self._token_ages)
-        minted_twice = sum(1 for n in self._mints_by_user.values() if n > 1)
-        return {
-            "orders": len(ages),
-            "max_s": round(ages[-1], 3) if ages else None,
-            "p99_s": round(_percentile(ages, 0.99), 3) if ages else None,
-            "p50_s": round(_percentile(ages, 0.5), 3) if ages else None,
-            "users_minted": len(self._mints_by_user),
-            "users_minted_more_than_once": minted_twice,
-        }
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for the control API and for humans; contains no tokens or keys."""
-        cfg = self._config
-        with self._lock:
-            by_path: dict[str, int] = {}
-            by_status: dict[str, int] = {}
-            for record in self._log:
-                by_path[record.path] = by_path.get(record.path, 0) + 1
-                by_status[str(record.status)] = by_status.get(str(record.status), 0) + 1
-            total = len(self._log)
-            token_requests = sum(1 for r in self._log if r.path.startswith(TOKENS_PATH))
-            order_requests = sum(1 for r in self._log if r.path.startswith(ORDERS_PATH))
-            result: dict[str, Any] = {
-                "requests": {
-                    "total": total,
-                    TOKENS_PATH: token_requests,
-                    ORDERS_PATH: order_requests,
-                    "other": total - token_requests - order_requests,
-                },
-                "requests_by_path": by_path,
-                "status_counts": by_status,
-                "tokens_issued": len(self._tokens),
-                "token_use": self._token_use_stats_locked(),
-                "times": {
-                    "first_request_at": self._wall(self._log[0].time) if self._log else None,
-                    "last_request_at": self._wall(self._log[-1].time) if self._log else None,
-                    "last_order_at": (
-                        self._wall(max(o.placed_at for o in self._orders)) if self._orders else None
-                    ),
-                },
-                "rate_limited": self._rate_limited,
-                "orders_placed": len(self._orders),
-                "duplicate_order_attempts": self._duplicates,
-                "faults_pending": len(self._faults),
-                "refused": sorted(self._refused),
-                "orders": [order.to_dict() for order in self._orders],
-            }
-        result["rate_window"] = cfg.rate_window
-        result["max_requests_in_window"] = self.max_requests_in_window(cfg.rate_window)
-        result["max_token_requests_in_window"] = self.max_requests_in_window(
-            cfg.rate_window, TOKENS_PATH
-        )
-        result["by_address"] = self._by_address(cfg.rate_window)
-        result["config"] = dataclasses.asdict(cfg)
-        return result
-
-    def _wall(self, monotonic: float) -> float:
-        return round(self._wall_offset + monotonic, 4)
-
     # ---- request handling (called from handler threads) -------------------------------
 
     def _auth_verdict_locked(self, headers: Mapping[str, str]) -> AuthVerdict:
@@ -529,7 +339,7 @@ class FakeSfox:
 
     def _handle(self, req: _Request) -> _Response:
         if req.path.startswith(CONTROL_PREFIX):
-            return self._handle_control(req)
+            return handle_control(self, req)
         user_ids = self._body_user_ids(req)
         headers = {k: v for k, v in req.headers.items() if k in _LOGGED_HEADERS}
         with self._lock:
@@ -743,73 +553,6 @@ class FakeSfox:
             self._orders.append(order)
         return _json_response(201, order.to_dict())
 
-    # ---- control API -------------------------------------------------------------------
-
-    def _handle_control(self, req: _Request) -> _Response:
-        if not self.allow_remote_control and not _is_loopback(req.ip):
-            return _error(403, "control API is loopback-only")
-        name = req.path[len(CONTROL_PREFIX) :]
-        getters = {"health", "stats", "config"}
-        posters = {"faults", "refuse", "unrefuse", "config", "reset", "expire-tokens"}
-        if name not in getters | posters:
-            return _error(404)
-        if req.method in ("GET", "HEAD") and name in getters:
-            if name == "health":
-                return _json_response(200, {"ok": True})
-            if name == "stats":
-                return _json_response(200, self.stats())
-            return _json_response(200, dataclasses.asdict(self._config))
-        if req.method != "POST" or name not in posters:
-            allow = ", ".join(m for m, s in (("GET", getters), ("POST", posters)) if name in s)
-            return _Response(
-                405, json.dumps({"error": "method not allowed"}).encode(), [("Allow", allow)]
-            )
-        if req.body.strip():
-            ok, payload = _parse_json(req.body)
-            if not ok:
-                return _error(400, "invalid JSON body")
-        else:
-            payload = {}
-        try:
-            return self._control_post(name, payload)
-        except ValueError as exc:
-            return _error(400, str(exc))
-
-    def _control_post(self, name: str, payload: Any) -> _Response:
-        if name == "faults":
-            items = payload if isinstance(payload, list) else [payload]
-            faults: list[Fault] = []
-            for item in items:
-                times = item.get("times", 1) if isinstance(item, Mapping) else 1
-                if not _is_int(times) or times < 1:
-                    raise ValueError("times must be an integer >= 1")
-                faults.extend([Fault.from_dict(item)] * times)
-            self.inject(*faults)
-            return _json_response(200, {"queued": len(faults), "pending": len(self.pending_faults)})
-        if name == "reset":
-            self.reset()
-            return _json_response(200, {"ok": True})
-        if not isinstance(payload, dict):
-            raise ValueError("body must be a JSON object")
-        if name == "config":
-            return _json_response(200, dataclasses.asdict(self.configure(**payload)))
-        if name == "expire-tokens":
-            user_id = payload.get("user_id")
-            if user_id is not None and not isinstance(user_id, str):
-                raise ValueError("user_id must be a string")
-            return _json_response(200, {"expired": self.expire_all_tokens(user_id)})
-        user_id = payload.get("user_id")
-        if not isinstance(user_id, str) or not user_id:
-            raise ValueError("user_id must be a non-empty string")
-        if name == "unrefuse":
-            self.unrefuse(user_id)
-        else:
-            message = payload.get("message", "user not found")
-            if not isinstance(message, str):
-                raise ValueError("message must be a string")
-            self.refuse(user_id, payload.get("status", 404), message)
-        return _json_response(200, {"ok": True})
-
 
 def _validate_order(side: str, body: Mapping[str, Any]) -> str | None:
     """The first thing wrong with an order body, or None."""
@@ -842,147 +585,3 @@ def _validate_order(side: str, body: Mapping[str, Any]) -> str | None:
     if not has["quantity"]:
         return "quantity is required"
     return None
-
-
-def _densest(times: Sequence[float], window_s: float) -> int:
-    """Most of the sorted ``times`` within any half-open ``window_s``-second span."""
-    best = start = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
-
-def _percentile(ordered: Sequence[float], share: float) -> float:
-    """The nearest-rank percentile of sorted, non-empty ``ordered``."""
-    rank = max(1, math.ceil(share * len(ordered)))
-    return ordered[rank - 1]
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    # Many worker threads connect at once; the default backlog of 5 turns bursts into
-    # SYN retries that look like latency that sFOX never had.
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], fake: FakeSfox) -> None:
-        self.fake = fake
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that hang up mid-request (timeouts in the tests) are expected, not news.
-        if self.fake.config.verbose:
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    # Keep-alive, like the real API behind its load balancer; clients reuse pooled connections.
-    protocol_version = "HTTP/1.1"
-    server_version = "FakeSfox/1.0"
-    # Bounds how long an idle keep-alive connection pins a handler thread.
-    timeout = 30
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in separate writes; with Nagle on, the client's delayed ACK
-        # adds ~40 ms to every response, which would swamp the benchmark's latency setting.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _fake(self) -> FakeSfox:
-        return cast(_Server, self.server).fake
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self._fake().config.verbose:
-            super().log_message(format, *args)
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > _MAX_BODY:
-                    raise ValueError("body too large")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(1024)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length < 0 or length > _MAX_BODY:
-            raise ValueError("bad content length")
-        return self.rfile.read(length) if length else b""
-
-    def _dispatch(self) -> None:
-        try:
-            body = self._read_body()
-        except ValueError:
-            self.close_connection = True
-            self._write(_error(400, "unreadable request body"))
-            return
-        request = _Request(
-            method=self.command,
-            path=urlsplit(self.path).path or "/",
-            ip=str(self.client_address[0]),
-            headers={k.lower(): v for k, v in self.headers.items()},
-            body=body,
-        )
-        self._write(self._fake()._handle(request))
-
-    def _write(self, response: _Response) -> None:
-        if response.reset:
-            self._abort()
-            return
-        try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", "application/json")
-            for name, value in response.headers:
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(response.body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(response.body)
-        except OSError:  # the client gave up (e.g. its read timeout fired during a delay)
-            self.close_connection = True
-
-    def _abort(self) -> None:
-        # Half a status line guarantees the client cannot parse a response out of it, and
-        # SO_LINGER 0 turns the server's close into an RST: the client sees a connection error.
-        self.close_connection = True
-        try:
-            self.wfile.write(b"HTTP/1.1 2")
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-
-
-# --------------------------------------------------------------------------------------------
