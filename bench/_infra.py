@@ -31,6 +31,9 @@ import requests
 
 from tasks.testing.process import stop_process
 
+#: A package rate no run reaches: the limiter still runs, it never waits.
+UNLIMITED_RATE = "10000000/10s"
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The benchmark's Redis unless told otherwise; other engineers' tests use 14 and 15.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"

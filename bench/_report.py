@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _report_nightly
+from bench._report_cpu import profile_section, worker_cpu_per_batch
 from bench._report_nightly import _n, _s, section_rows
 
 APPROACH_ORDER = (
@@ -154,103 +155,6 @@ def grid_table(results: dict[str, Any]) -> str:
             f"{_n(row['requests'] / wall)} | {per_batch:.2f} | {row['fake_cpu_s'] / wall:.0%} |"
         )
     return "\n".join(lines)
-
-
-def worker_cpu_per_batch(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The real prefork worker's CPU per batch, from the profile run or the grid."""
-    worker = (results.get("profile") or {}).get("worker") or {}
-    grid = {
-        r["concurrency"]: r["worker_cpu_s"] / r["requests"] * 1000
-        for r in grid_rows(results)
-        if r["approach"] == "package: mint tasks" and r["latency"] == 0 and r["requests"]
-    }
-    if "psutil_ms" in worker:
-        return {"ms": worker["psutil_ms"], "concurrency": worker["concurrency"], "grid": grid}
-    if grid:
-        concurrency = min(grid, key=lambda c: grid[c])
-        return {"ms": grid[concurrency], "concurrency": concurrency, "grid": grid}
-    return None
-
-
-def profile_section(results: dict[str, Any]) -> str:
-    profile = results.get("profile") or {}
-    if not profile:
-        return "*Not run (`--sections` left out `profile`).*"
-    config = results["config"]
-    inproc = profile["in_process"]
-    m = inproc["measured"]
-    worker = profile["worker"]
-    real = worker_cpu_per_batch(results)
-    out = []
-    if real:
-        grid = ", ".join(f"{ms:.2f} ms at concurrency {c}" for c, ms in real["grid"].items())
-        out.append(
-            f"- **Real worker, whole path: {real['ms']:.2f} ms of CPU per batch**: a prefork "
-            f"worker × {real['concurrency']} minting {config['profile_users']:,} users in mint "
-            f"tasks of {config['grid_chunk']:,}, the stand-in without latency; CPU seconds of "
-            "the worker's main and pool processes (psutil) over the requests the stand-in "
-            "counted. " + (f"The grid's no-latency runs: {grid}." if grid else "")
-        )
-    out.append(
-        f"- In-process Minter (client + Redis limiter + sealer, no Celery), unprofiled: "
-        f"**{m['minter_ms']:.2f} ms per batch**; alone, the sFOX client (request, JSON, entry "
-        f"checks) {m['client_ms']:.2f} ms, sealing 100 tokens {m['seal_ms']:.2f} ms, "
-        f"a limiter slot (take and release) {m['limiter_ms']:.2f} ms; the rest (retry "
-        f"wrapper, bookkeeping) {m['rest_ms']:.2f} ms ({inproc['batches']:,} batches)."
-    )
-    if worker.get("error"):
-        out.append(f"- {worker['error']}")
-        return "\n".join(out)
-    out.append(
-        f"- The same worker run sampled by py-spy ({worker['samples']:,} samples of threads on "
-        f"a CPU, main and pool processes): {worker['total_ms']:.2f} ms per batch, of which the "
-        f"worker's main process {worker['main_process_ms']:.2f} ms."
-    )
-    out += [
-        "",
-        "Where the worker's CPU goes, per batch (py-spy; a sample counts for the deepest "
-        "package function on its stack):",
-        "",
-    ]
-    out += _shares("ms per batch", worker["components_ms"], worker["total_ms"], 2)
-    out += [
-        "",
-        "Hot spots: the functions on top of the stack (own time), per batch:",
-        "",
-        "| function | ms per batch | share |",
-        "| --- | ---: | ---: |",
-    ]
-    for spot in worker["hot_spots"]:
-        out.append(f"| `{spot['function']}` | {spot['ms']:.3f} | {spot['share']:.1%} |")
-    wut = profile.get("wut")
-    if wut and not wut.get("error"):
-        out += [
-            "",
-            f"### `with_user_tokens`: worker CPU per user ({wut['users']:,} users, "
-            f"concurrency {wut['concurrency']}, no latency)",
-            "",
-            f"**{wut['psutil_ms_per_user']:.2f} ms of worker CPU per user**, "
-            f"{wut['psutil_ms_per_batch']:.1f} ms per 100-user batch (psutil; "
-            f"{_n(wut['users'] / wut['wall_s'])} users/s on this machine). It runs one "
-            "`jit_mint_chunk` task per batch and, per user, the downstream task, whose "
-            "success the worker marks done in a `task_postrun` handler (one Redis call). "
-            f"By py-spy's samples ({wut['samples']:,}):",
-            "",
-        ]
-        out += _shares("ms per user", wut["components_ms"], wut["total_ms"], 3)
-        out += [
-            "",
-            f"Of all samples, {wut['marker_share']:.1%} were under `{wut['marker']}`, "
-            "where kombu's Redis transport builds a `redis.Redis` client object for every "
-            "message it publishes; `tasks.worker.transport` builds one per connection pool instead "
-            "(15% of the samples before it). Hot spots (own time):",
-            "",
-            "| function | ms per user | share |",
-            "| --- | ---: | ---: |",
-        ]
-        for spot in wut["hot_spots"]:
-            out.append(f"| `{spot['function']}` | {spot['ms']:.3f} | {spot['share']:.1%} |")
-    return "\n".join(out)
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -590,12 +494,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _shares(unit: str, parts: dict[str, float], total: float, digits: int) -> list[str]:
-    """A table of ``parts`` (name: ms), largest first, with each one's share of ``total``."""
-    total = total or 1.0
-    rows = ["| component | " + unit + " | share |", "| --- | ---: | ---: |"]
-    for name, value in sorted(parts.items(), key=lambda kv: -kv[1]):
-        rows.append(f"| {name} | {value:.{digits}f} | {value / total:.0%} |")
-    return rows

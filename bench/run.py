@@ -45,10 +45,11 @@ from typing import Any
 
 import psutil
 
-from bench import _nightly, _profile, _report
+from bench import _cpu, _nightly, _report
 from bench._infra import (
     DEFAULT_REDIS_URL,
     ROOT,
+    UNLIMITED_RATE,
     BenchError,
     BenchRedis,
     FakeProcess,
@@ -60,12 +61,8 @@ from bench._infra import (
 from bench._plain import parse_rate
 from bench._row import Row
 
-#: A package rate no run reaches: the limiter still runs, it never waits.
-UNLIMITED_RATE = "10000000/10s"
 #: Seconds without a single user arriving downstream before a with_user_tokens run is given up.
 STALL_S = 120.0
-#: The profiled worker mints in this many rounds; the least disturbed one counts.
-PROFILE_ROUNDS = 3
 
 APPROACH_WUT = "package: with_user_tokens"
 APPROACH_MINT = "package: mint tasks"
@@ -525,125 +522,6 @@ class Bench:
                 )  # fmt: skip
         self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
 
-    def section_profile(self) -> None:
-        c = self.config
-        self.log(f"CPU per {c.batch_size}-user batch: stand-in with no latency, no limits")
-        self.fake.configure(latency=0.0, rate_limit=None)
-        self.reset()
-        self.profile["in_process"] = _profile.in_process(
-            self.fake.url, self.api_key, c.redis_url, users=c.profile_users,
-            batch_size=c.batch_size,
-        )  # fmt: skip
-        self.profile["worker"] = self._profile_worker()
-        self.profile["wut"] = wut = self._profile_wut()
-        self.log(
-            f"  with_user_tokens: {wut['psutil_ms_per_user']:.2f} ms of worker CPU per user "
-            f"({wut['users']:,} users in {wut['wall_s']:.1f} s)"
-        )
-        measured = self.profile["in_process"]["measured"]
-        worker = self.profile["worker"]
-        self.log(
-            f"  in-process Minter {measured['minter_ms']:.2f} ms/batch; prefork worker "
-            f"{worker.get('psutil_ms', 0):.2f} ms/batch (psutil), "
-            f"{worker.get('total_ms', 0):.2f} ms/batch (py-spy samples)"
-        )
-        self.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
-
-    def _profiled_workers(self) -> Workers:
-        """One worker, limits off, with the run's concurrency: the one py-spy samples."""
-        return Workers(
-            self.worker_env(UNLIMITED_RATE),
-            self.log_dir,
-            count=1,
-            concurrency=self.config.concurrency,
-            redis_client=self.redis.client,
-        )
-
-    def _spy(
-        self, workers: Workers, out: Path, log_name: str, summary: dict[str, Any]
-    ) -> _profile.Spy | None:
-        """py-spy on the worker, or None with the reason in ``summary["error"]``."""
-        try:
-            return _profile.Spy(workers.processes[0].pid, out, self.log_dir / log_name)
-        except (OSError, RuntimeError) as exc:
-            summary["error"] = f"no py-spy profile: {exc}"
-            return None
-
-    def _profile_worker(self) -> dict[str, Any]:
-        """A real prefork worker minting, its CPU from psutil and its stacks from py-spy."""
-        c = self.config
-        self.reset()
-        workers = self._profiled_workers()
-        ids = [f"prof-{index:07d}" for index in range(c.profile_users)]
-        out = self.log_dir / "worker-profile.txt"
-        out.unlink(missing_ok=True)
-        summary: dict[str, Any] = {}
-        rounds = []
-        with workers:
-            # Warm every pool process up: imports, sessions, pools, keys are not per batch.
-            warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
-            self._mint_tasks(warm, c.batch_size, 60)
-            self.fake.reset()
-            spy = self._spy(workers, out, "py-spy.log", summary)
-            # A few rounds, the least disturbed counts: the machine may be shared.
-            step = math.ceil(len(ids) / PROFILE_ROUNDS)
-            sent = 0
-            for start in range(0, len(ids), step):
-                part = ids[start : start + step]
-                cpu0 = workers.cpu_seconds()
-                self._mint_tasks(part, c.grid_chunk, self._timeout(len(part), UNLIMITED_RATE))
-                cpu = workers.cpu_seconds() - cpu0
-                total = int(self.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
-                rounds.append(cpu / max(total - sent, 1) * 1000)
-                sent = total
-            if spy is not None:
-                spy.stop()
-        if spy is not None and out.exists():
-            summary.update(_profile.summarize_spy(out, sent))
-        summary.update(
-            requests=sent,
-            tasks=math.ceil(len(ids) / min(c.grid_chunk, c.max_user_ids)),
-            concurrency=c.concurrency,
-            rounds_ms=rounds,
-            psutil_ms=min(rounds),
-        )
-        return summary
-
-    def _profile_wut(self) -> dict[str, Any]:
-        """A with_user_tokens run into the no-op, its worker CPU per user and its stacks."""
-        c = self.config
-        self.reset()
-        workers = self._profiled_workers()
-        ids = [f"wut-{index:07d}" for index in range(c.profile_wut_users)]
-        out = self.log_dir / "wut-profile.txt"
-        out.unlink(missing_ok=True)
-        summary: dict[str, Any] = {}
-        with workers:
-            warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
-            self._with_user_tokens(warm, "warm", 120)
-            workers.wait_idle()
-            self.fake.reset()
-            spy = self._spy(workers, out, "py-spy-wut.log", summary)
-            cpu0, started = workers.cpu_seconds(), time.perf_counter()
-            users = self._with_user_tokens(ids, "profile", 600)
-            wall = time.perf_counter() - started
-            workers.wait_idle()
-            cpu = workers.cpu_seconds() - cpu0
-            if spy is not None:
-                spy.stop()
-        requests = int(self.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
-        if spy is not None and out.exists():
-            summary.update(_profile.summarize_spy(out, users, classify=_profile.classify_wut))
-        summary.update(
-            users=users,
-            requests=requests,
-            concurrency=c.concurrency,
-            wall_s=wall,
-            psutil_ms_per_user=cpu / max(users, 1) * 1000,
-            psutil_ms_per_batch=cpu / max(requests, 1) * 1000,
-        )
-        return summary
-
     # -- all of it -------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -653,7 +531,7 @@ class Bench:
             sections: dict[str, Callable[[], None]] = {
                 "rate": self.section_rate,
                 "grid": self.section_grid,
-                "profile": self.section_profile,
+                "profile": lambda: _cpu.section_profile(self),
                 "nightly": lambda: _nightly.section_nightly(self),
                 "egress": lambda: _nightly.section_egress(self),
             }
