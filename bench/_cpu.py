@@ -48,15 +48,28 @@ def section_profile(bench: Bench) -> None:
     bench.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
 
 
-def _profiled_workers(bench: Bench) -> Workers:
-    """One worker, limits off, with the run's concurrency: the one py-spy samples."""
-    return Workers(
+def _profiled_workers(bench: Bench, profile_name: str) -> tuple[Workers, Path]:
+    """One worker, limits off, with the run's concurrency, and where py-spy writes its profile.
+
+    The stand-in and the limiter start empty; the profile file is removed.
+    """
+    bench.reset()
+    workers = Workers(
         bench.worker_env(UNLIMITED_RATE),
         bench.log_dir,
         count=1,
         concurrency=bench.config.concurrency,
         redis_client=bench.redis.client,
     )
+    out = bench.log_dir / profile_name
+    out.unlink(missing_ok=True)
+    return workers, out
+
+
+def _warm_ids(bench: Bench) -> list[str]:
+    """Users enough to warm every pool process up: imports, sessions, pools, keys."""
+    c = bench.config
+    return [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
 
 
 def _spy(
@@ -73,17 +86,12 @@ def _spy(
 def _profile_worker(bench: Bench) -> dict[str, Any]:
     """A real prefork worker minting, its CPU from psutil and its stacks from py-spy."""
     c = bench.config
-    bench.reset()
-    workers = _profiled_workers(bench)
+    workers, out = _profiled_workers(bench, "worker-profile.txt")
     ids = [f"prof-{index:07d}" for index in range(c.profile_users)]
-    out = bench.log_dir / "worker-profile.txt"
-    out.unlink(missing_ok=True)
     summary: dict[str, Any] = {}
     rounds = []
     with workers:
-        # Warm every pool process up: imports, sessions, pools, keys are not per batch.
-        warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
-        bench._mint_tasks(warm, c.batch_size, 60)
+        bench._mint_tasks(_warm_ids(bench), c.batch_size, 60)
         bench.fake.reset()
         spy = _spy(bench, workers, out, "py-spy.log", summary)
         # A few rounds, the least disturbed counts: the machine may be shared.
@@ -114,15 +122,11 @@ def _profile_worker(bench: Bench) -> dict[str, Any]:
 def _profile_wut(bench: Bench) -> dict[str, Any]:
     """A with_user_tokens run into the no-op, its worker CPU per user and its stacks."""
     c = bench.config
-    bench.reset()
-    workers = _profiled_workers(bench)
+    workers, out = _profiled_workers(bench, "wut-profile.txt")
     ids = [f"wut-{index:07d}" for index in range(c.profile_wut_users)]
-    out = bench.log_dir / "wut-profile.txt"
-    out.unlink(missing_ok=True)
     summary: dict[str, Any] = {}
     with workers:
-        warm = [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
-        bench._with_user_tokens(warm, "warm", 120)
+        bench._with_user_tokens(_warm_ids(bench), "warm", 120)
         workers.wait_idle()
         bench.fake.reset()
         spy = _spy(bench, workers, out, "py-spy-wut.log", summary)
