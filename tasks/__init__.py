@@ -23,8 +23,9 @@ from tasks._exceptions import (
     TransientError,
     TransportError,
 )
-from tasks.fanout.run import RunProgress, run_progress, with_user_tokens
-from tasks.nightly.run import place_user_order, run_nightly_orders
+from tasks.fanout.store import RunProgress
+from tasks.fanout.tasks import run_progress, with_user_tokens
+from tasks.nightly.tasks import place_user_order, run_nightly_orders
 from tasks.worker.app import app
 from tasks.worker.mint import mint_user_tokens
 from tasks.worker.runtime import unseal

@@ -19,9 +19,9 @@ import redis
 
 from tasks._settings import Rate
 from tasks.budget.ratelimit import RedisLimiter
-from tasks.fanout.run import Chunk, JitRun
+from tasks.fanout.store import Chunk, JitRun
 from tasks.nightly.orders import Order
-from tasks.nightly.run import NightlyRun
+from tasks.nightly.store import NightlyRun
 from tasks.sfox.orders import OrderOutcome
 
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasks import _metrics, mint_user_tokens, place_user_order
 from tasks._metrics import METRIC_NAMES
-from tasks.nightly.run import NightlyRun
+from tasks.nightly.store import NightlyRun
 from tasks.sealing import Sealer, derive_seal_key
 from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY

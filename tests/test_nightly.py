@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks import place_user_order, run_nightly_orders
-from tasks.nightly.run import NightlyRun
+from tasks.nightly.store import NightlyRun
 from tasks.sealing import Sealer, derive_seal_key
 from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY

@@ -19,7 +19,7 @@ import pytest
 
 from tasks import with_user_tokens
 from tasks._redis import redis_client
-from tasks.fanout.run import JitRun
+from tasks.fanout.store import JitRun
 from tests.downstream_runs import task_ids_by_user
 from tests.redis_server import ConnectionKiller, PrivateRedis
 from tests.services import eventually

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tasks import with_user_tokens
-from tasks.fanout.run import JitRun
+from tasks.fanout.store import JitRun
 from tests.conftest import REDIS_URL
 from tests.services import eventually
 from tests.testtasks import flaky_downstream, record_token, runs_by_user
@@ -98,7 +98,7 @@ def test_no_message_holds_the_whole_list(worker, fake_sfox):
 
 def test_chunk_released_but_never_sent_is_sent_again(redis_client):
     """A chunk whose releasing task died before sending it comes back from a sweep, once due."""
-    from tasks.fanout.run import Chunk
+    from tasks.fanout.store import Chunk
 
     run = JitRun(redis_client, "wut-lost")
     chunks = [Chunk(0, ["a", "b"]), Chunk(1, ["c", "d"])]
@@ -119,7 +119,7 @@ def test_chunk_released_but_never_sent_is_sent_again(redis_client):
 
 def test_redelivered_task_sends_again_the_chunks_it_took(redis_client):
     """A task redelivered after dying between taking chunks and sending them gets them back."""
-    from tasks.fanout.run import Chunk
+    from tasks.fanout.store import Chunk
 
     run = JitRun(redis_client, "wut-redelivered")
     chunks = [Chunk(0, ["a"]), Chunk(1, ["b"]), Chunk(2, ["c"])]

@@ -7,8 +7,8 @@ from datetime import date
 from tasks._redis import lua, script
 from tasks._settings import Rate
 from tasks.budget.ratelimit import RedisLimiter
-from tasks.fanout.run import RUN_TTL, Chunk, JitRun
-from tasks.nightly.run import NightlyRun
+from tasks.fanout.store import RUN_TTL, Chunk, JitRun
+from tasks.nightly.store import NightlyRun
 
 
 class RecordingClient:

@@ -33,18 +33,15 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import redis
 from celery import Task, group, signals
 from celery.canvas import Signature
 from kombu.entity import Exchange, Queue
 
 from tasks._exceptions import InvalidUserIds
-from tasks._redis import lua
-from tasks._redis import script as script_for
+from tasks.fanout.store import Chunk, JitRun, RunProgress
 from tasks.minting import MintResult, validate_user_ids
 from tasks.worker.app import app
 from tasks.worker.base import SfoxTask
@@ -53,11 +50,10 @@ from tasks.worker.runtime import get_runtime
 from tasks.worker.transport import ONCE_HEADER
 
 __all__ = [
-    "Chunk",
-    "JitRun",
-    "RunProgress",
+    "downstream_of",
     "downstream_route",
     "route_options",
+    "run_for",
     "run_progress",
     "send_chunks",
     "send_downstream",
@@ -67,8 +63,6 @@ __all__ = [
 
 logger = logging.getLogger("tasks.jit")
 
-#: Seconds a run's bookkeeping stays in Redis after its last change.
-RUN_TTL = 3 * 86400
 #: Chunks minted ahead of the downstream tasks' progress, by default.
 DEFAULT_AHEAD = 4
 #: Chunks per segment message.
@@ -78,190 +72,17 @@ MAX_RUN_USERS = 1_000_000
 #: Message header naming the run and user of a downstream task: ``[run_id, user_id]``.
 DONE_HEADER = "sfox_jit"
 
-_PREFIX = "sfox:jit"
 
-# The scripts live in this folder's .lua files: common.lua names every script's KEYS and
-# ARGV[1..2], and how a chunk is handed out; each script's own file its other ARGV. Every
-# one is run through JitRun's method of the same name, which passes them in that order.
-_LUA = "tasks.fanout"
-_SCRIPTS = {
-    "stage": lua(_LUA, "common", "stage"),
-    "sent": lua(_LUA, "sent"),
-    "claim": lua(_LUA, "claim"),
-    "finish": lua(_LUA, "common", "finish"),
-    "done": lua(_LUA, "common", "done"),
-    "sweep": lua(_LUA, "common", "sweep"),
-}
+def run_for(run_id: str, conf: Any = None) -> JitRun:
+    """The run's bookkeeping in the Redis of ``conf``'s app (``tasks.app`` by default)."""
+    return JitRun(get_runtime(conf if conf is not None else app.conf).redis, run_id)
 
 
-@dataclass(frozen=True)
-class RunProgress:
-    """Where a ``with_user_tokens`` run stands (:func:`run_progress`)."""
-
-    #: Users in the run.
-    total: int
-    #: Users whose downstream task was sent.
-    dispatched: int
-    #: Users whose downstream task ended (succeeded, failed for good, or was handed over).
-    done: int
-    #: Users sFOX refused a token: they never reach the downstream task.
-    failed: int
-    #: Chunks not yet released for minting.
-    queued_chunks: int
-    #: Users of chunks being minted now.
-    inflight: int
-
-    @property
-    def refused(self) -> int:
-        """Users sFOX refused (the same as :attr:`failed`)."""
-        return self.failed
-
-    @property
-    def finished(self) -> bool:
-        """Every user either finished downstream or was refused."""
-        return (
-            self.total > 0
-            and self.done + self.failed >= self.total
-            and self.queued_chunks == 0
-            and self.inflight <= 0
-        )
-
-
-@dataclass(frozen=True)
-class Chunk:
-    index: int
-    user_ids: list[str]
-
-    def encode(self) -> str:
-        return f"{self.index}|{len(self.user_ids)}|{json.dumps(self.user_ids)}"
-
-    @classmethod
-    def decode(cls, text: str | bytes) -> Chunk:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        index, _count, body = text.split("|", 2)
-        return cls(int(index), list(json.loads(body)))
-
-
-class JitRun:
-    """The Redis bookkeeping of one run."""
-
-    def __init__(self, client: redis.Redis[bytes], run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        base = f"{_PREFIX}:{{{run_id}}}"  # one hash slot per run, for Redis Cluster
-        self.state = f"{base}:state"
-        self.queue = f"{base}:queue"
-        self.done_set = f"{base}:done"
-        self.staged = f"{base}:staged"
-        self.finished_set = f"{base}:finished"
-        self.failed_users = f"{base}:failed"
-        self.released = f"{base}:released"
-        self.released_at = f"{base}:released-at"
-        self.released_by = f"{base}:released-by"
-        self.owners = f"{base}:owners"
-
-    def keys(self) -> list[str]:
-        """Every script's KEYS, in the order the scripts name them."""
-        return [
-            self.state,
-            self.queue,
-            self.done_set,
-            self.released,
-            self.released_at,
-            self.finished_set,
-            self.released_by,
-            self.staged,
-            self.owners,
-        ]
-
-    @classmethod
-    def for_app(cls, run_id: str, conf: Any = None) -> JitRun:
-        return cls(get_runtime(conf if conf is not None else app.conf).redis, run_id)
-
-    # Each returns the chunks the caller must send now, then confirm with ``sent``.
-    # ``sender`` is the calling task's id: when Celery redelivers that task after a
-    # crash, or a call is made again after a dropped connection, the chunks it took
-    # but never confirmed come back to it.
-
-    def stage(
-        self, segment: int, chunks: Sequence[Chunk], spec: dict[str, Any], *, sender: str = ""
-    ) -> list[Chunk]:
-        """Add a segment's chunks once."""
-        return self._chunks(
-            "stage", sender, segment, json.dumps(spec), *(c.encode() for c in chunks)
-        )
-
-    def sent(self, chunks: Sequence[Chunk], *, sender: str = "") -> None:
-        """The caller has published these chunks' tasks: they are no longer its to resend."""
-        if chunks:
-            self._call("sent", sender, *(c.index for c in chunks))
-
-    def claim(self, chunk: Chunk, *, sender: str = "") -> bool:
-        """Whether ``sender`` may mint ``chunk``: unfinished, and no other task's."""
-        return bool(self._call("claim", sender, chunk.index))
-
-    def finish_chunk(
-        self, chunk: Chunk, dispatched: int, failed: int, *, sender: str = ""
-    ) -> list[Chunk]:
-        """Count a minted chunk once."""
-        return self._chunks("finish", sender, chunk.index, len(chunk.user_ids), dispatched, failed)
-
-    def user_done(self, user_id: str, *, sender: str = "") -> list[Chunk]:
-        """Mark one user's downstream work ended."""
-        return self._chunks("done", sender, user_id)
-
-    def sweep(self, *, sender: str = "") -> list[Chunk]:
-        """Newly releasable chunks, and ones whose sender died unsent."""
-        return self._chunks("sweep", sender)
-
-    def _call(self, name: str, sender: str, *args: Any) -> Any:
-        return script_for(self.client, _SCRIPTS[name])(
-            keys=self.keys(), args=[RUN_TTL, sender or "", *args]
-        )
-
-    def _chunks(self, name: str, sender: str, *args: Any) -> list[Chunk]:
-        return [Chunk.decode(c) for c in self._call(name, sender, *args)]
-
-    def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
-        """Keep the refused users' entries (HSET: the same entries again change nothing)."""
-        mapping = {e["user_id"]: json.dumps(e) for e in entries}
-        if mapping:
-            with self.client.pipeline() as pipe:
-                pipe.hset(self.failed_users, mapping=mapping)
-                pipe.expire(self.failed_users, RUN_TTL)
-                pipe.execute()
-
-    def failed(self) -> dict[str, dict[str, Any]]:
-        """Users sFOX refused, with their ``failed`` entries."""
-        return {
-            k.decode(): json.loads(v) for k, v in self.client.hgetall(self.failed_users).items()
-        }
-
-    def spec(self) -> dict[str, str]:
-        raw = self.client.hgetall(self.state)
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def downstream(self, celery_app: Any) -> tuple[Signature, dict[str, Any]]:
-        """The run's downstream signature, bound to ``celery_app``, and where to send it."""
-        spec = self.spec()
-        signature = celery_app.signature(json.loads(spec["downstream"]))
-        return signature, route_options(json.loads(spec.get("route") or "{}"))
-
-    def progress(self) -> RunProgress:
-        with self.client.pipeline() as pipe:
-            pipe.hmget(self.state, "total", "dispatched", "failed", "inflight")
-            pipe.scard(self.done_set)
-            pipe.llen(self.queue)
-            (total, dispatched, failed, inflight), done, queued = pipe.execute()
-        return RunProgress(
-            total=int(total or 0),
-            dispatched=int(dispatched or 0),
-            done=int(done),
-            failed=int(failed or 0),
-            queued_chunks=int(queued),
-            inflight=int(inflight or 0),
-        )
+def downstream_of(run: JitRun, celery_app: Any) -> tuple[Signature, dict[str, Any]]:
+    """The run's downstream signature, bound to ``celery_app``, and where to send it."""
+    spec = run.spec()
+    signature = celery_app.signature(json.loads(spec["downstream"]))
+    return signature, route_options(json.loads(spec.get("route") or "{}"))
 
 
 def run_progress(run_id: str) -> RunProgress:
@@ -270,7 +91,7 @@ def run_progress(run_id: str) -> RunProgress:
     ``run_id`` is the one given to :func:`with_user_tokens`, or the ``run_id``
     attribute of the canvas it returned.
     """
-    return JitRun.for_app(run_id).progress()
+    return run_for(run_id).progress()
 
 
 def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[Chunk]]:
@@ -412,7 +233,7 @@ def jit_segment(
     self: SfoxTask, run_id: str, segment: int, chunks: list[str], spec: dict[str, Any]
 ) -> dict[str, Any]:
     """Stage one segment of a with_user_tokens run and release the first chunks."""
-    run = JitRun.for_app(run_id, self.app.conf)
+    run = run_for(run_id, self.app.conf)
     me = self.request.id or ""
     send_chunks(
         run, run.stage(segment, [Chunk.decode(c) for c in chunks], spec, sender=me), sender=me
@@ -435,7 +256,7 @@ def jit_mint_chunk(
     mints nothing again and sends no downstream task twice.
     """
     chunk = Chunk.decode(encoded)
-    run = JitRun.for_app(run_id, self.app.conf)
+    run = run_for(run_id, self.app.conf)
     me = self.request.id or ""
     resume = _resume or {}
     result: MintResult | None = resume.get("minted")
@@ -449,7 +270,7 @@ def jit_mint_chunk(
             return {"run": run_id, "chunk": chunk.index, "sent": 0, "failed": [], "skipped": True}
         result = get_runtime(self.app.conf).minter().mint(chunk.user_ids, _resume)
     self.checkpoint({"minted": result, "sent": int(resume.get("sent", 0))})
-    downstream, route = run.downstream(self.app)
+    downstream, route = downstream_of(run, self.app)
     tokens = result["tokens"]
     for position in range(int(resume.get("sent", 0)), len(tokens)):
         send_downstream(run_id, downstream, tokens[position], route)
@@ -495,7 +316,7 @@ def send_downstream(
 @app.task(bind=True, base=SfoxTask, name="sfox.jit_done", ignore_result=True)
 def jit_done(self: SfoxTask, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
-    run = JitRun.for_app(run_id, self.app.conf)
+    run = run_for(run_id, self.app.conf)
     me = self.request.id or ""
     send_chunks(run, run.user_done(user_id, sender=me), sender=me)
 
@@ -559,7 +380,7 @@ def _downstream_ended(sender: Task | None = None, state: str | None = None, **_:
     run_id, user_id = str(mark[0]), str(mark[1])
     me = sender.request.id or ""
     try:
-        run = JitRun.for_app(run_id, sender.app.conf)
+        run = run_for(run_id, sender.app.conf)
         send_chunks(run, run.user_done(user_id, sender=me), sender=me)
     except Exception:  # a signal handler must not fail the task that already ended
         logger.warning(
