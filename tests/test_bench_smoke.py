@@ -1,8 +1,8 @@
 """The benchmark's smoke mode: the whole benchmark at tiny N, on real parts, no timings asserted.
 
 It runs in its own Redis database (``SFOX_BENCH_SMOKE_REDIS_URL``, default
-db 13), never the suite's: the benchmark empties its database at start and
-starts workers of its own on the default queue.
+db 14), never the suite's (15) nor a full benchmark's (13): the benchmark
+empties its database at start and starts workers of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import redis
 from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_REDIS_URL = os.environ.get("SFOX_BENCH_SMOKE_REDIS_URL", "redis://127.0.0.1:6379/13")
+BENCH_REDIS_URL = os.environ.get("SFOX_BENCH_SMOKE_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 pytest.importorskip(
     "psutil", reason="the benchmark needs the bench extra: pip install -e '.[bench]'"
