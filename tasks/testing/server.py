@@ -17,31 +17,28 @@ dependencies, and so that importing it never drags Celery in.
 
 Out-of-process users drive it through a small control API under ``/_fake/`` (loopback only by
 default) which is neither rate limited nor logged (``control.py``). What it saw is read
-through :class:`~tasks.testing.inspection.Inspection`; the HTTP plumbing is ``http.py``.
+through :class:`~tasks.testing.inspection.Inspection`; the HTTP plumbing is ``http.py``. The
+endpoints themselves are mixins: :class:`~tasks.testing.tokens.TokenDesk` (the two mints) and
+:class:`~tasks.testing.orders.OrderDesk` (orders).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, cast
 from urllib.parse import unquote
 
 from tasks.testing.control import handle_control
 from tasks.testing.faults import (
     _LOGGED_HEADERS,
-    ALGORITHM_IDS,
-    CLIENT_ORDER_ID_TTL,
     CONTROL_PREFIX,
-    MARKET_ALGORITHM,
-    ORDER_SIDES,
     ORDERS_PATH,
     TOKENS_PATH,
     AuthVerdict,
@@ -51,7 +48,6 @@ from tasks.testing.faults import (
     RateLimitPer,
     _default_message,
     _is_int,
-    _is_number,
     _LiveRecord,
 )
 from tasks.testing.http import (
@@ -64,30 +60,13 @@ from tasks.testing.http import (
     _Server,
 )
 from tasks.testing.inspection import Inspection
-
-
-def _format_expiry(expires: datetime, with_millis: bool) -> tuple[datetime, str]:
-    # Both spellings appear in sFOX's docs; the stored datetime is exactly what the text says so
-    # tests can compare them.
-    if with_millis:
-        expires = expires.replace(microsecond=expires.microsecond // 1000 * 1000)
-        text = expires.strftime("%Y-%m-%dT%H:%M:%S") + f".{expires.microsecond // 1000:03d}Z"
-    else:
-        expires = expires.replace(microsecond=0)
-        text = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return expires, text
-
-
-def _batch_expiry(cfg: FakeSfoxConfig) -> tuple[tuple[datetime, str], tuple[datetime, str]]:
-    """The expiry of a token minted now, spelt without and with milliseconds."""
-    raw = datetime.now(timezone.utc) + timedelta(seconds=cfg.token_ttl)
-    return _format_expiry(raw, with_millis=False), _format_expiry(raw, with_millis=True)
-
+from tasks.testing.orders import OrderDesk
+from tasks.testing.tokens import TokenDesk
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class FakeSfox(Inspection):
+class FakeSfox(TokenDesk, OrderDesk, Inspection):
     """A fake sFOX API server for tests, demos, benchmarks and the docker service.
 
     All mutable state sits behind one lock; handler threads only sleep (latency, delay faults)
@@ -430,158 +409,3 @@ class FakeSfox(Inspection):
         if endpoint == "single":
             return self._issue_single(req, cast(str, tail), fault, cfg)
         return self._place_order(req, cast(str, tail))
-
-    def _mint_locked(
-        self,
-        user_id: str,
-        cfg: FakeSfoxConfig,
-        expiry: tuple[tuple[datetime, str], tuple[datetime, str]] | None = None,
-    ) -> dict[str, str]:
-        # ``expiry`` is (plain, with millis) computed once for a whole batch: formatting it per
-        # token was half the fake's CPU, which capped the benchmark's unlimited-rate runs.
-        token = secrets.token_hex(32)
-        if expiry is None:
-            expiry = _batch_expiry(cfg)
-        expires, text = expiry[self._minted % 2]
-        self._minted += 1
-        self._tokens[token] = (user_id, expires)
-        self._token_born[token] = time.monotonic()
-        self._mints_by_user[user_id] = self._mints_by_user.get(user_id, 0) + 1
-        return {"token": token, "expires": text, "partner_user_id": user_id}
-
-    def _check_enterprise(self, req: _Request) -> _Response | None:
-        credential = _bearer(req.headers)
-        if credential is None or not secrets.compare_digest(credential.encode(), self._api_key):
-            return _error(401, "invalid api key")
-        return None
-
-    def _issue_batch(self, req: _Request, fault: Fault | None, cfg: FakeSfoxConfig) -> _Response:
-        denied = self._check_enterprise(req)
-        if denied is not None:
-            return denied
-        ok, payload = _parse_json(req.body)
-        if not ok:
-            return _error(400, "invalid JSON body")
-        ids = payload.get("data") if isinstance(payload, dict) else None
-        if not isinstance(ids, list) or not ids:
-            return _error(400, "data must be a non-empty list of user ids")
-        if not all(isinstance(uid, str) and uid for uid in ids):
-            return _error(400, "user ids must be non-empty strings")
-        with self._lock:
-            for uid in ids:
-                if uid in self._refused:
-                    status, message = self._refused[uid]
-                    return _error(status, message)
-            if cfg.max_batch is not None and len(ids) > cfg.max_batch:
-                return _error(400, "too many users")
-            dropped: str | None = None
-            if fault is not None and fault.kind == "drop_user":
-                dropped = fault.user_id if fault.user_id is not None else ids[0]
-            expiry = _batch_expiry(cfg)
-            entries = [self._mint_locked(uid, cfg, expiry) for uid in ids if uid != dropped]
-            if fault is not None and fault.kind == "extra_user":
-                entries.append(self._mint_locked(fault.user_id or "intruder", cfg, expiry))
-        if cfg.shuffle and len(entries) > 1:
-            shuffled = random.sample(entries, len(entries))
-            # A shuffle may land on the original order; rotate so order can never be relied on.
-            if shuffled == entries:
-                shuffled = shuffled[1:] + shuffled[:1]
-            entries = shuffled
-        return _json_response(201, {"data": entries})
-
-    def _issue_single(
-        self, req: _Request, user_id: str, fault: Fault | None, cfg: FakeSfoxConfig
-    ) -> _Response:
-        denied = self._check_enterprise(req)
-        if denied is not None:
-            return denied
-        with self._lock:
-            if user_id in self._refused:
-                status, message = self._refused[user_id]
-                return _error(status, message)
-            if fault is not None and fault.kind == "drop_user" and fault.user_id in (None, user_id):
-                return _json_response(201, {"data": None})
-            if fault is not None and fault.kind == "extra_user":
-                # The single endpoint has room for one entry: answer for the wrong user.
-                user_id = fault.user_id or "intruder"
-            entry = self._mint_locked(user_id, cfg)
-        return _json_response(201, {"data": entry})
-
-    def _place_order(self, req: _Request, side: str) -> _Response:
-        credential = _bearer(req.headers)
-        with self._lock:
-            entry = self._tokens.get(credential) if credential is not None else None
-            owner = (
-                entry[0] if entry is not None and entry[1] > datetime.now(timezone.utc) else None
-            )
-            if entry is not None:
-                # How old the token was when its order arrived.
-                born = self._token_born[cast(str, credential)]
-                self._token_ages.append(max(0.0, req.arrived - born))
-        if owner is None:
-            return _error(401, "invalid token")
-        if side not in ORDER_SIDES:
-            return _error(400, "side must be buy or sell")
-        ok, body = _parse_json(req.body)
-        if not ok or not isinstance(body, dict):
-            return _error(400, "invalid JSON body")
-        problem = _validate_order(side, body)
-        if problem is not None:
-            return _error(400, problem)
-        client_order_id = body.get("client_order_id")
-        with self._lock:
-            now = time.monotonic()
-            if client_order_id is not None:
-                used_at = self._client_order_ids.get((owner, client_order_id))
-                if used_at is not None and now - used_at < CLIENT_ORDER_ID_TTL:
-                    self._duplicates += 1
-                    return _error(400, "client_order_id already exists")
-                self._client_order_ids[(owner, client_order_id)] = now
-            order = Order(
-                id=self._next_order_id,
-                user_id=owner,
-                side=side,
-                currency_pair=body["currency_pair"],
-                algorithm_id=body["algorithm_id"],
-                quantity=body.get("quantity"),
-                price=body.get("price"),
-                amount=body.get("amount"),
-                client_order_id=client_order_id,
-                placed_at=req.arrived,
-            )
-            self._next_order_id += 1
-            self._orders.append(order)
-        return _json_response(201, order.to_dict())
-
-
-def _validate_order(side: str, body: Mapping[str, Any]) -> str | None:
-    """The first thing wrong with an order body, or None."""
-    pair = body.get("currency_pair")
-    if not isinstance(pair, str) or not pair:
-        return "currency_pair is required"
-    algorithm_id = body.get("algorithm_id")
-    if algorithm_id is None:
-        return "algorithm_id is required"
-    if not _is_int(algorithm_id) or algorithm_id not in ALGORITHM_IDS:
-        return "invalid algorithm_id"
-    for name in ("quantity", "price", "amount"):
-        value = body.get(name)
-        if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
-            return f"{name} must be a positive number"
-    client_order_id = body.get("client_order_id")
-    if client_order_id is not None and (
-        not isinstance(client_order_id, str) or not client_order_id
-    ):
-        return "client_order_id must be a non-empty string"
-    has = {name: body.get(name) is not None for name in ("quantity", "price", "amount")}
-    if algorithm_id == MARKET_ALGORITHM:
-        if side == "buy" and not (has["quantity"] or has["amount"]):
-            return "quantity or amount is required"
-        if side == "sell" and not has["quantity"]:
-            return "quantity is required"
-        return None
-    if not has["price"]:
-        return "price is required"
-    if not has["quantity"]:
-        return "quantity is required"
-    return None
