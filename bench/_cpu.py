@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import _profile
@@ -48,22 +47,53 @@ def section_profile(bench: Bench) -> None:
     bench.fake.configure(latency=c.latency, rate_limit=c.sfox_limit)
 
 
-def _profiled_workers(bench: Bench, profile_name: str) -> tuple[Workers, Path]:
-    """One worker, limits off, with the run's concurrency, and where py-spy writes its profile.
+class _ProfiledWorker:
+    """One worker, limits off, at the run's concurrency, with py-spy on it once it is warm.
 
-    The stand-in and the limiter start empty; the profile file is removed.
+    The stand-in and the limiter start empty. :meth:`watch` starts py-spy (after the warm-up);
+    leaving the block stops py-spy, then the worker. Whatever stopped py-spy from starting is
+    in ``summary["error"]``; :meth:`summarize` adds its samples to ``summary``.
     """
-    bench.reset()
-    workers = Workers(
-        bench.worker_env(UNLIMITED_RATE),
-        bench.log_dir,
-        count=1,
-        concurrency=bench.config.concurrency,
-        redis_client=bench.redis.client,
-    )
-    out = bench.log_dir / profile_name
-    out.unlink(missing_ok=True)
-    return workers, out
+
+    def __init__(self, bench: Bench, name: str) -> None:
+        bench.reset()
+        self._bench = bench
+        self._name = name
+        self.workers = Workers(
+            bench.worker_env(UNLIMITED_RATE),
+            bench.log_dir,
+            count=1,
+            concurrency=bench.config.concurrency,
+            redis_client=bench.redis.client,
+        )
+        self.out = bench.log_dir / f"{name}-profile.txt"
+        self.out.unlink(missing_ok=True)
+        self.summary: dict[str, Any] = {}
+        self._spy: _profile.Spy | None = None
+
+    def __enter__(self) -> _ProfiledWorker:
+        self.workers.__enter__()
+        return self
+
+    def watch(self) -> None:
+        """Start py-spy on the worker now."""
+        log = self._bench.log_dir / f"py-spy-{self._name}.log"
+        try:
+            self._spy = _profile.Spy(self.workers.processes[0].pid, self.out, log)
+        except (OSError, RuntimeError) as exc:
+            self.summary["error"] = f"no py-spy profile: {exc}"
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._spy is not None:
+                self._spy.stop()
+        finally:
+            self.workers.__exit__(*exc_info)
+
+    def summarize(self, units: int, **kwargs: Any) -> None:
+        """py-spy's samples per unit of work, into ``summary``."""
+        if self._spy is not None and self.out.exists():
+            self.summary.update(_profile.summarize_spy(self.out, units, **kwargs))
 
 
 def _warm_ids(bench: Bench) -> list[str]:
@@ -72,28 +102,16 @@ def _warm_ids(bench: Bench) -> list[str]:
     return [f"warm-{i}" for i in range(c.batch_size * c.concurrency * 2)]
 
 
-def _spy(
-    bench: Bench, workers: Workers, out: Path, log_name: str, summary: dict[str, Any]
-) -> _profile.Spy | None:
-    """py-spy on the worker, or None with the reason in ``summary["error"]``."""
-    try:
-        return _profile.Spy(workers.processes[0].pid, out, bench.log_dir / log_name)
-    except (OSError, RuntimeError) as exc:
-        summary["error"] = f"no py-spy profile: {exc}"
-        return None
-
-
 def _profile_worker(bench: Bench) -> dict[str, Any]:
     """A real prefork worker minting, its CPU from psutil and its stacks from py-spy."""
     c = bench.config
-    workers, out = _profiled_workers(bench, "worker-profile.txt")
     ids = [f"prof-{index:07d}" for index in range(c.profile_users)]
-    summary: dict[str, Any] = {}
     rounds = []
-    with workers:
+    with _ProfiledWorker(bench, "worker") as profiled:
+        workers = profiled.workers
         bench._mint_tasks(_warm_ids(bench), c.batch_size, 60)
         bench.fake.reset()
-        spy = _spy(bench, workers, out, "py-spy.log", summary)
+        profiled.watch()
         # A few rounds, the least disturbed counts: the machine may be shared.
         step = math.ceil(len(ids) / PROFILE_ROUNDS)
         sent = 0
@@ -105,42 +123,35 @@ def _profile_worker(bench: Bench) -> dict[str, Any]:
             total = int(bench.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
             rounds.append(cpu / max(total - sent, 1) * 1000)
             sent = total
-        if spy is not None:
-            spy.stop()
-    if spy is not None and out.exists():
-        summary.update(_profile.summarize_spy(out, sent))
-    summary.update(
+    profiled.summarize(sent)
+    profiled.summary.update(
         requests=sent,
         tasks=math.ceil(len(ids) / min(c.grid_chunk, c.max_user_ids)),
         concurrency=c.concurrency,
         rounds_ms=rounds,
         psutil_ms=min(rounds),
     )
-    return summary
+    return profiled.summary
 
 
 def _profile_wut(bench: Bench) -> dict[str, Any]:
     """A with_user_tokens run into the no-op, its worker CPU per user and its stacks."""
     c = bench.config
-    workers, out = _profiled_workers(bench, "wut-profile.txt")
     ids = [f"wut-{index:07d}" for index in range(c.profile_wut_users)]
-    summary: dict[str, Any] = {}
-    with workers:
+    with _ProfiledWorker(bench, "wut") as profiled:
+        workers = profiled.workers
         bench._with_user_tokens(_warm_ids(bench), "warm", 120)
         workers.wait_idle()
         bench.fake.reset()
-        spy = _spy(bench, workers, out, "py-spy-wut.log", summary)
+        profiled.watch()
         cpu0, started = workers.cpu_seconds(), time.perf_counter()
         users = bench._with_user_tokens(ids, "profile", 600)
         wall = time.perf_counter() - started
         workers.wait_idle()
         cpu = workers.cpu_seconds() - cpu0
-        if spy is not None:
-            spy.stop()
     requests = int(bench.fake.stats()["requests"]["/v1/enterprise/user-tokens"])
-    if spy is not None and out.exists():
-        summary.update(_profile.summarize_spy(out, users, classify=_profile.classify_wut))
-    summary.update(
+    profiled.summarize(users, classify=_profile.classify_wut)
+    profiled.summary.update(
         users=users,
         requests=requests,
         concurrency=c.concurrency,
@@ -148,4 +159,4 @@ def _profile_wut(bench: Bench) -> dict[str, Any]:
         psutil_ms_per_user=cpu / max(users, 1) * 1000,
         psutil_ms_per_batch=cpu / max(requests, 1) * 1000,
     )
-    return summary
+    return profiled.summary

@@ -50,12 +50,11 @@ def test_https_and_loopback_are_not_flagged():
 @pytest.mark.slow
 def test_worker_accepts_a_named_plain_http_host_and_says_so(tmp_path, redis_client):
     """A worker with the dev profile's URL and allowance starts, warning that it is dev-only."""
-    proc = WorkerProcess(
+    proc = WorkerProcess.solo(
         "devurl",
         tmp_path,
-        env={"SFOX_API_URL": "http://fake-sfox:8900", "SFOX_PLAIN_HTTP_HOSTS": "fake-sfox"},
-        concurrency=1,
-        queues="devurl",
+        "http://fake-sfox:8900",
+        {"SFOX_PLAIN_HTTP_HOSTS": "fake-sfox"},
         loglevel="INFO",
     )
     proc.start()

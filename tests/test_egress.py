@@ -217,16 +217,11 @@ def test_scopes_behind_one_nat_overrun_the_shared_ip(redis_client, limited_fake)
 @pytest.mark.slow
 def test_worker_mints_from_its_source_address_under_its_scope(limited_fake, redis_client, tmp_path):
     """A worker with SFOX_SOURCE_ADDRESS and SFOX_RATE_LIMIT_SCOPE sends from it, counts there."""
-    worker = WorkerProcess(
+    worker = WorkerProcess.solo(
         "egress",
         tmp_path,
-        env={
-            "SFOX_API_URL": limited_fake.url,
-            "SFOX_SOURCE_ADDRESS": EGRESS[1],
-            "SFOX_RATE_LIMIT_SCOPE": "egress-b",
-        },
-        concurrency=1,
-        queues="egress",
+        limited_fake.url,
+        {"SFOX_SOURCE_ADDRESS": EGRESS[1], "SFOX_RATE_LIMIT_SCOPE": "egress-b"},
         loglevel="INFO",
     )
     worker.start()

@@ -118,12 +118,11 @@ def test_direct_and_eager_calls_still_return_a_plain_dict(fake_sfox):
 def test_worker_log_at_debug_says_what_happened_in_one_line_each(fake_sfox, tmp_path, redis_client):
     """A real worker at DEBUG logs each event in one line; no result, sealed or not, no secret."""
     records_file = tmp_path / "records.jsonl"
-    proc = WorkerProcess(
+    proc = WorkerProcess.solo(
         "logs",
         tmp_path,
-        env={"SFOX_API_URL": fake_sfox.url, "SFOX_TEST_RECORDS_FILE": str(records_file)},
-        concurrency=1,
-        queues="logs",
+        fake_sfox.url,
+        {"SFOX_TEST_RECORDS_FILE": str(records_file)},
         extra_args=["--include", "tests.logcapture"],
     )
     # Given a batch with a refused user, a 503, and a 429 (SFOX_RATE_LIMIT_PENALTY is 0.5 here),

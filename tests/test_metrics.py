@@ -193,12 +193,8 @@ def test_a_worker_counts_a_mint_with_faults_exactly(metrics_worker, fake_sfox, r
 @pytest.mark.slow
 def test_the_directory_goes_with_the_worker(fake_sfox, redis_client, tmp_path):
     """A worker creates its metrics directory at start and removes it when it stops."""
-    worker = WorkerProcess(
-        "metrics-dir",
-        tmp_path,
-        env={"SFOX_API_URL": fake_sfox.url, "SFOX_METRICS_PORT": str(free_port())},
-        concurrency=1,
-        queues="metrics-dir-tests",
+    worker = WorkerProcess.solo(
+        "metrics-dir", tmp_path, fake_sfox.url, {"SFOX_METRICS_PORT": str(free_port())}
     ).start()
     try:
         found = re.search(r"counts kept in (\S+)", worker.log())
@@ -217,12 +213,8 @@ def test_a_worker_whose_metrics_port_is_taken_refuses_to_start(fake_sfox, tmp_pa
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        worker = WorkerProcess(
-            "metrics-taken",
-            tmp_path,
-            env={"SFOX_API_URL": fake_sfox.url, "SFOX_METRICS_PORT": str(port)},
-            concurrency=1,
-            queues="metrics-taken-tests",
+        worker = WorkerProcess.solo(
+            "metrics-taken", tmp_path, fake_sfox.url, {"SFOX_METRICS_PORT": str(port)}
         )
         try:
             with pytest.raises(RuntimeError) as caught:

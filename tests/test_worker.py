@@ -111,13 +111,7 @@ def test_worker_refuses_to_start_with_a_plain_http_url(tmp_path):
 
 def test_missing_key_fails_minting_with_a_clear_error(fake_sfox, tmp_path, redis_client):
     """Without an enterprise key the worker starts, and a mint fails naming the variable."""
-    proc = WorkerProcess(
-        "nokey",
-        tmp_path,
-        env={"SFOX_ENTERPRISE_API_KEY": "", "SFOX_API_URL": fake_sfox.url},
-        concurrency=1,
-        queues="nokey",
-    )
+    proc = WorkerProcess.solo("nokey", tmp_path, fake_sfox.url, {"SFOX_ENTERPRISE_API_KEY": ""})
     proc.start()
     try:
         result = mint_user_tokens.apply_async((["a"],), queue="nokey")

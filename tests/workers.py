@@ -62,6 +62,20 @@ class WorkerProcess:
         self.args += list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def solo(
+        cls,
+        name: str,
+        log_dir: Path,
+        api_url: str,
+        env: dict[str, str] | None = None,
+        **options: Any,
+    ) -> WorkerProcess:
+        """One pool process, on a queue of its own named ``name``, minting from ``api_url``."""
+        options.setdefault("concurrency", 1)
+        options.setdefault("queues", name)
+        return cls(name, log_dir, env={"SFOX_API_URL": api_url, **(env or {})}, **options)
+
     def start(self, timeout: float = 30.0) -> WorkerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
