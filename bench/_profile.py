@@ -33,14 +33,14 @@ SPY_RATE = 1000
 
 #: (component, qualified name, file suffix), matched against each stack frame.
 _ENTRY = (
-    ("sealing (Fernet)", "Sealer.seal", "tasks/_seal.py"),
-    ("limiter (Redis EVALSHA)", "RedisLimiter.try_acquire", "tasks/_ratelimit.py"),
-    ("limiter (Redis EVALSHA)", "RedisLimiter.release", "tasks/_ratelimit.py"),
-    ("HTTP request + JSON decode (requests)", "SfoxClient._post", "tasks/_client.py"),
-    ("token entries: checks, expires", "SfoxClient.create_user_tokens", "tasks/_client.py"),
-    ("minter bookkeeping", "Minter._request.<locals>.send", "tasks/_mint.py"),
-    ("retry wrapper (tenacity)", "RetryPolicy.call", "tasks/_retry.py"),
-    ("minter bookkeeping", "Minter.mint", "tasks/_mint.py"),
+    ("sealing (Fernet)", "Sealer.seal", "tasks/sealing.py"),
+    ("limiter (Redis EVALSHA)", "RedisLimiter.try_acquire", "tasks/budget/ratelimit.py"),
+    ("limiter (Redis EVALSHA)", "RedisLimiter.release", "tasks/budget/ratelimit.py"),
+    ("HTTP request + JSON decode (requests)", "SfoxClient._post", "tasks/sfox/client.py"),
+    ("token entries: checks, expires", "SfoxClient.create_user_tokens", "tasks/sfox/client.py"),
+    ("minter bookkeeping", "Minter._request.<locals>.send", "tasks/minting.py"),
+    ("retry wrapper (tenacity)", "RetryPolicy.call", "tasks/budget/retry.py"),
+    ("minter bookkeeping", "Minter.mint", "tasks/minting.py"),
 )
 GLUE = "Celery glue: consume, trace, validate, result, events, ack"
 
@@ -203,7 +203,7 @@ def classify_wut(code: list[str], processes: list[str]) -> str:
         return WUT_MINT
     if "jit_mint_chunk" in names or "jit_segment" in names:
         return WUT_SEND
-    if "_downstream_succeeded" in names:
+    if "_downstream_ended" in names:
         return WUT_MARK
     if "jit_done" in names:
         return WUT_DONE
