@@ -33,7 +33,7 @@ SPY_RATE = 1000
 
 #: (component, qualified name, file suffix), matched against each stack frame.
 _ENTRY = (
-    ("sealing (Fernet)", "Sealer.seal", "tasks/sealing.py"),
+    ("sealing (AES-GCM)", "Sealer.seal", "tasks/sealing.py"),
     ("limiter (Redis EVALSHA)", "RedisLimiter.try_acquire", "tasks/budget/ratelimit.py"),
     ("limiter (Redis EVALSHA)", "RedisLimiter.release", "tasks/budget/ratelimit.py"),
     ("HTTP request + JSON decode (requests)", "SfoxClient._post", "tasks/sfox/client.py"),

@@ -60,9 +60,9 @@ def test_summarize_spy_counts_each_sample_for_its_deepest_package_frame(tmp_path
     main = 'process 1:"celery worker"'
     pool = 'process 2:"celery worker"'
     seal = (
-        f"{main};{pool};trace_task (/x/celery/app/trace.py);Minter.mint (/x/tasks/_mint.py);"
-        "Minter._accept (/x/tasks/_mint.py);Sealer.seal (/x/tasks/_seal.py);"
-        "Fernet._encrypt_from_parts (/x/site-packages/cryptography/fernet.py) 30"
+        f"{main};{pool};trace_task (/x/celery/app/trace.py);Minter.mint (/x/tasks/minting.py);"
+        "Minter._accept (/x/tasks/minting.py);Sealer.seal (/x/tasks/sealing.py);"
+        "AESGCM.encrypt (/x/site-packages/cryptography/aead.py) 30"
     )
     loop = f"{main};Hub.create_loop (/x/site-packages/kombu/asynchronous/hub.py) 10"
     raw = tmp_path / "profile.txt"
@@ -72,11 +72,9 @@ def test_summarize_spy_counts_each_sample_for_its_deepest_package_frame(tmp_path
     summary = summarize_spy(raw, 2, rate=1000)
 
     # Then the samples land in their components, per batch, and the hot spot is named
-    assert summary["components_ms"] == {"sealing (Fernet)": 15.0, GLUE: 5.0}
+    assert summary["components_ms"] == {"sealing (AES-GCM)": 15.0, GLUE: 5.0}
     assert summary["main_process_ms"] == 5.0
-    assert (
-        summary["hot_spots"][0]["function"] == "cryptography/fernet.py:Fernet._encrypt_from_parts"
-    )
+    assert summary["hot_spots"][0]["function"] == "cryptography/aead.py:AESGCM.encrypt"
 
 
 def test_nightly_bound_is_the_requests_past_the_first_window_at_the_rate() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from email.utils import formatdate
 
@@ -10,7 +11,7 @@ from cryptography.fernet import Fernet
 
 from tasks._exceptions import ConfigurationError, MalformedResponse, SealError
 from tasks._settings import Settings, check_api_url
-from tasks.sealing import Sealer, derive_seal_key
+from tasks.sealing import SEALED_PREFIX, Sealer, derive_seal_key
 from tasks.sfox.client import normalise_expires, parse_retry_after
 
 
@@ -115,6 +116,43 @@ def test_seal_refuses_another_key_and_garbage():
         with pytest.raises(SealError, match="not sealed under this seal key") as caught:
             sealer.unseal(bad)
         assert bad not in str(caught.value)
+
+
+def test_a_seal_is_tamper_proof_and_not_from_the_future():
+    """A changed byte, a changed stamp or a stamp ahead of the clock is refused."""
+    now = [time.time()]
+    sealer = Sealer([derive_seal_key("ek")], 900, clock=lambda: now[0])
+    sealed = sealer.seal("token-text")
+    assert sealed.startswith(SEALED_PREFIX) and "token-text" not in sealed
+    raw = bytearray(base64.urlsafe_b64decode(sealed[len(SEALED_PREFIX) :]))
+    for index in (0, 7, 8, 20, len(raw) - 1):  # the stamp, the nonce, the tag
+        changed = bytearray(raw)
+        changed[index] ^= 1
+        bad = SEALED_PREFIX + base64.urlsafe_b64encode(bytes(changed)).decode()
+        with pytest.raises(SealError, match="not sealed under this seal key"):
+            sealer.unseal(bad)
+    for bad in (SEALED_PREFIX, SEALED_PREFIX + "!!", SEALED_PREFIX + "AAAA"):
+        with pytest.raises(SealError, match="not sealed under this seal key"):
+            sealer.unseal(bad)
+    now[0] -= 120  # this worker's clock two minutes behind the one that sealed
+    with pytest.raises(SealError, match="not sealed under this seal key"):
+        sealer.unseal(sealed)
+    now[0] += 90  # within a minute: clocks disagree a little
+    assert sealer.unseal(sealed) == "token-text"
+
+
+def test_tokens_an_earlier_release_sealed_with_fernet_still_open_within_the_ttl():
+    """A worker upgraded mid-run opens what an older one sealed, under the same rules."""
+    key = derive_seal_key("ek")
+    now = [time.time()]
+    sealer = Sealer([key], 900, clock=lambda: now[0])
+    legacy = Fernet(key).encrypt_at_time(b"old-token", int(now[0])).decode()
+    assert sealer.unseal(legacy) == "old-token"
+    with pytest.raises(SealError, match="not sealed under this seal key"):
+        Sealer([Fernet.generate_key().decode()], 900).unseal(legacy)
+    now[0] += 901
+    with pytest.raises(SealError, match="older than SFOX_TOKEN_RESULT_TTL"):
+        sealer.unseal(legacy)
 
 
 def test_key_rotation_opens_old_and_seals_new():

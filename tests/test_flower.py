@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from tasks import AuthenticationError, mint_user_tokens
-from tasks.sealing import derive_seal_key
+from tasks.sealing import SEALED_PREFIX, derive_seal_key
 from tasks.testing import FakeSfox, Fault
 from tests.conftest import ENTERPRISE_KEY
 from tests.services import Response, ServiceProcess, answers, free_port, http_get
@@ -36,8 +36,6 @@ FLOWER_PASSWORD = secrets.token_urlsafe(16)
 FLOWER_AUTH = f"{FLOWER_USER}:{FLOWER_PASSWORD}"
 #: States after which a task changes no more.
 FINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED", "REJECTED", "IGNORED"}
-#: Fernet ciphertext starts with these characters: a sealed token.
-SEALED_PREFIX = "gAAAAA"
 
 
 @dataclass

@@ -17,15 +17,13 @@ from celery.app import trace
 
 import tasks
 from tasks import mint_user_tokens
-from tasks.sealing import derive_seal_key
+from tasks.sealing import SEALED_PREFIX, derive_seal_key
 from tasks.testing import Fault
 from tasks.worker.logs import SUCCESS_FORMAT, HideReturnValue
 from tasks.worker.outcome import MintOutcome, summarise
 from tests.conftest import ENTERPRISE_KEY
 from tests.workers import WorkerProcess
 
-#: Fernet ciphertext starts with these characters: a sealed token.
-SEALED_PREFIX = "gAAAAA"
 #: Celery's success format as shipped, with the return value.
 CELERY_SUCCESS_FORMAT = "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s"
 
@@ -66,7 +64,7 @@ def test_loading_the_app_installs_the_success_format_and_filter():
 @pytest.mark.parametrize("fmt", [CELERY_SUCCESS_FORMAT, SUCCESS_FORMAT])
 def test_success_record_loses_the_return_value_whatever_the_format(trace_records, fmt):
     """Celery's info() call keeps id, name and runtime; neither text nor data holds the result."""
-    secret = "gAAAAA-sealed-token-" + uuid.uuid4().hex
+    secret = SEALED_PREFIX + "sealed-token-" + uuid.uuid4().hex
     context = {
         "id": "t-1",
         "name": "sfox.mint_user_tokens",
@@ -95,8 +93,9 @@ def test_mint_outcome_reads_as_the_contract_dict_and_reprs_short():
     """The worker-side result is the contract's dict to JSON and to readers, a summary to repr."""
     from kombu.utils.json import dumps, loads
 
+    sealed = SEALED_PREFIX + "x"
     result = {
-        "tokens": [{"partner_user_id": "a", "token": "gAAAAAx", "expires": "2026-01-01T00:00:00Z"}],
+        "tokens": [{"partner_user_id": "a", "token": sealed, "expires": "2026-01-01T00:00:00Z"}],
         "failed": [{"user_id": f"u{i}", "status": 404, "error": "nope"} for i in range(7)],
     }
     outcome = MintOutcome(result)
