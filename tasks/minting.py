@@ -4,8 +4,9 @@ This is the whole algorithm of ``sfox.mint_user_tokens`` without Celery:
 
 - distinct IDs are sent in requests of ``batch_size``, each through the shared
   limiter and the retry policy, up to ``concurrency`` requests at once (each on
-  a thread of the mint's own, with its own retry count; answers are handled on
-  the calling thread);
+  a request thread, with its own retry count; answers are handled on the
+  calling thread; a worker keeps its request threads, :class:`RequestThreads`,
+  from one mint to the next);
 - answers are matched by ``partner_user_id``; a requested ID missing from a
   201 is asked for again once, alone, and is ``failed`` (status ``None``) if
   still missing;
@@ -43,6 +44,7 @@ __all__ = [
     "FailedEntry",
     "MintResult",
     "Minter",
+    "RequestThreads",
     "TokenEntry",
     "validate_user_ids",
 ]
@@ -208,14 +210,57 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
         yield list(items[start : start + size])
 
 
+class RequestThreads:
+    """Threads for minters' requests, kept from one mint to the next.
+
+    Starting a mint's threads anew for every task cost a worker about 0.3 ms of
+    CPU per 100-user batch. Each thread that mints (a prefork process's one, each
+    thread of a ``threads`` pool) gets a pool of its own, so one task's requests
+    never wait for another's. No request outlives the :meth:`Minter.mint` that
+    sent it; the threads wait idle until :meth:`close`.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pools: list[ThreadPoolExecutor] = []
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The calling thread's request pool."""
+        pool: ThreadPoolExecutor | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = ThreadPoolExecutor(self.size, thread_name_prefix="sfox-mint")
+            self._local.pool = pool
+            with self._lock:
+                self._pools.append(pool)
+        return pool
+
+    def close(self) -> None:
+        """Let every pool's threads end (they hold no request: each mint waited for its own)."""
+        with self._lock:
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.shutdown(wait=False)
+        self._local = threading.local()
+
+
 class Minter:
     """Mints tokens for lists of user IDs with one client, limiter, policy and sealer.
 
-    One :meth:`mint` keeps up to ``concurrency`` requests in flight, on threads
-    of its own that end with the call.
+    One :meth:`mint` keeps up to ``concurrency`` requests in flight, on the
+    calling thread's pool of ``threads`` or, without, on threads of its own that
+    end with the call.
     """
 
-    def __init__(self, access: SfoxAccess, *, batch_size: int, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        access: SfoxAccess,
+        *,
+        batch_size: int,
+        concurrency: int = 1,
+        threads: RequestThreads | None = None,
+    ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.client, self.limiter = access.client, access.limiter
@@ -224,6 +269,7 @@ class Minter:
         #: Requests in flight at once; 1 sends batches one after another on the caller's thread.
         self.concurrency = concurrency
         self.rate_limit_penalty = access.rate_limit_penalty
+        self._threads = threads if threads is not None and threads.size >= concurrency else None
         self._sleep = access.sleep
         self._clock = access.clock
 
@@ -242,6 +288,8 @@ class Minter:
         # A pool starts its threads as requests need them, up to the concurrency.
         if self.concurrency == 1 or len(progress.queue) <= 1:
             self._run(progress, len(user_ids), None)
+        elif self._threads is not None:
+            self._run(progress, len(user_ids), self._threads.pool())
         else:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sfox-mint") as pool:
                 self._run(progress, len(user_ids), pool)
@@ -311,8 +359,10 @@ class Minter:
                             (time.monotonic() - item.started) * 1000,
                         )
         finally:
-            # Anything raised here (a soft time limit) stops the other threads' retries too.
+            # Anything raised here (a soft time limit) stops the other threads' retries too,
+            # and the requests in flight end before this call does.
             stopping.set()
+            wait(in_flight)
         if error is not None:
             raise error
         if waits:

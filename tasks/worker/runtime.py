@@ -20,7 +20,7 @@ from tasks._redis import redis_client
 from tasks._settings import Settings
 from tasks.budget.ratelimit import Limiter, limiter_for
 from tasks.budget.retry import RetryPolicy
-from tasks.minting import Minter
+from tasks.minting import Minter, RequestThreads
 from tasks.sealing import Sealer
 from tasks.sfox.access import SfoxAccess
 from tasks.sfox.client import SfoxClient, Timeouts
@@ -41,6 +41,8 @@ class Runtime:
         self._limiter: Limiter | None = None
         self._sealer: Sealer | None = None
         self._redis: redis.Redis[bytes] | None = None
+        #: The minters' request threads, kept for the process's next task.
+        self.request_threads = RequestThreads(settings.mint_concurrency)
 
     @property
     def client(self) -> SfoxClient:
@@ -111,12 +113,14 @@ class Runtime:
             self.access(turn=turn),
             batch_size=self.settings.batch_size,
             concurrency=self.settings.mint_concurrency,
+            threads=self.request_threads,
         )
 
     def placer(self, on_remint: Callable[[str], None]) -> OrderPlacer:
         return OrderPlacer(self.access(turn=True), on_remint=on_remint)
 
     def close(self) -> None:
+        self.request_threads.close()
         with self._lock:
             if self._client is not None:
                 self._client.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 from tasks import RequestRefused, ServerError
 from tasks._settings import Rate, RetrySettings
 from tasks.budget.ratelimit import LocalLimiter
 from tasks.budget.retry import RetryPolicy
-from tasks.minting import Minter
+from tasks.minting import Minter, RequestThreads
 from tasks.sealing import Sealer, derive_seal_key
 from tasks.sfox.access import SfoxAccess
 from tasks.sfox.client import IssuedToken, Timeouts
@@ -38,7 +40,7 @@ class StubSfox:
         return self.create_user_tokens([user_id])[user_id]
 
 
-def minter(stub, *, batch_size=2):
+def minter(stub, *, batch_size=2, concurrency=1, threads=None):
     sealer = Sealer([derive_seal_key("ek")], 900)
     access = SfoxAccess(
         stub,
@@ -48,7 +50,7 @@ def minter(stub, *, batch_size=2):
         rate_limit_penalty=0.0,
         sleep=lambda s: None,
     )
-    return Minter(access, batch_size=batch_size), sealer
+    return Minter(access, batch_size=batch_size, concurrency=concurrency, threads=threads), sealer
 
 
 def test_every_user_gets_a_sealed_token_in_the_order_given():
@@ -83,3 +85,48 @@ def test_a_user_left_out_twice_fails_with_no_status():
     result = minter(StubSfox(drop={"u2"}))[0].mint(["u1", "u2"])
     assert [f["user_id"] for f in result["failed"]] == ["u2"]
     assert result["failed"][0]["status"] is None
+
+
+class SlowStub(StubSfox):
+    """Records which thread sent each batch, and whether one was still in flight at return."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: set[str] = set()
+        self.in_flight = 0
+
+    def create_user_tokens(self, user_ids):
+        self.threads.add(threading.current_thread().name)
+        self.in_flight += 1
+        try:
+            return super().create_user_tokens(user_ids)
+        finally:
+            self.in_flight -= 1
+
+
+def test_request_threads_are_kept_from_one_mint_to_the_next():
+    """With RequestThreads, the next mint's requests go out on the same threads."""
+    threads = RequestThreads(2)
+    stub = SlowStub()
+    m = minter(stub, concurrency=2, threads=threads)[0]
+    first = m.mint([f"a{i}" for i in range(8)])
+    assert stub.in_flight == 0 and len(first["tokens"]) == 8
+    kept = _request_threads()
+    assert kept and stub.threads <= {t.name for t in kept}
+    m.mint([f"b{i}" for i in range(8)])
+    # The first mint's threads are still there, and still the pool's: at most its size.
+    assert kept <= _request_threads() and len(_request_threads()) <= 2
+    assert stub.in_flight == 0
+    other = []
+    worker = threading.Thread(target=lambda: other.append(threads.pool()))
+    worker.start()
+    worker.join()
+    assert other[0] is not threads.pool()  # each minting thread has a pool of its own
+    threads.close()
+    fresh = threads.pool()
+    assert fresh is not other[0]
+    threads.close()
+
+
+def _request_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("sfox-mint") and t.is_alive()}
