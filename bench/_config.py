@@ -141,4 +141,7 @@ def parse_args(argv: list[str] | None) -> Config:
         config.nightly_sizes = [200]
         config.egress_counts = [1, 2]
         config.egress_requests = 20
+        # Tasks of one request each: with no limit a task ends in milliseconds, and with
+        # only a few tasks one worker could take them all before its twin wakes.
+        config.egress_chunk = config.egress_batch
     return config
