@@ -115,8 +115,11 @@ def _wait_for(bench: Bench, result: Any, timeout: float) -> dict[str, Any]:
         if now > deadline:
             raise BenchError(f"{NIGHTLY_TASK} did not finish in {timeout:.0f} s")
         if now - said >= PROGRESS_EVERY_S:
-            info = result.info if isinstance(result.info, dict) else {}
-            bench.log(f"    {result.state}: {info.get('done', '?')} / {info.get('total', '?')}")
+            info = result.info
+            if isinstance(info, dict) and "done" in info:
+                bench.log(f"    {result.state}: {info['done']} / {info.get('total', '?')}")
+            else:  # RETRY: the coordinator's turn ended, it resumes from the broker
+                bench.log(f"    {result.state}")
             said = now
         time.sleep(0.05)
     try:
