@@ -1,6 +1,6 @@
 # One command each: `make demo` runs the main job, `make test` the whole suite,
-# `make bench` the benchmark (about 41 minutes with the nightly and egress sections, as
-# measured section by section; writes bench/RESULTS.md).
+# `make bench` the benchmark (about 44 minutes, measured 2026-12-02; writes
+# bench/RESULTS.md).
 # Both create .venv and install the project into it first when needed.
 # `make test-fast` runs the pure-logic tier in seconds. `make test-floors` runs the core end-to-end tests again with every direct dependency
 # at the lowest version pyproject.toml allows (CI runs both).
