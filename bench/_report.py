@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _report_nightly
-from bench._profile import GLUE as GLUE_COMPONENT
-from bench._report_cpu import profile_section, worker_cpu_per_batch
+from bench._report_cpu import cpu_paragraph, profile_section, worker_cpu_per_batch
 from bench._report_nightly import _n, _s, section_rows
 
 APPROACH_ORDER = (
@@ -365,7 +364,7 @@ def discussion(results: dict[str, Any]) -> str:
             f"{mint['wall_s'] / plain['wall_s']:.3f}× the plain loop's time: both wait on the "
             "same window; the rest is sending tasks and reading sealed tokens back."
         )
-    cpu = _cpu_paragraph(results.get("profile") or {})
+    cpu = cpu_paragraph(results.get("profile") or {})
     if cpu:
         parts.append(cpu)
     load = results.get("load") or {}
@@ -376,31 +375,6 @@ def discussion(results: dict[str, Any]) -> str:
             + ". CPU figures are the least disturbed of several rounds."
         )
     return "\n\n".join(parts)
-
-
-def _cpu_paragraph(profile: dict[str, Any]) -> str:
-    """Why a batch costs what it does in a worker, from the profile section's figures."""
-    worker = profile.get("worker") or {}
-    parts = (profile.get("in_process") or {}).get("measured") or {}
-    if not worker.get("psutil_ms") or not parts:
-        return ""
-    glue = (worker.get("components_ms") or {}).get(GLUE_COMPONENT, 0.0)
-    unsampled = worker["psutil_ms"] - worker.get("total_ms", worker["psutil_ms"])
-    return (
-        f"**CPU per batch.** A 100-user batch costs {worker['psutil_ms']:.2f} ms of CPU in a "
-        f"real worker, against a 2 ms target. {parts['minter_ms']:.2f} ms of it is the "
-        f"Minter alone: the HTTP request through `requests`, its JSON and the entry checks "
-        f"{parts['client_ms']:.2f} ms, sealing 100 tokens {parts['seal_ms']:.2f} ms, a limiter "
-        f"slot {parts['limiter_ms']:.2f} ms. Celery's own handling of the task (receive, "
-        f"trace, the result's JSON and its write to Redis, events, the ack) is "
-        f"{glue:.2f} ms by py-spy's samples, and {max(unsampled, 0.0):.2f} ms is CPU py-spy "
-        "does not see (the kernel's side of sockets and thread wake-ups, psutil counts it). "
-        "Sealing is AES-GCM, not Fernet (4.8 µs a token against Fernet's 13–16 µs, timed "
-        "side by side on 2026-12-02), and request threads are kept from one task to the "
-        "next; what is left is the HTTP "
-        "client and Celery, which the package uses rather than replaces. At sFOX's limit a "
-        f"worker sends 24 batches a second: {24 * worker['psutil_ms'] / 10:.0f}% of one core."
-    )
 
 
 def markdown(results: dict[str, Any]) -> str:
