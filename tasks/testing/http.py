@@ -110,24 +110,6 @@ class _Handler(BaseHTTPRequestHandler):
         if self._fake().config.verbose:
             super().log_message(format, *args)
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks: list[bytes] = []
@@ -163,6 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
             body=body,
         )
         self._write(self._fake()._handle(request))
+
+    # Every method goes through one dispatcher, which answers 404 or 405 as sFOX would.
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
 
     def _write(self, response: _Response) -> None:
         if response.reset:
