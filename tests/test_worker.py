@@ -124,7 +124,9 @@ def test_missing_key_fails_minting_with_a_clear_error(fake_sfox, tmp_path, redis
 
 def test_two_workers_share_the_rate_limit(fake_sfox, tmp_path, redis_client):
     """Two workers of two processes each never exceed SFOX_RATE_LIMIT together; no 429."""
-    fake_sfox.configure(rate_limit=25, rate_window=2.0, rate_penalty=5.0)
+    # Requests that take a while: without latency a task lasts milliseconds, and one worker can
+    # take all eight before its twin's first poll (1 s on kombu 5.4).
+    fake_sfox.configure(rate_limit=25, rate_window=2.0, rate_penalty=5.0, latency=0.25)
     env = {"SFOX_RATE_LIMIT": "20/2s", "SFOX_TOKEN_BATCH_SIZE": "5", "SFOX_API_URL": fake_sfox.url}
     workers = [
         WorkerProcess(f"lim{i}", tmp_path, env=env, concurrency=2, queues="limits", loglevel="INFO")
