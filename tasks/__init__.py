@@ -2,14 +2,21 @@
 
 The public surface is this module: :data:`app`, :func:`unseal`,
 :func:`with_user_tokens` with :func:`run_progress`, the tasks and the exception tree. Tasks are
-registered under the names ``sfox.*``. Where each concern lives: README, "Where things are".
+registered under the names ``sfox.*`` with every Celery app in the process, and each name here
+resolves to the task of the app at hand (the running task's, else the caller's own, else
+:data:`app`). Importing the package changes nothing for the host's own app and tasks.
+
+The package is importable as ``tasks`` and, for projects with a ``tasks`` module of their
+own, as ``sfox_tokens``: the same code under two names. Use one name per process.
+Where each concern lives: README, "Where things are".
 """
 
 from __future__ import annotations
 
-from tasks._exceptions import (
+from ._exceptions import (
     AuthenticationError,
     ConfigurationError,
+    InvalidArgument,
     InvalidUserIds,
     MalformedResponse,
     PermanentError,
@@ -23,16 +30,17 @@ from tasks._exceptions import (
     TransientError,
     TransportError,
 )
-from tasks.fanout.store import RunProgress
-from tasks.fanout.tasks import run_progress, with_user_tokens
-from tasks.nightly.tasks import place_user_order, run_nightly_orders
-from tasks.worker.app import app
-from tasks.worker.mint import mint_user_tokens
-from tasks.worker.runtime import unseal
+from .fanout.store import RunProgress
+from .fanout.tasks import run_progress, with_user_tokens
+from .nightly.tasks import place_user_order, run_nightly_orders
+from .worker.app import app
+from .worker.mint import mint_user_tokens
+from .worker.runtime import unseal
 
 __all__ = [
     "AuthenticationError",
     "ConfigurationError",
+    "InvalidArgument",
     "InvalidUserIds",
     "MalformedResponse",
     "PermanentError",

@@ -4,7 +4,8 @@
 
     SfoxError                      root of everything raised here
     ├── ConfigurationError         settings are missing or wrong: fix the environment
-    ├── InvalidUserIds (ValueError) the user IDs given are unusable: fix the input
+    ├── InvalidArgument (ValueError) an argument of a package call is unusable: fix the call
+    │   └── InvalidUserIds         the user IDs given are unusable: fix the input
     ├── TransientError             sFOX or the network failed for now: retry later
     │   ├── TransportError         no usable HTTP answer (connection, timeout)
     │   ├── ServerError            500, 502, 503, 504
@@ -46,7 +47,11 @@ class ConfigurationError(SfoxError):
     """A setting is missing or invalid; the message names the variable."""
 
 
-class InvalidUserIds(SfoxError, ValueError):
+class InvalidArgument(SfoxError, ValueError):
+    """An argument given to a package call or task is unusable; nothing was sent."""
+
+
+class InvalidUserIds(InvalidArgument):
     """The user IDs given cannot be sent to sFOX; nothing was sent."""
 
 

@@ -1,20 +1,22 @@
-"""Settings: one frozen object, read once at the edge and passed inward.
+"""Settings: one frozen object, resolved once per Celery app at the edge and passed inward.
 
-``celeryconfig.py`` turns the environment into plain ``sfox_*`` Celery settings;
-:meth:`Settings.from_conf` validates them into this object. Nothing below this
-module reads the environment.
+:meth:`Settings.from_conf` looks every setting up the same way, for every part of
+the package: the running app's configuration (``sfox_*``; a Django project's
+``CELERY_SFOX_*``), then the environment (``SFOX_*``), then the default.
+Nothing below this module reads the environment.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from tasks._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -22,6 +24,9 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_USER_IDS",
     "DEFAULT_MINT_CONCURRENCY",
+    "DEFAULT_NIGHTLY_CRON",
+    "DEFAULT_NIGHTLY_LEASE",
+    "DEFAULT_NIGHTLY_RESEND_AFTER",
     "DEFAULT_QUEUE",
     "DEFAULT_RATE_LIMIT",
     "DEFAULT_RATE_LIMIT_PENALTY",
@@ -30,8 +35,10 @@ __all__ = [
     "DEFAULT_TASK_TURN",
     "MAX_BATCH_SIZE",
     "MAX_USER_ID_LENGTH",
+    "NightlySettings",
     "Rate",
     "RetrySettings",
+    "SettingSource",
     "Settings",
     "check_api_url",
     "is_plain_http_off_host",
@@ -66,7 +73,17 @@ DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_TASK_TURN = 30.0
 #: The queue the package's tasks are sent to, from any app.
 DEFAULT_QUEUE = "sfox"
+#: When beat fires the nightly run: 02:00 UTC.
+DEFAULT_NIGHTLY_CRON = "0 2 * * *"
+#: Seconds a nightly coordinator's lease lasts without renewal; a crashed run resumes after it.
+DEFAULT_NIGHTLY_LEASE = 30.0
+#: Seconds without a user finishing, once every chunk is minted, after which the order tasks
+#: of the users not done are sent again: longer than an order task holds its message plus a
+#: countdown.
+DEFAULT_NIGHTLY_RESEND_AFTER = 600.0
 
+#: What ``SFOX_LIMITER_URL`` may be: Redis, or this process alone (tests, eager mode).
+_LIMITER_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 #: A rate-limit scope: a short name that is safe inside a Redis key.
 _SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -119,6 +136,28 @@ class RetrySettings:
 
 
 @dataclass(frozen=True)
+class NightlySettings:
+    """Where the nightly orders come from, when the run fires, and how it is paced."""
+
+    #: CSV or JSONL file of orders (SFOX_NIGHTLY_ORDERS_FILE).
+    orders_file: str | None = None
+    #: ``module:function`` returning the orders (SFOX_NIGHTLY_ORDERS_SOURCE).
+    orders_source: str | None = None
+    #: When beat fires the run, cron text in UTC (SFOX_NIGHTLY_CRON).
+    cron: str = DEFAULT_NIGHTLY_CRON
+    #: Seconds a coordinator's lease lasts without renewal (SFOX_NIGHTLY_LEASE).
+    lease: float = DEFAULT_NIGHTLY_LEASE
+    #: Seconds the run may stand still before the order tasks of users not done are sent
+    #: again (SFOX_NIGHTLY_RESEND_AFTER).
+    resend_after: float = DEFAULT_NIGHTLY_RESEND_AFTER
+
+    @property
+    def configured(self) -> bool:
+        """Whether any orders are configured at all."""
+        return bool(self.orders_file or self.orders_source)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the package needs, validated."""
 
@@ -147,6 +186,16 @@ class Settings:
     source_address: str | None = None
     #: Port a worker serves its Prometheus metrics on; ``None``: none served.
     metrics_port: int | None = None
+    #: The queue every package task is sent to, from any app (SFOX_QUEUE).
+    queue: str = DEFAULT_QUEUE
+    #: The nightly run's orders and pacing.
+    nightly: NightlySettings = field(default_factory=lambda: NightlySettings())
+    #: Every place the enterprise key was looked for, for the error that says it is missing.
+    key_places: str = field(
+        default="SFOX_ENTERPRISE_API_KEY, then ENTERPRISE_API_KEY in the environment",
+        repr=False,
+        compare=False,
+    )
 
     def __post_init__(self) -> None:
         check_api_url(self.api_url, self.plain_http_hosts)
@@ -176,6 +225,15 @@ class Settings:
             raise ConfigurationError(
                 f"SFOX_METRICS_PORT={self.metrics_port} must be a TCP port, 1 to 65535"
             )
+        if self.limiter_url and not self.limiter_url.startswith(_LIMITER_SCHEMES):
+            raise ConfigurationError(
+                "SFOX_LIMITER_URL must be a redis://, rediss:// or unix:// URL "
+                "(or memory:// for one process alone, in tests)"
+            )
+        if not self.queue:
+            raise ConfigurationError("SFOX_QUEUE must name a queue")
+        _positive("SFOX_NIGHTLY_LEASE", self.nightly.lease)
+        _positive("SFOX_NIGHTLY_RESEND_AFTER", self.nightly.resend_after)
         retry = self.retry
         _positive("SFOX_RETRY_ATTEMPTS", retry.attempts)
         _positive("SFOX_RETRY_DEADLINE", retry.deadline)
@@ -185,73 +243,171 @@ class Settings:
             )
 
     @classmethod
-    def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
-        """Build from the ``sfox_*`` Celery settings that ``celeryconfig`` fills.
+    def from_conf(
+        cls,
+        conf: Mapping[str, Any] | None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        app_name: str | None = None,
+    ) -> Settings:
+        """Resolve every setting: ``conf``'s ``sfox_*`` key, else ``SFOX_*`` in ``environ``.
 
-        The limiter and the run books live in ``sfox_limiter_backend``
-        (SFOX_LIMITER_URL) if set, else in this configuration's own broker or result
-        backend, whichever is Redis: the app that runs the tasks, which may be a partner's.
+        ``conf`` is the configuration of the Celery app that runs the package (a
+        partner's, whose Django ``CELERY_SFOX_*`` settings Celery's namespace turns
+        into ``sfox_*``); ``environ`` is this process's environment by default. The
+        limiter and the run books live at ``SFOX_LIMITER_URL`` if set, else in that
+        app's own broker or result backend, whichever is Redis. An error names the
+        setting and every place it was looked for, or where its value came from.
         """
+        source = SettingSource(conf, os.environ if environ is None else environ, app_name)
+        try:
+            return cls._resolve(source, conf)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc.message} ({source.explain(exc.message)})") from None
 
-        def get(name: str, default: Any) -> Any:
-            value = conf.get(name)
-            return default if value is None or value == "" else value
-
+    @classmethod
+    def _resolve(cls, source: SettingSource, conf: Mapping[str, Any] | None) -> Settings:
+        get = source.get
         defaults = RetrySettings()
         try:
             retry = RetrySettings(
-                attempts=int(get("sfox_retry_attempts", defaults.attempts)),
-                deadline=float(get("sfox_retry_deadline", defaults.deadline)),
-                wait_initial=float(get("sfox_retry_wait_initial", defaults.wait_initial)),
-                wait_max=float(get("sfox_retry_wait_max", defaults.wait_max)),
+                attempts=int(get("SFOX_RETRY_ATTEMPTS", defaults.attempts)),
+                deadline=float(get("SFOX_RETRY_DEADLINE", defaults.deadline)),
+                wait_initial=float(get("SFOX_RETRY_WAIT_INITIAL", defaults.wait_initial)),
+                wait_max=float(get("SFOX_RETRY_WAIT_MAX", defaults.wait_max)),
                 inprocess_wait_max=float(
-                    get("sfox_retry_inprocess_wait_max", defaults.inprocess_wait_max)
+                    get("SFOX_RETRY_INPROCESS_WAIT_MAX", defaults.inprocess_wait_max)
                 ),
-                retry_after_max=float(get("sfox_retry_after_max", defaults.retry_after_max)),
+                retry_after_max=float(get("SFOX_RETRY_AFTER_MAX", defaults.retry_after_max)),
             )
-            seal = get("sfox_token_seal_key", "")
-            metrics_port = get("sfox_metrics_port", None)
+            seal = get("SFOX_TOKEN_SEAL_KEY", "")
+            metrics_port = get("SFOX_METRICS_PORT", None)
             return cls(
-                api_url=str(get("sfox_api_url", DEFAULT_API_URL)).rstrip("/"),
-                api_key=get("sfox_enterprise_api_key", None),
-                result_ttl=int(get("sfox_token_result_ttl", DEFAULT_RESULT_TTL)),
-                batch_size=int(get("sfox_token_batch_size", DEFAULT_BATCH_SIZE)),
-                mint_concurrency=int(get("sfox_mint_concurrency", DEFAULT_MINT_CONCURRENCY)),
-                max_user_ids=int(get("sfox_max_user_ids", DEFAULT_MAX_USER_IDS)),
-                rate=Rate.parse(str(get("sfox_rate_limit", DEFAULT_RATE_LIMIT))),
+                api_url=str(get("SFOX_API_URL", DEFAULT_API_URL)).rstrip("/"),
+                api_key=get("SFOX_ENTERPRISE_API_KEY", None, also="ENTERPRISE_API_KEY"),
+                result_ttl=int(get("SFOX_TOKEN_RESULT_TTL", DEFAULT_RESULT_TTL)),
+                batch_size=int(get("SFOX_TOKEN_BATCH_SIZE", DEFAULT_BATCH_SIZE)),
+                mint_concurrency=int(get("SFOX_MINT_CONCURRENCY", DEFAULT_MINT_CONCURRENCY)),
+                max_user_ids=int(get("SFOX_MAX_USER_IDS", DEFAULT_MAX_USER_IDS)),
+                rate=Rate.parse(str(get("SFOX_RATE_LIMIT", DEFAULT_RATE_LIMIT))),
                 rate_limit_penalty=float(
-                    get("sfox_rate_limit_penalty", DEFAULT_RATE_LIMIT_PENALTY)
+                    get("SFOX_RATE_LIMIT_PENALTY", DEFAULT_RATE_LIMIT_PENALTY)
                 ),
-                limiter_url=get("sfox_limiter_backend", None)
-                or redis_url_of(conf.get("broker_url"), conf.get("result_backend")),
+                limiter_url=get("SFOX_LIMITER_URL", None, key="sfox_limiter_backend")
+                or redis_url_of(_conf_url(conf, "broker_url"), _conf_url(conf, "result_backend")),
                 seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
-                connect_timeout=float(get("sfox_connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-                read_timeout=float(get("sfox_read_timeout", DEFAULT_READ_TIMEOUT)),
+                connect_timeout=float(get("SFOX_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)),
+                read_timeout=float(get("SFOX_READ_TIMEOUT", DEFAULT_READ_TIMEOUT)),
                 retry=retry,
-                task_turn=float(get("sfox_task_turn", DEFAULT_TASK_TURN)),
+                task_turn=float(get("SFOX_TASK_TURN", DEFAULT_TASK_TURN)),
                 plain_http_hosts=tuple(
                     h.strip().lower()
-                    for h in str(get("sfox_plain_http_hosts", "")).split(",")
+                    for h in str(get("SFOX_PLAIN_HTTP_HOSTS", "")).split(",")
                     if h.strip()
                 ),
-                rate_limit_scope=str(get("sfox_rate_limit_scope", "")).strip(),
-                source_address=(str(get("sfox_source_address", "")).strip() or None),
+                rate_limit_scope=str(get("SFOX_RATE_LIMIT_SCOPE", "")).strip(),
+                source_address=(str(get("SFOX_SOURCE_ADDRESS", "")).strip() or None),
                 metrics_port=None if metrics_port is None else int(metrics_port),
+                queue=str(get("SFOX_QUEUE", DEFAULT_QUEUE)).strip(),
+                nightly=NightlySettings(
+                    orders_file=get("SFOX_NIGHTLY_ORDERS_FILE", None),
+                    orders_source=get("SFOX_NIGHTLY_ORDERS_SOURCE", None),
+                    cron=str(get("SFOX_NIGHTLY_CRON", DEFAULT_NIGHTLY_CRON)),
+                    lease=float(get("SFOX_NIGHTLY_LEASE", DEFAULT_NIGHTLY_LEASE)),
+                    resend_after=float(
+                        get("SFOX_NIGHTLY_RESEND_AFTER", DEFAULT_NIGHTLY_RESEND_AFTER)
+                    ),
+                ),
+                key_places=source.places("SFOX_ENTERPRISE_API_KEY", also="ENTERPRISE_API_KEY"),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None
 
     def require_api_key(self) -> str:
-        """The enterprise key, or a clear error saying which variable to set."""
+        """The enterprise key, or a clear error naming every place it was looked for."""
         if not self.api_key:
             raise ConfigurationError(
-                "no sFOX enterprise API key: looked for SFOX_ENTERPRISE_API_KEY and "
-                "ENTERPRISE_API_KEY in the environment of this process (read by "
-                "celeryconfig.py when it was first imported) and for "
-                "sfox_enterprise_api_key in the configuration of the Celery app running "
-                "the task; set SFOX_ENTERPRISE_API_KEY where the worker starts"
+                f"no sFOX enterprise API key: looked for {self.key_places}; "
+                "set SFOX_ENTERPRISE_API_KEY where the worker starts"
             )
         return self.api_key
+
+    def require_limiter_url(self, *, shared: bool = False) -> str:
+        """Where the limiter and the run books live, or a clear error saying what to set.
+
+        ``shared``: a Redis every worker shares is required (a worker, the run books);
+        ``memory://`` (one process's own budget) is refused then.
+        """
+        if self.limiter_url == "memory://" and shared:
+            raise ConfigurationError(
+                "SFOX_LIMITER_URL=memory:// is one process's own budget, for tests and eager "
+                "mode only: a worker and the run books need Redis (redis:// or rediss://)"
+            )
+        if not self.limiter_url:
+            raise ConfigurationError(
+                "no Redis for the shared rate limiter and the run books: set SFOX_LIMITER_URL "
+                "(redis:// or rediss://), or give the Celery app a Redis broker or result "
+                "backend; without one, every process would keep its own budget and exceed "
+                "sFOX's rate limit together"
+            )
+        return self.limiter_url
+
+
+class SettingSource:
+    """Where the package's settings are looked up, in order, and where each value came from.
+
+    First the running Celery app's configuration (``sfox_api_url``; Celery's
+    namespace maps a Django project's ``CELERY_SFOX_API_URL`` onto it), then the
+    environment (``SFOX_API_URL``), then the default.
+    """
+
+    def __init__(
+        self, conf: Mapping[str, Any] | None, environ: Mapping[str, str], app_name: str | None
+    ) -> None:
+        self.conf = conf
+        self.environ = environ
+        self.app = f"the Celery app {app_name!r}" if app_name else "the Celery app"
+        self.origins: dict[str, str] = {}
+
+    def get(self, env: str, default: Any, *, also: str | None = None, key: str = "") -> Any:
+        """The value of the setting named ``env`` (its ``sfox_*`` key in the app's conf)."""
+        for conf_key in (env.lower(), key):
+            if conf_key and self.conf is not None:
+                value = self.conf.get(conf_key)
+                if value is not None and value != "":
+                    self.origins[env] = f"{conf_key} in the configuration of {self.app}"
+                    return value
+        for name in (env, also):
+            value = self.environ.get(name, "").strip() if name else ""
+            if value:
+                self.origins[env] = f"{name} in this process's environment"
+                return value
+        return default
+
+    def places(self, env: str, *, also: str | None = None) -> str:
+        """Every place a setting is looked for, in order, as one phrase."""
+        django = f"CELERY_{env}"
+        looked = [f"{env.lower()} in the configuration of {self.app} ({django} in Django settings)"]
+        looked += [f"{n} in this process's environment" for n in (env, also) if n]
+        return ", then ".join(looked)
+
+    def explain(self, message: str) -> str:
+        """Where the settings named in ``message`` came from (or where they were looked for)."""
+        named = sorted({m for m in re.findall(r"\bSFOX_[A-Z_]+", message)})
+        parts = [
+            f"{name} from {self.origins[name]}" if name in self.origins else self.places(name)
+            for name in named
+        ]
+        fallback = f"looked in the configuration of {self.app}, then the environment"
+        return "; ".join(parts) if parts else fallback
+
+
+def _conf_url(conf: Mapping[str, Any] | None, name: str) -> Any:
+    """``broker_url`` or ``result_backend`` as Celery itself resolves it (env first)."""
+    if conf is None:
+        return None
+    value = getattr(conf, name, None) if hasattr(type(conf), name) else None
+    return value if value is not None else conf.get(name)
 
 
 def redis_url_of(*urls: Any) -> str | None:

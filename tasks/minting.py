@@ -31,13 +31,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from tasks._exceptions import InvalidUserIds, RequestRefused
-from tasks._metrics import tokens_minted, users_refused
-from tasks._settings import MAX_USER_ID_LENGTH
-from tasks.budget.ratelimit import LimiterWait
-from tasks.budget.retry import Budget, Defer
-from tasks.sfox.access import SfoxAccess
-from tasks.sfox.client import IssuedToken
+from ._exceptions import InvalidUserIds, RequestRefused
+from ._metrics import tokens_minted, users_refused
+from ._settings import MAX_USER_ID_LENGTH
+from .budget.ratelimit import LimiterWait
+from .budget.retry import Budget, Defer
+from .sfox.access import SfoxAccess
+from .sfox.client import IssuedToken
 
 __all__ = [
     "Deferred",

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tasks._exceptions import ConfigurationError, SealError
+from ._exceptions import ConfigurationError, SealError
 
 __all__ = ["SEALED_PREFIX", "Sealer", "derive_seal_key"]
 

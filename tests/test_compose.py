@@ -196,7 +196,7 @@ def test_workers_expose_their_metrics_to_the_stack_only(compose):
     """Every worker serves metrics on a port exposed to the stack's network, never published."""
     worker = compose["services"]["worker"]
     port = worker["environment"]["SFOX_METRICS_PORT"]
-    assert Settings.from_conf({"sfox_metrics_port": port}).metrics_port == int(port)
+    assert Settings.from_conf({"sfox_metrics_port": port}, {}).metrics_port == int(port)
     assert worker["expose"] == [port]
     assert "ports" not in worker
     for name in ("beat", "flower"):
@@ -236,7 +236,8 @@ def test_dev_env_points_every_celery_service_at_the_stand_in(compose):
             {
                 "sfox_api_url": env["SFOX_API_URL"],
                 "sfox_plain_http_hosts": env["SFOX_PLAIN_HTTP_HOSTS"],
-            }
+            },
+            {},
         )
         assert settings.api_url == "http://fake-sfox:8900"
     assert read_env_file(DEV_ENV)["COMPOSE_PROFILES"] == "dev"

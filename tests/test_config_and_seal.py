@@ -43,12 +43,12 @@ def test_refused_api_urls(url):
 def test_settings_from_conf_parses_and_defaults():
     """Strings from the environment become typed settings; unset ones take the defaults."""
     s = Settings.from_conf(
-        {"sfox_rate_limit": "100/5s", "sfox_token_batch_size": "50", "sfox_retry_attempts": "3"}
+        {"sfox_rate_limit": "100/5s", "sfox_token_batch_size": "50", "sfox_retry_attempts": "3"}, {}
     )
     assert (s.rate.limit, s.rate.period, s.batch_size, s.retry.attempts) == (100, 5.0, 50, 3)
     assert s.result_ttl == 900 and s.api_url == "https://api.sfox.com"
     assert s.mint_concurrency == 4
-    assert Settings.from_conf({"sfox_mint_concurrency": "1"}).mint_concurrency == 1
+    assert Settings.from_conf({"sfox_mint_concurrency": "1"}, {}).mint_concurrency == 1
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_settings_from_conf_parses_and_defaults():
 def test_bad_settings_are_refused_with_the_variable_named(conf, names):
     """A bad value is a ConfigurationError that names what to fix."""
     with pytest.raises(ConfigurationError, match=names):
-        Settings.from_conf(conf)
+        Settings.from_conf(conf, {})
 
 
 def test_missing_key_is_a_clear_error():
@@ -221,8 +221,12 @@ def test_enterprise_key_falls_back_to_the_name_in_sfoxs_docs(env, expected):
         for k, v in os.environ.items()
         if k not in ("ENTERPRISE_API_KEY", "SFOX_ENTERPRISE_API_KEY")
     }
+    code = (
+        "from tasks import app; from tasks.worker.host import settings_for; "
+        "print(settings_for(app).api_key)"
+    )
     out = subprocess.run(
-        [sys.executable, "-c", "import celeryconfig; print(celeryconfig.sfox_enterprise_api_key)"],
+        [sys.executable, "-c", code],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -239,8 +243,8 @@ def test_bad_nightly_cron_is_refused_naming_the_variable(cron):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", "import celeryconfig"],
-        env={**os.environ, "SFOX_NIGHTLY_CRON": cron},
+        [sys.executable, "-c", "import tasks.celeryconfig"],
+        env={**os.environ, "SFOX_NIGHTLY_CRON": cron, "SFOX_NIGHTLY_ORDERS_FILE": "orders.csv"},
         capture_output=True,
         text=True,
     )
@@ -254,14 +258,30 @@ def test_nightly_cron_becomes_the_beat_entry():
     import sys
 
     code = (
-        "import celeryconfig as c; e = c.beat_schedule['sfox-nightly-orders']; "
+        "import tasks.celeryconfig as c; e = c.beat_schedule['sfox-nightly-orders']; "
         "print(e['task'], sorted(e['schedule'].hour), sorted(e['schedule'].minute), c.timezone)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "SFOX_NIGHTLY_CRON": "30 3 * * *"},
+        env={**os.environ, "SFOX_NIGHTLY_CRON": "30 3 * * *", "SFOX_NIGHTLY_ORDERS_FILE": "o.csv"},
         capture_output=True,
         text=True,
         check=True,
     )
     assert out.stdout.split() == ["sfox.run_nightly_orders", "[3]", "[30]", "UTC"]
+
+
+def test_no_beat_entry_without_nightly_orders():
+    """With no nightly orders configured, the package's beat has nothing to fire."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SFOX_NIGHTLY_ORDERS_FILE", "SFOX_NIGHTLY_ORDERS_SOURCE")
+    }
+    code = "import tasks.celeryconfig as c; print(len(c.beat_schedule))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "0", out.stderr

@@ -13,7 +13,8 @@ from tests.workers import WorkerProcess
 def test_named_host_may_be_plain_http():
     """A host named in SFOX_PLAIN_HTTP_HOSTS is accepted over http://, case-insensitively."""
     s = Settings.from_conf(
-        {"sfox_api_url": "http://Fake-Sfox:8900", "sfox_plain_http_hosts": " fake-sfox , other "}
+        {"sfox_api_url": "http://Fake-Sfox:8900", "sfox_plain_http_hosts": " fake-sfox , other "},
+        {},
     )
     assert s.plain_http_hosts == ("fake-sfox", "other")
     assert is_plain_http_off_host(s.api_url)

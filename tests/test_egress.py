@@ -9,7 +9,7 @@ import pytest
 
 from tasks import mint_user_tokens
 from tasks._exceptions import ConfigurationError, RateLimited, TransportError
-from tasks._settings import Rate, Settings
+from tasks._settings import Rate, Settings, SettingSource
 from tasks.budget.ratelimit import LimiterWait, RedisLimiter, held
 from tasks.cli.check import _check_rate, _check_sfox
 from tasks.sfox.client import SfoxClient, Timeouts
@@ -52,9 +52,11 @@ def send_until_the_limiter_says_wait(limiter: RedisLimiter, client: SfoxClient) 
 def test_scope_and_source_address_are_read_and_default_to_one_shared_budget():
     """Unset, there is no scope and no source address; set, both are read as given."""
     assert (Settings().rate_limit_scope, Settings().source_address) == ("", None)
-    s = Settings.from_conf({"sfox_rate_limit_scope": "egress-a", "sfox_source_address": "::1"})
+    s = Settings.from_conf({"sfox_rate_limit_scope": "egress-a", "sfox_source_address": "::1"}, {})
     assert (s.rate_limit_scope, s.source_address) == ("egress-a", "::1")
-    assert Settings.from_conf({"sfox_rate_limit_scope": "10.0.0.5"}).rate_limit_scope == "10.0.0.5"
+    assert (
+        Settings.from_conf({"sfox_rate_limit_scope": "10.0.0.5"}, {}).rate_limit_scope == "10.0.0.5"
+    )
 
 
 @pytest.mark.parametrize(
@@ -71,7 +73,7 @@ def test_scope_and_source_address_are_read_and_default_to_one_shared_budget():
 def test_bad_scope_or_source_address_is_refused_by_name(conf, name):
     """A scope unfit for a Redis key, or a source that is no unicast IP, names its variable."""
     with pytest.raises(ConfigurationError, match=name):
-        Settings.from_conf(conf)
+        Settings.from_conf(conf, {})
 
 
 def test_runtime_builds_the_scoped_limiter_and_the_bound_client(redis_client):
@@ -164,20 +166,31 @@ def test_source_address_not_on_this_host_is_a_transport_error(limited_fake):
 
 def test_check_probes_sfox_from_the_source_address_and_names_the_scope(limited_fake):
     """`sfox-tokens check` reaches sFOX from the source address and reports the scope's pause."""
-    probe = _check_sfox({"sfox_api_url": limited_fake.url, "sfox_source_address": EGRESS[1]}, 2.0)
+    probe = _check_sfox(
+        SettingSource(
+            {"sfox_api_url": limited_fake.url, "sfox_source_address": EGRESS[1]}, {}, None
+        ),
+        2.0,
+    )
     assert probe.ok is True and f"from {EGRESS[1]}" in probe.detail
     assert limited_fake.requests_log[-1].ip == EGRESS[1]
-    bad = _check_sfox({"sfox_api_url": limited_fake.url, "sfox_source_address": "192.0.2.1"}, 2.0)
+    bad = _check_sfox(
+        SettingSource(
+            {"sfox_api_url": limited_fake.url, "sfox_source_address": "192.0.2.1"}, {}, None
+        ),
+        2.0,
+    )
     assert bad.ok is False and "SFOX_SOURCE_ADDRESS" in bad.detail
 
 
 def test_check_reports_the_pause_of_its_own_scope(redis_client):
     """The rate-limit check reads the pause of the configured scope, not the default one."""
     RedisLimiter.from_url(REDIS_URL, Rate(5, 10.0), scope="egress-b").pause(30)
-    conf = {"sfox_limiter_backend": REDIS_URL, "sfox_rate_limit_scope": "egress-b"}
-    scoped = _check_rate(conf, 2.0)
+    conf = {"sfox_limiter_url": REDIS_URL, "sfox_rate_limit_scope": "egress-b"}
+    scoped = _check_rate(SettingSource(conf, {}, None), 2.0)
     assert "scope 'egress-b'" in scoped.detail and "pause" in scoped.detail
-    assert "pause" not in _check_rate({"sfox_limiter_backend": REDIS_URL}, 2.0).detail
+    plain = SettingSource({"sfox_limiter_url": REDIS_URL}, {}, None)
+    assert "pause" not in _check_rate(plain, 2.0).detail
 
 
 # ---- both together -------------------------------------------------------------------------------

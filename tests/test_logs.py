@@ -19,13 +19,15 @@ import tasks
 from tasks import mint_user_tokens
 from tasks.sealing import SEALED_PREFIX, derive_seal_key
 from tasks.testing import Fault
-from tasks.worker.logs import SUCCESS_FORMAT, HideReturnValue
+from tasks.worker.logs import HideReturnValue
 from tasks.worker.outcome import MintOutcome, summarise
 from tests.conftest import ENTERPRISE_KEY
 from tests.workers import WorkerProcess
 
 #: Celery's success format as shipped, with the return value.
 CELERY_SUCCESS_FORMAT = "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s"
+#: A host's own success format without the return value.
+SHORT_SUCCESS_FORMAT = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 
 class Records(logging.Handler):
@@ -52,16 +54,24 @@ def trace_records():
     logger.setLevel(previous)
 
 
-def test_loading_the_app_installs_the_success_format_and_filter():
-    """Importing tasks sets the result-free success format and filters Celery's trace logger."""
+def test_loading_the_package_leaves_celerys_format_and_adds_one_filter():
+    """Importing tasks keeps Celery's own success format; one filter on its trace logger."""
     assert tasks.app is not None
-    assert trace.LOG_SUCCESS == SUCCESS_FORMAT
-    assert "return_value" not in trace.LOG_SUCCESS
+    assert trace.LOG_SUCCESS == CELERY_SUCCESS_FORMAT
     filters = logging.getLogger("celery.app.trace").filters
     assert sum(isinstance(f, HideReturnValue) for f in filters) == 1
 
 
-@pytest.mark.parametrize("fmt", [CELERY_SUCCESS_FORMAT, SUCCESS_FORMAT])
+def test_a_partner_tasks_success_line_is_left_as_celery_writes_it(trace_records):
+    """The filter touches only sfox.* records: a partner's task keeps its return value."""
+    context = {"id": "t-2", "name": "payments.deposit", "return_value": "'ok'", "runtime": 0.1}
+    trace.info(CELERY_SUCCESS_FORMAT, context)
+    (record,) = trace_records
+    assert record.getMessage() == "Task payments.deposit[t-2] succeeded in 0.1s: 'ok'"
+    assert record.data["return_value"] == "'ok'"
+
+
+@pytest.mark.parametrize("fmt", [CELERY_SUCCESS_FORMAT, SHORT_SUCCESS_FORMAT])
 def test_success_record_loses_the_return_value_whatever_the_format(trace_records, fmt):
     """Celery's info() call keeps id, name and runtime; neither text nor data holds the result."""
     secret = SEALED_PREFIX + "sealed-token-" + uuid.uuid4().hex

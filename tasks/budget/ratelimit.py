@@ -42,9 +42,9 @@ from typing import Protocol
 
 import redis
 
-from tasks._metrics import limiter_waited
-from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, lua, redis_client, script
-from tasks._settings import Rate
+from .._metrics import limiter_waited
+from .._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, lua, redis_client, script
+from .._settings import Rate
 
 __all__ = [
     "Limiter",
@@ -61,7 +61,7 @@ __all__ = [
 logger = logging.getLogger("tasks.ratelimit")
 
 #: Where the limiter's Lua lives: acquire, release and pause .lua, each naming its KEYS and ARGV.
-_LUA = "tasks.budget"
+_LUA = __package__ or "tasks.budget"
 
 #: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
 KEY_PREFIX = "sfox:ratelimit"
@@ -291,11 +291,16 @@ class LocalLimiter:
             return limiter
 
 
-def limiter_for(url: str | None, rate: Rate, *, scope: str = "") -> Limiter:
-    """A shared Redis limiter of ``scope`` when a Redis URL is known, else an in-process one.
+#: ``SFOX_LIMITER_URL`` for a limiter of this process alone: tests and eager mode only.
+IN_PROCESS_URL = "memory://"
 
-    An in-process limiter is one process's own budget: it has no scope to share.
+
+def limiter_for(url: str, rate: Rate, *, scope: str = "") -> Limiter:
+    """The shared Redis limiter of ``scope`` at ``url``; ``memory://`` is this process's own.
+
+    An in-process limiter is one process's own budget: it has no scope to share,
+    and workers refuse it (several processes would each spend the whole budget).
     """
-    if url:
-        return RedisLimiter.from_url(url, rate, scope=scope)
-    return LocalLimiter(rate)
+    if url == IN_PROCESS_URL:
+        return LocalLimiter(rate)
+    return RedisLimiter.from_url(url, rate, scope=scope)

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from tasks._exceptions import RateLimited, RetriesExhausted, TransientError
-from tasks._metrics import rate_limit_paused
-from tasks._settings import RetrySettings
-from tasks.budget.ratelimit import Limiter, held
+from .._exceptions import RateLimited, RetriesExhausted, TransientError
+from .._metrics import rate_limit_paused
+from .._settings import RetrySettings
+from .ratelimit import Limiter, held
 
 __all__ = ["Budget", "Defer", "RetryPolicy"]
 

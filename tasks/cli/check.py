@@ -23,21 +23,22 @@ import requests
 from kombu.connection import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._settings import (
+from .._exceptions import ConfigurationError, SfoxError
+from .._settings import (
     DEFAULT_API_URL,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RATE_LIMIT,
     DEFAULT_RESULT_TTL,
     Rate,
     Settings,
+    SettingSource,
     check_api_url,
     redis_url_of,
 )
-from tasks.budget.ratelimit import scope_prefix
-from tasks.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_command
-from tasks.sealing import Sealer
-from tasks.sfox.client import http_adapter
+from ..budget.ratelimit import scope_prefix
+from ..sealing import Sealer
+from ..sfox.client import http_adapter
+from .common import EXIT_FAILED, EXIT_OK, UsageError, add_command
 
 __all__ = [
     "DEFAULT_CHECK_TIMEOUT",
@@ -87,9 +88,9 @@ def _url(conf: Mapping[str, Any], name: str) -> str | None:
     return str(value) if isinstance(value, str) and value else conf.get(name) or None
 
 
-def _setting(conf: Mapping[str, Any], name: str, default: Any) -> Any:
-    value = conf.get(name)
-    return default if value is None or value == "" else value
+def _setting(source: SettingSource, name: str, default: Any) -> Any:
+    """The setting ``name`` (``sfox_x``), looked up as every part of the package does."""
+    return source.get(name.upper(), default)
 
 
 def _redis(url: str, timeout: float) -> redis.Redis[bytes]:
@@ -109,9 +110,9 @@ def probe_broker(url: str, timeout: float = DEFAULT_CHECK_TIMEOUT) -> str | None
     return None
 
 
-def _check_settings(conf: Mapping[str, Any]) -> Check:
+def _check_settings(conf: Mapping[str, Any], app_name: str | None) -> Check:
     try:
-        s = Settings.from_conf(conf)
+        s = Settings.from_conf(conf, app_name=app_name)
     except ConfigurationError as exc:
         return Check("settings", False, exc.message)
     return Check(
@@ -150,21 +151,19 @@ def _check_redis(name: str, url: str | None, timeout: float, *, broker: bool) ->
     return Check(name, True, f"{safe_url(url)} answers (maxmemory-policy {policy})")
 
 
-def _check_key(conf: Mapping[str, Any]) -> Check:
-    if not conf.get("sfox_enterprise_api_key"):
+def _check_key(conf: SettingSource) -> Check:
+    name = "SFOX_ENTERPRISE_API_KEY"
+    if not conf.get(name, None, also="ENTERPRISE_API_KEY"):
         return Check(
             "api key",
             False,
-            "not set: set SFOX_ENTERPRISE_API_KEY (or ENTERPRISE_API_KEY); minting fails without",
+            f"not set: looked for {conf.places(name, also='ENTERPRISE_API_KEY')}; "
+            "minting fails without",
         )
-    source = next(
-        (n for n in ("SFOX_ENTERPRISE_API_KEY", "ENTERPRISE_API_KEY") if os.environ.get(n)),
-        "the configuration",
-    )
-    return Check("api key", True, f"set, from {source} (not shown)")
+    return Check("api key", True, f"set, from {conf.origins[name]} (not shown)")
 
 
-def _check_sfox(conf: Mapping[str, Any], timeout: float) -> Check:
+def _check_sfox(conf: SettingSource, timeout: float) -> Check:
     url = str(_setting(conf, "sfox_api_url", DEFAULT_API_URL)).rstrip("/")
     hosts = [h.strip().lower() for h in str(_setting(conf, "sfox_plain_http_hosts", "")).split(",")]
     try:
@@ -206,12 +205,13 @@ def _check_sfox(conf: Mapping[str, Any], timeout: float) -> Check:
     return Check("sFOX", True, f"{url} answers{sent_from} ({how})")
 
 
-def _check_seal(conf: Mapping[str, Any]) -> Check:
+def _check_seal(conf: SettingSource) -> Check:
     keys = [k.strip() for k in str(_setting(conf, "sfox_token_seal_key", "")).split(",")]
     keys = [k for k in keys if k]
     try:
         ttl = int(_setting(conf, "sfox_token_result_ttl", DEFAULT_RESULT_TTL))
-        sealer = Sealer.for_keys(keys, conf.get("sfox_enterprise_api_key") or None, ttl)
+        key = conf.get("SFOX_ENTERPRISE_API_KEY", None, also="ENTERPRISE_API_KEY")
+        sealer = Sealer.for_keys(keys, key, ttl)
         probe = secrets.token_urlsafe(16)
         if sealer.unseal(sealer.seal(probe)) != probe:
             return Check("seal key", False, "a token sealed and opened came back different")
@@ -225,18 +225,23 @@ def _check_seal(conf: Mapping[str, Any]) -> Check:
     return Check("seal key", True, f"{source}: seals and opens; tokens open for {ttl} s")
 
 
-def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
+def _check_rate(conf: SettingSource, timeout: float) -> Check:
     text = str(_setting(conf, "sfox_rate_limit", DEFAULT_RATE_LIMIT))
     try:
         rate = Rate.parse(text)
     except ConfigurationError as exc:
         return Check("rate limit", False, exc.message)
     what = f"{rate.limit} requests per {rate.period:g} s"
-    url = conf.get("sfox_limiter_backend") or redis_url_of(
-        conf.get("broker_url"), conf.get("result_backend")
-    )
-    if not url:
-        return Check("rate limit", True, f"{what}, in-process only: not shared between workers")
+    url = conf.get("SFOX_LIMITER_URL", None, key="sfox_limiter_backend")
+    if not url and conf.conf is not None:
+        url = redis_url_of(_url(conf.conf, "broker_url"), _url(conf.conf, "result_backend"))
+    if not url or url == "memory://":
+        return Check(
+            "rate limit",
+            False,
+            f"{what}, but no Redis to share it: set SFOX_LIMITER_URL (redis:// or rediss://), "
+            "or use a Redis broker or result backend; workers refuse to start without one",
+        )
     scope = str(_setting(conf, "sfox_rate_limit_scope", "")).strip()
     who = f"the workers of scope {scope!r}" if scope else "all workers"
     try:
@@ -254,26 +259,35 @@ def _check_rate(conf: Mapping[str, Any], timeout: float) -> Check:
 
 
 def run_checks(
-    conf: Mapping[str, Any], *, timeout: float = DEFAULT_CHECK_TIMEOUT
+    conf: Mapping[str, Any],
+    *,
+    timeout: float = DEFAULT_CHECK_TIMEOUT,
+    app_name: str | None = None,
 ) -> Iterator[Check]:
-    """Every check, in order, each as soon as it is done."""
-    yield _check_settings(conf)
+    """Every check, in order, each as soon as it is done.
+
+    Each reads its own settings the way every part of the package does (the
+    app's configuration, then the environment), so one bad setting does not hide
+    the state of the others.
+    """
+    source = SettingSource(conf, os.environ, app_name)
+    yield _check_settings(conf, app_name)
     yield _check_redis("broker", _url(conf, "broker_url"), timeout, broker=True)
     yield _check_redis("backend", _url(conf, "result_backend"), timeout, broker=False)
-    yield _check_key(conf)
-    yield _check_sfox(conf, timeout)
-    yield _check_seal(conf)
-    yield _check_rate(conf, timeout)
+    yield _check_key(source)
+    yield _check_sfox(source, timeout)
+    yield _check_seal(source)
+    yield _check_rate(source, timeout)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check the configuration, one line per check; exit 1 if any fails."""
-    from tasks import app
+    from .. import app
 
     if args.timeout <= 0:
         raise UsageError("--timeout must be greater than 0")
     failed = total = 0
-    for check in run_checks(app.conf, timeout=args.timeout):
+    for check in run_checks(app.conf, timeout=args.timeout, app_name=app.main):
         print(check.line(), flush=True)
         total += 1
         failed += check.ok is False

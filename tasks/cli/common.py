@@ -110,7 +110,7 @@ class Outcome:
 
 def read_user_ids(args: argparse.Namespace) -> list[str]:
     """User IDs from the command line, or from ``--file`` (``-`` is stdin)."""
-    from tasks._settings import MAX_USER_ID_LENGTH
+    from .._settings import MAX_USER_ID_LENGTH
 
     if args.user_ids and args.file:
         raise UsageError("give user IDs or --file FILE, not both")

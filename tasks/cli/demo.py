@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tasks.cli.common import (
+from .common import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
@@ -45,10 +45,11 @@ def embedded_worker(app: Any, queue: str, *, concurrency: int = 2) -> Iterator[N
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Mint tokens against a local stand-in, through a real worker, and show the outcome."""
-    from tasks import app, mint_user_tokens, unseal
-    from tasks.cli.check import safe_url
-    from tasks.testing import FakeSfox, Fault
-    from tasks.worker.runtime import reset_runtime
+    from .. import app, mint_user_tokens, unseal
+    from ..budget.ratelimit import IN_PROCESS_URL
+    from ..testing import FakeSfox, Fault
+    from ..worker.runtime import reset_runtime
+    from .check import safe_url
 
     if args.users < 2:
         raise UsageError("--users must be at least 2")
@@ -74,7 +75,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     if args.broker:
         settings.update(broker_url=args.broker, result_backend=args.broker)
-        settings["sfox_limiter_backend"] = args.broker if args.broker.startswith("redis") else None
+        settings["sfox_limiter_url"] = (
+            args.broker if args.broker.startswith("redis") else IN_PROCESS_URL
+        )
         print(f"broker: {safe_url(args.broker)} (private queue {queue})")
     else:
         # A host in the URL: without one kombu warns, on every connection it clones, that
@@ -82,7 +85,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings.update(
             broker_url="memory://localhost/",
             result_backend="cache+memory://",
-            sfox_limiter_backend=None,
+            # One process, one embedded worker: its own budget is the only one.
+            sfox_limiter_url=IN_PROCESS_URL,
         )
         os.environ.pop("CELERY_BROKER_URL", None)
         os.environ.pop("CELERY_RESULT_BACKEND", None)

@@ -8,7 +8,7 @@ from typing import Any
 
 def cmd_fake_sfox(args: argparse.Namespace) -> int:
     """Serve the sFOX stand-in; its own parser takes every argument after the subcommand."""
-    from tasks.testing.__main__ import main as serve_stand_in
+    from ..testing.__main__ import main as serve_stand_in
 
     return serve_stand_in(args.passthrough, prog="sfox-tokens fake-sfox")
 

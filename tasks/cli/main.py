@@ -20,8 +20,8 @@ from typing import Any
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-from tasks.cli import check, demo, fake_sfox, mint, nightly, unseal
-from tasks.cli.common import (
+from . import check, demo, fake_sfox, mint, nightly, unseal
+from .common import (
     EXIT_FAILED,
     EXIT_USAGE,
     Parser,
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(exc: Exception) -> int:
     """One line on stderr for ``exc``; the exit code it deserves."""
-    from tasks._exceptions import ConfigurationError, InvalidUserIds, SfoxError
+    from .._exceptions import ConfigurationError, InvalidUserIds, SfoxError
 
     if isinstance(exc, (UsageError, ConfigurationError, InvalidUserIds)):
         code, text = EXIT_USAGE, one_line(exc)

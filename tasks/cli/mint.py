@@ -16,10 +16,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.sealing import Sealer
+    from ..sealing import Sealer
 
 
-from tasks.cli.common import (
+from .common import (
     DEFAULT_MINT_TIMEOUT,
     DEFAULT_PER_TASK,
     EXIT_FAILED,
@@ -49,8 +49,8 @@ def mint_on_workers(
     progress: Progress,
 ) -> tuple[list[Outcome], int]:
     """Send the mint to the workers, ``per_task`` users a task; outcomes and task count."""
-    from tasks import app, mint_user_tokens
-    from tasks.cli.check import probe_broker
+    from .. import app, mint_user_tokens
+    from .check import probe_broker
 
     problem = probe_broker(app.conf.broker_url)
     if problem:
@@ -95,12 +95,12 @@ def mint_on_workers(
 
 def mint_locally(user_ids: list[str], *, progress: Progress) -> list[Outcome]:
     """Mint in this process, one batch at a time, through the shared limiter."""
-    from tasks import app
-    from tasks._exceptions import ConfigurationError, SfoxError
-    from tasks.minting import Deferred
-    from tasks.worker.runtime import get_runtime
+    from .. import app
+    from .._exceptions import ConfigurationError, SfoxError
+    from ..minting import Deferred
+    from ..worker.runtime import get_runtime
 
-    runtime = get_runtime(app.conf)
+    runtime = get_runtime(app)
     runtime.settings.require_api_key()
     minter = runtime.minter(turn=False)
     outcomes: list[Outcome] = []
@@ -130,14 +130,14 @@ def mint_locally(user_ids: list[str], *, progress: Progress) -> list[Outcome]:
 
 def cmd_mint(args: argparse.Namespace) -> int:
     """Mint tokens for the given users and show a table of user, expiry and outcome."""
-    from tasks import app
-    from tasks._exceptions import ConfigurationError, SealError
-    from tasks._settings import Settings
-    from tasks.minting import validate_user_ids
-    from tasks.worker.runtime import get_runtime
+    from .. import app
+    from .._exceptions import ConfigurationError, SealError
+    from ..minting import validate_user_ids
+    from ..worker.host import settings_for
+    from ..worker.runtime import get_runtime
 
     user_ids = validate_user_ids(read_user_ids(args), maximum=sys.maxsize)
-    settings = Settings.from_conf(app.conf)
+    settings = settings_for(app)
     per_task = (
         args.per_task if args.per_task is not None else min(DEFAULT_PER_TASK, settings.max_user_ids)
     )
@@ -154,7 +154,7 @@ def cmd_mint(args: argparse.Namespace) -> int:
     )
     # Masks need the seal key, --reveal cannot do without it: know before minting anything.
     try:
-        sealer: Sealer | None = get_runtime(app.conf).sealer
+        sealer: Sealer | None = get_runtime(app).sealer
     except ConfigurationError:
         if args.reveal:
             raise

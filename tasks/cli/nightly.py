@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.cli.common import (
+from .common import (
     EXIT_FAILED,
     EXIT_OK,
     POLL_INTERVAL,
@@ -34,7 +34,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     """Trigger the nightly run now, show its progress, then its summary."""
     from datetime import date, datetime, timezone
 
-    from tasks import run_nightly_orders
+    from .. import run_nightly_orders
 
     if args.date:
         try:

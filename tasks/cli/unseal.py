@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from tasks.cli.common import (
+from .common import (
     EXIT_OK,
     UsageError,
     add_command,
@@ -23,16 +23,16 @@ from tasks.cli.common import (
 
 def cmd_unseal(args: argparse.Namespace) -> int:
     """Print the plaintext of each sealed token read on stdin, one a line."""
-    from tasks import app
-    from tasks._exceptions import SealError
-    from tasks.worker.runtime import get_runtime
+    from .. import app
+    from .._exceptions import SealError
+    from ..worker.runtime import get_runtime
 
     if sys.stdin.isatty():
         print("paste sealed tokens, one a line, then Ctrl-D", file=sys.stderr)
     sealed = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
     if not sealed:
         raise UsageError("no sealed token on stdin: pipe one in (… | sfox-tokens unseal)")
-    sealer = get_runtime(app.conf).sealer
+    sealer = get_runtime(app).sealer
     plain = []
     for number, token in enumerate(sealed, 1):
         try:

@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
-from tasks._redis import lua
-from tasks._redis import script as script_for
+from .._redis import lua
+from .._redis import script as script_for
 
 __all__ = ["RUN_TTL", "Chunk", "JitRun", "RunProgress"]
 
@@ -28,7 +28,7 @@ _PREFIX = "sfox:jit"
 # The scripts live in this folder's .lua files: common.lua names every script's KEYS and
 # ARGV[1..2], and how a chunk is handed out; each script's own file its other ARGV. Every
 # one is run through JitRun's method of the same name, which passes them in that order.
-_LUA = "tasks.fanout"
+_LUA = __package__ or "tasks.fanout"
 _SCRIPTS = {
     "stage": lua(_LUA, "common", "stage"),
     "sent": lua(_LUA, "sent"),

@@ -40,14 +40,14 @@ from celery import Task, group, signals
 from celery.canvas import Signature
 from kombu.entity import Exchange, Queue
 
-from tasks._exceptions import InvalidUserIds
-from tasks.fanout.store import Chunk, JitRun, RunProgress
-from tasks.minting import MintResult, validate_user_ids
-from tasks.worker.app import app
-from tasks.worker.base import SfoxTask
-from tasks.worker.mint import TASK_TIME_LIMIT
-from tasks.worker.runtime import get_runtime
-from tasks.worker.transport import ONCE_HEADER
+from .._exceptions import InvalidArgument
+from ..minting import MintResult, validate_user_ids
+from ..worker.base import SfoxTask
+from ..worker.host import calling_app, package_task, settings_for
+from ..worker.mint import TASK_TIME_LIMIT
+from ..worker.runtime import get_runtime
+from ..worker.transport import ONCE_HEADER
+from .store import Chunk, JitRun, RunProgress
 
 __all__ = [
     "downstream_of",
@@ -71,11 +71,13 @@ CHUNKS_PER_SEGMENT = 50
 MAX_RUN_USERS = 1_000_000
 #: Message header naming the run and user of a downstream task: ``[run_id, user_id]``.
 DONE_HEADER = "sfox_jit"
+#: The task that marks a downstream task's user done.
+DONE_TASK = "sfox.jit_done"
 
 
-def run_for(run_id: str, conf: Any = None) -> JitRun:
-    """The run's bookkeeping in the Redis of ``conf``'s app (``tasks.app`` by default)."""
-    return JitRun(get_runtime(conf if conf is not None else app.conf).redis, run_id)
+def run_for(run_id: str, app: Any = None) -> JitRun:
+    """The run's bookkeeping in the Redis of ``app`` (by default the app at hand)."""
+    return JitRun(get_runtime(app if app is not None else calling_app()).redis, run_id)
 
 
 def downstream_of(run: JitRun, celery_app: Any) -> tuple[Signature, dict[str, Any]]:
@@ -102,14 +104,15 @@ def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[Chunk]]:
     return [chunks[i : i + CHUNKS_PER_SEGMENT] for i in range(0, len(chunks), CHUNKS_PER_SEGMENT)]
 
 
-def stale_after(conf: Any) -> float:
+def stale_after(app: Any) -> float:
     """Seconds after which a released, unfinished chunk is taken as lost.
 
     Longer than any honest chunk task can take: a redelivery after the
     visibility timeout, plus minting's whole retry deadline, plus a margin.
     """
-    visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
-    return visibility + get_runtime(conf).settings.retry.deadline + 60
+    options = app.conf.get("broker_transport_options") or {}
+    visibility = float(options.get("visibility_timeout", 3600))
+    return visibility + settings_for(app).retry.deadline + 60
 
 
 #: The message options that say where a task goes.
@@ -190,17 +193,18 @@ def with_user_tokens(
     """
     ids = validate_user_ids(user_ids, maximum=MAX_RUN_USERS)
     if not isinstance(downstream, Signature):
-        raise InvalidUserIds(
+        raise InvalidArgument(
             f"downstream must be a Celery signature (task.s(...)), not {type(downstream).__name__}"
         )
     if ahead < 1:
-        raise ValueError("ahead must be at least 1 chunk")
-    size = chunk_size or get_runtime(app.conf).settings.batch_size
+        raise InvalidArgument(f"ahead={ahead!r} must be at least 1 chunk")
+    app = calling_app()
+    size = chunk_size or settings_for(app).batch_size
     run = run_id or uuid.uuid4().hex
     spec = {
         "total": len(ids),
         "budget": ahead * size,
-        "stale_after": stale_after(app.conf),
+        "stale_after": stale_after(app),
         "downstream": json.dumps(dict(downstream)),
         "route": json.dumps(downstream_route(downstream)),
     }
@@ -228,12 +232,12 @@ def send_chunks(run: JitRun, chunks: Sequence[Chunk], *, sender: str = "") -> No
         run.sent([chunk], sender=sender)
 
 
-@app.task(bind=True, base=SfoxTask, name="sfox.jit_segment")
+@package_task(bind=True, base=SfoxTask, name="sfox.jit_segment")
 def jit_segment(
     self: SfoxTask, run_id: str, segment: int, chunks: list[str], spec: dict[str, Any]
 ) -> dict[str, Any]:
     """Stage one segment of a with_user_tokens run and release the first chunks."""
-    run = run_for(run_id, self.app.conf)
+    run = run_for(run_id, self.app)
     me = self.request.id or ""
     send_chunks(
         run, run.stage(segment, [Chunk.decode(c) for c in chunks], spec, sender=me), sender=me
@@ -245,7 +249,7 @@ class _ChunkTask(SfoxTask):
     time_limit = TASK_TIME_LIMIT
 
 
-@app.task(bind=True, base=_ChunkTask, name="sfox.jit_mint_chunk")
+@package_task(bind=True, base=_ChunkTask, name="sfox.jit_mint_chunk")
 def jit_mint_chunk(
     self: SfoxTask, run_id: str, encoded: str, _resume: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -256,7 +260,7 @@ def jit_mint_chunk(
     mints nothing again and sends no downstream task twice.
     """
     chunk = Chunk.decode(encoded)
-    run = run_for(run_id, self.app.conf)
+    run = run_for(run_id, self.app)
     me = self.request.id or ""
     resume = _resume or {}
     result: MintResult | None = resume.get("minted")
@@ -268,7 +272,7 @@ def jit_mint_chunk(
                 chunk.index,
             )
             return {"run": run_id, "chunk": chunk.index, "sent": 0, "failed": [], "skipped": True}
-        result = get_runtime(self.app.conf).minter().mint(chunk.user_ids, _resume)
+        result = get_runtime(self.app).minter().mint(chunk.user_ids, _resume)
     self.checkpoint({"minted": result, "sent": int(resume.get("sent", 0))})
     downstream, route = downstream_of(run, self.app)
     tokens = result["tokens"]
@@ -295,7 +299,8 @@ def jit_mint_chunk(
 
 def _done_signature(run_id: str, user_id: str) -> Signature:
     """``sfox.jit_done`` for one user, bound for the package's queue from any app."""
-    return jit_done.si(run_id, user_id).set(queue=SfoxTask.queue)
+    done = jit_done.si(run_id, user_id)
+    return done.set(queue=settings_for(done.app).queue)
 
 
 def send_downstream(
@@ -313,10 +318,10 @@ def send_downstream(
     sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
 
 
-@app.task(bind=True, base=SfoxTask, name="sfox.jit_done", ignore_result=True)
+@package_task(bind=True, base=SfoxTask, name="sfox.jit_done", ignore_result=True)
 def jit_done(self: SfoxTask, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
-    run = run_for(run_id, self.app.conf)
+    run = run_for(run_id, self.app)
     me = self.request.id or ""
     send_chunks(run, run.user_done(user_id, sender=me), sender=me)
 
@@ -326,7 +331,7 @@ _ENDED = frozenset({"SUCCESS", "IGNORED"})
 
 
 def _is_done_link(callback: Any) -> bool:
-    return isinstance(callback, Mapping) and callback.get("task") == jit_done.name
+    return isinstance(callback, Mapping) and callback.get("task") == DONE_TASK
 
 
 @signals.task_prerun.connect
@@ -380,7 +385,7 @@ def _downstream_ended(sender: Task | None = None, state: str | None = None, **_:
     run_id, user_id = str(mark[0]), str(mark[1])
     me = sender.request.id or ""
     try:
-        run = run_for(run_id, sender.app.conf)
+        run = run_for(run_id, sender.app)
         send_chunks(run, run.user_done(user_id, sender=me), sender=me)
     except Exception:  # a signal handler must not fail the task that already ended
         logger.warning(

@@ -24,8 +24,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from tasks._exceptions import ConfigurationError
-from tasks._settings import MAX_USER_ID_LENGTH
+from .._exceptions import ConfigurationError
+from .._settings import MAX_USER_ID_LENGTH
 
 __all__ = [
     "ALGORITHMS",

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
-from tasks._redis import lua, script
-from tasks.fanout.store import JitRun
-from tasks.nightly.orders import Order, OrderError, client_order_id
-from tasks.sfox.orders import OrderOutcome
+from .._redis import lua, script
+from ..fanout.store import JitRun
+from ..sfox.orders import OrderOutcome
+from .orders import Order, OrderError, client_order_id
 
 __all__ = ["RUN_TTL", "NightlyRun"]
 
@@ -35,7 +35,7 @@ _STAGE_BATCH = 500
 
 #: Where the run's Lua lives (stage_order, record, lease, drop_lease .lua: KEYS and ARGV named
 #: in each); every script is called through one NightlyRun method.
-_LUA = "tasks.nightly"
+_LUA = __package__ or "tasks.nightly"
 
 
 class NightlyRun:

@@ -42,12 +42,12 @@ from typing import Any
 
 from celery import Task
 
-from tasks._exceptions import ConfigurationError, SfoxError
-from tasks._redis import STORE_ERRORS
-from tasks.budget.ratelimit import LimiterWait
-from tasks.budget.retry import Defer
-from tasks.fanout.store import Chunk, RunProgress
-from tasks.fanout.tasks import (
+from .._exceptions import InvalidArgument, SfoxError
+from .._redis import STORE_ERRORS
+from ..budget.ratelimit import LimiterWait
+from ..budget.retry import Defer
+from ..fanout.store import Chunk, RunProgress
+from ..fanout.tasks import (
     CHUNKS_PER_SEGMENT,
     DEFAULT_AHEAD,
     downstream_of,
@@ -56,15 +56,15 @@ from tasks.fanout.tasks import (
     send_downstream,
     stale_after,
 )
-from tasks.minting import Deferred
-from tasks.nightly.orders import load_orders
-from tasks.nightly.store import NightlyRun
-from tasks.sfox.orders import OrderOutcome, TokenHolder
-from tasks.worker.app import app
-from tasks.worker.base import SfoxTask
-from tasks.worker.mint import TASK_TIME_LIMIT
-from tasks.worker.outcome import ShortRepr, summarise_nightly
-from tasks.worker.runtime import get_runtime
+from ..minting import Deferred
+from ..sfox.orders import OrderOutcome, TokenHolder
+from ..worker.base import SfoxTask
+from ..worker.host import package_task
+from ..worker.mint import TASK_TIME_LIMIT
+from ..worker.outcome import ShortRepr, summarise_nightly
+from ..worker.runtime import get_runtime
+from .orders import load_orders
+from .store import NightlyRun
 
 __all__ = ["place_user_order", "run_nightly_orders"]
 
@@ -74,22 +74,12 @@ logger = logging.getLogger("tasks.nightly")
 POLL_INTERVAL = 1.0
 #: Seconds between one turn of the coordinator and the next.
 TURN_COUNTDOWN = 1.0
-#: Seconds without a user finishing, once every chunk is minted, after which the order
-#: tasks of the users not done are sent again (``SFOX_NIGHTLY_RESEND_AFTER``). Redis as a
-#: broker can lose a message whose delivery a dropped connection cut (kombu pops it
-#: before it records it as unacknowledged); a second copy is safe, as an order is placed
-#: once whatever runs it. Longer than an order task holds its message plus a countdown.
-DEFAULT_RESEND_AFTER = 600.0
 #: Most order tasks sent again in one turn.
 MAX_RESEND = 1000
 
 
 def _today() -> date:
     return datetime.now(timezone.utc).date()
-
-
-def _lease_seconds(conf: Any) -> float:
-    return float(conf.get("sfox_nightly_lease") or 30.0)
 
 
 def _kwargsrepr(given: Mapping[str, Any]) -> str:
@@ -110,7 +100,7 @@ class NightlyTask(SfoxTask):
         return super().apply_async(args, kwargs, **options)
 
 
-@app.task(bind=True, base=NightlyTask, name="sfox.run_nightly_orders")
+@package_task(bind=True, base=NightlyTask, name="sfox.run_nightly_orders")
 def run_nightly_orders(
     self: NightlyTask,
     run_date: str | None = None,
@@ -121,7 +111,7 @@ def run_nightly_orders(
     # The date is fixed by the first turn: a later turn after midnight is the same run.
     day = date.fromisoformat((_resume or {}).get("run_date") or run_date or _today().isoformat())
     self.checkpoint({"run_date": day.isoformat()})
-    runtime = get_runtime(self.app.conf)
+    runtime = get_runtime(self.app)
     run = NightlyRun(runtime.redis, day)
     task_id = self.request.id or uuid.uuid4().hex
 
@@ -147,7 +137,7 @@ def run_nightly_orders(
         return _short(self, json.loads(finished))
 
     lease = uuid.uuid4().hex
-    lease_seconds = _lease_seconds(self.app.conf)
+    lease_seconds = runtime.settings.nightly.lease
     if not run.lease_for(lease, lease_seconds):
         # Another copy of this very task is alive (a redelivery): let it work.
         logger.info("nightly run for %s: another copy is working; checking again later", day)
@@ -160,8 +150,8 @@ def run_nightly_orders(
         if run.flag("staged") is None:
             orders, errors = run.stage(
                 load_orders(
-                    path=orders_file or self.app.conf.get("sfox_nightly_orders_file"),
-                    source=None if orders_file else self.app.conf.get("sfox_nightly_orders_source"),
+                    path=orders_file or runtime.settings.nightly.orders_file,
+                    source=None if orders_file else runtime.settings.nightly.orders_source,
                 )
             )
             run.set_flag("staged", "1")
@@ -173,7 +163,7 @@ def run_nightly_orders(
                 errors,
             )
         if run.flag("dispatched") is None:
-            _dispatch(run, runtime.settings.batch_size, task_id)
+            _dispatch(self.app, run, runtime.settings.batch_size, task_id)
             run.set_flag("dispatched", "1")
         total = run.user_count()
         while True:
@@ -195,7 +185,7 @@ def run_nightly_orders(
                     len(resent),
                 )
                 send_chunks(run.jit, resent, sender=task_id)
-            _resend_if_stalled(run, progress, _resend_after(self.app.conf))
+            _resend_if_stalled(self.app, run, progress, runtime.settings.nightly.resend_after)
             if time.monotonic() + POLL_INTERVAL >= turn_ends:
                 raise _next_turn(self, day, orders_file, TURN_COUNTDOWN)
             time.sleep(POLL_INTERVAL)
@@ -217,11 +207,7 @@ def run_nightly_orders(
             logger.warning("nightly run for %s: could not drop the lease", day)
 
 
-def _resend_after(conf: Any) -> float:
-    return float(conf.get("sfox_nightly_resend_after") or DEFAULT_RESEND_AFTER)
-
-
-def _resend_if_stalled(run: NightlyRun, progress: RunProgress, after: float) -> None:
+def _resend_if_stalled(app: Any, run: NightlyRun, progress: RunProgress, after: float) -> None:
     """Send again the order tasks of users not done, once the run has stood still ``after`` s.
 
     Only once every chunk is minted (a chunk still minting is the fan-out's to
@@ -278,14 +264,14 @@ def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
     return ShortRepr(summary, summarise_nightly(summary))
 
 
-def _dispatch(run: NightlyRun, chunk_size: int, sender: str) -> None:
+def _dispatch(app: Any, run: NightlyRun, chunk_size: int, sender: str) -> None:
     """Stage the run's users with the fan-out, a segment at a time."""
     total = run.user_count()
-    downstream = place_user_order.s(run_date=run.day.isoformat())
+    downstream = app.signature("sfox.place_user_order", kwargs={"run_date": run.day.isoformat()})
     spec = {
         "total": total,
         "budget": DEFAULT_AHEAD * chunk_size,
-        "stale_after": stale_after(app.conf),
+        "stale_after": stale_after(app),
         "downstream": json.dumps(dict(downstream)),
         "route": json.dumps(downstream_route(downstream)),
     }
@@ -305,7 +291,7 @@ class PlaceTask(SfoxTask):
     time_limit = TASK_TIME_LIMIT
 
 
-@app.task(bind=True, base=PlaceTask, name="sfox.place_user_order")
+@package_task(bind=True, base=PlaceTask, name="sfox.place_user_order")
 def place_user_order(
     self: PlaceTask,
     run_date: str,
@@ -319,9 +305,9 @@ def place_user_order(
     turn, a Redis outage): an order placed before is recorded, never sent again.
     """
     if not isinstance(user_token, dict) or not user_token.get("partner_user_id"):
-        raise ConfigurationError("place_user_order needs user_token=<an entry from 'tokens'>")
+        raise InvalidArgument("place_user_order needs user_token=<an entry from 'tokens'>")
     day = date.fromisoformat(run_date)
-    runtime = get_runtime(self.app.conf)
+    runtime = get_runtime(self.app)
     run = NightlyRun(runtime.redis, day)
     user_id = str(user_token["partner_user_id"])
     resume = _resume or {}

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tasks.budget.ratelimit import Limiter
-from tasks.budget.retry import RetryPolicy
-from tasks.sealing import Sealer
-from tasks.sfox.client import SfoxClient
+from ..budget.ratelimit import Limiter
+from ..budget.retry import RetryPolicy
+from ..sealing import Sealer
+from .client import SfoxClient
 
 __all__ = ["SfoxAccess"]
 

@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import requests
 
-from tasks._exceptions import (
+from .._exceptions import (
     AuthenticationError,
     MalformedResponse,
     PermanentError,
@@ -44,8 +44,8 @@ from tasks._exceptions import (
     TokenRejected,
     TransportError,
 )
-from tasks._metrics import request_done
-from tasks._settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, check_api_url
+from .._metrics import request_done
+from .._settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, check_api_url
 
 __all__ = [
     "IssuedToken",

@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from tasks._exceptions import (
+from .._exceptions import (
     PermanentError,
     RequestRefused,
     RetriesExhausted,
     SealError,
     TokenRejected,
 )
-from tasks._metrics import token_reminted
-from tasks._settings import Rate
-from tasks.budget.ratelimit import held
-from tasks.budget.retry import Budget
-from tasks.sfox.access import SfoxAccess
+from .._metrics import token_reminted
+from .._settings import Rate
+from ..budget.ratelimit import held
+from ..budget.retry import Budget
+from .access import SfoxAccess
 
 __all__ = ["ACCOUNT_RATE", "OrderOutcome", "OrderPlacer", "is_duplicate_rejection"]
 

@@ -12,7 +12,7 @@ Standard library only (the fixtures need pytest, and only when used).
 
 from __future__ import annotations
 
-from tasks.testing.faults import (
+from .faults import (
     ALGORITHM_IDS,
     CONTROL_PREFIX,
     ORDERS_PATH,
@@ -24,7 +24,7 @@ from tasks.testing.faults import (
     RequestRecord,
     http_date,
 )
-from tasks.testing.server import FakeSfox
+from .server import FakeSfox
 
 __all__ = [
     "ALGORITHM_IDS",

@@ -10,10 +10,10 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from tasks.testing.faults import (
+from .faults import (
     _RATE_LIMIT_PER,
 )
-from tasks.testing.server import FakeSfox
+from .server import FakeSfox
 
 # CLI
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tasks.testing.faults import CONTROL_PREFIX, Fault, _is_int
-from tasks.testing.http import (
+from .faults import CONTROL_PREFIX, Fault, _is_int
+from .http import (
     _error,
     _is_loopback,
     _json_response,
@@ -22,7 +22,7 @@ from tasks.testing.http import (
 )
 
 if TYPE_CHECKING:
-    from tasks.testing.server import FakeSfox
+    from .server import FakeSfox
 
 
 def handle_control(fake: FakeSfox, req: _Request) -> _Response:

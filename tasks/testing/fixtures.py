@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks.testing.server import FakeSfox
+from .server import FakeSfox
 
 __all__ = ["FAKE_ENTERPRISE_KEY", "fake_sfox", "sfox_env"]
 

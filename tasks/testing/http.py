@@ -16,10 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from tasks.testing.faults import _MAX_BODY, _default_message
+from .faults import _MAX_BODY, _default_message
 
 if TYPE_CHECKING:
-    from tasks.testing.server import FakeSfox
+    from .server import FakeSfox
 
 
 @dataclass

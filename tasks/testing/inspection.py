@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from tasks.testing.faults import (
+from .faults import (
     ORDERS_PATH,
     TOKENS_PATH,
     FakeSfoxConfig,

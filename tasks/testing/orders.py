@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, cast
 
-from tasks.testing.faults import (
+from .faults import (
     ALGORITHM_IDS,
     CLIENT_ORDER_ID_TTL,
     MARKET_ALGORITHM,
@@ -23,7 +23,7 @@ from tasks.testing.faults import (
     _is_int,
     _is_number,
 )
-from tasks.testing.http import _bearer, _error, _json_response, _parse_json, _Request, _Response
+from .http import _bearer, _error, _json_response, _parse_json, _Request, _Response
 
 
 class OrderDesk:

@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 from typing import Any, cast
 from urllib.parse import unquote
 
-from tasks.testing.control import handle_control
-from tasks.testing.faults import (
+from .control import handle_control
+from .faults import (
     _LOGGED_HEADERS,
     CONTROL_PREFIX,
     ORDERS_PATH,
@@ -50,7 +50,7 @@ from tasks.testing.faults import (
     _is_int,
     _LiveRecord,
 )
-from tasks.testing.http import (
+from .http import (
     _bearer,
     _error,
     _json_response,
@@ -59,9 +59,9 @@ from tasks.testing.http import (
     _Response,
     _Server,
 )
-from tasks.testing.inspection import Inspection
-from tasks.testing.orders import OrderDesk
-from tasks.testing.tokens import TokenDesk
+from .inspection import Inspection
+from .orders import OrderDesk
+from .tokens import TokenDesk
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

@@ -12,8 +12,8 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from tasks.testing.faults import FakeSfoxConfig, Fault
-from tasks.testing.http import _bearer, _error, _json_response, _parse_json, _Request, _Response
+from .faults import FakeSfoxConfig, Fault
+from .http import _bearer, _error, _json_response, _parse_json, _Request, _Response
 
 
 def _format_expiry(expires: datetime, with_millis: bool) -> tuple[datetime, str]:

@@ -1,22 +1,33 @@
-"""The Celery application, configured from ``celeryconfig``."""
+"""The package's own Celery app, for the standalone worker, beat and Flower (``celery -A tasks``).
+
+It is configured from the package's ``celeryconfig`` module (the repository's
+``celeryconfig.py``), never from a ``celeryconfig`` found on ``sys.path``, and
+it never becomes the current or default app of the process that imports the
+package: a partner's own tasks keep resolving to the partner's app. Nothing in
+the package sends through it unless the process has no app of its own
+(:func:`tasks.worker.host.calling_app`).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from celery import Celery, signals
 from celery.app import backends
 from celery.backends.redis import RedisBackend
 
-from tasks._exceptions import ConfigurationError
-from tasks._metrics import MetricsServer, serve
-from tasks._settings import Settings
-from tasks.worker.backend import TokenRedisBackend
-from tasks.worker.logs import hide_task_results_in_logs
+from .._exceptions import ConfigurationError
+from .._metrics import MetricsServer, serve
+from .backend import TokenRedisBackend
+from .host import set_package_app, settings_for
+from .logs import hide_task_results_in_logs
 
-__all__ = ["app", "package_conf"]
+__all__ = ["PACKAGE", "app"]
+
+#: The name the package was imported under: ``tasks``, or ``sfox_tokens`` beside a
+#: project that has a ``tasks`` module of its own.
+PACKAGE = __name__.split(".")[0]
 
 _log = logging.getLogger("tasks.metrics")
 
@@ -30,7 +41,7 @@ class SfoxCelery(Celery):  # type: ignore[misc]
     :class:`tasks.worker.transport.Connection` (see that module).
     """
 
-    amqp_cls = "tasks.worker.transport:AMQP"
+    amqp_cls = f"{PACKAGE}.worker.transport:AMQP"
 
     def _get_backend(self) -> Any:
         backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
@@ -39,9 +50,10 @@ class SfoxCelery(Celery):  # type: ignore[misc]
         return backend(app=self, url=url)
 
 
-app = SfoxCelery("tasks")
-app.config_from_object("celeryconfig")
-# Celery's "Task ... succeeded" line must not carry a result (sealed tokens, or worse).
+app = SfoxCelery(PACKAGE, set_as_current=False)
+app.config_from_object(f"{PACKAGE}.celeryconfig")
+set_package_app(app)
+# Celery's "Task ... succeeded" line must not carry a package task's result (sealed tokens).
 hide_task_results_in_logs()
 
 
@@ -49,7 +61,7 @@ _metrics_server: MetricsServer | None = None
 
 
 @signals.celeryd_after_setup.connect
-def _serve_metrics(**_: Any) -> None:
+def _serve_metrics(instance: Any = None, **_: Any) -> None:
     """With ``SFOX_METRICS_PORT`` set, this worker serves metrics counted by all its processes.
 
     ``celeryd_after_setup`` comes in the worker's main process once logging is set
@@ -59,7 +71,7 @@ def _serve_metrics(**_: Any) -> None:
     """
     global _metrics_server
     try:
-        port = Settings.from_conf(app.conf).metrics_port
+        port = settings_for(getattr(instance, "app", None) or app).metrics_port
     except ConfigurationError:
         return  # the worker refuses to start, saying why (tasks.worker.mint)
     if port is None or _metrics_server is not None:
@@ -87,24 +99,3 @@ def _stop_metrics(**_: Any) -> None:
     if _metrics_server is not None:
         _metrics_server.close()
         _metrics_server = None
-
-
-def package_conf(conf: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The settings the package's tasks run with, in whichever app runs them.
-
-    A partner's app that imports ``tasks`` runs the tasks with its own broker
-    and result backend, but its configuration knows nothing of ``sfox_*``:
-    those come from the environment, as ``celeryconfig`` read it for
-    :data:`app`, unless the running app sets them itself.
-    """
-    if conf is app.conf:
-        return cast("Mapping[str, Any]", conf)
-    merged: dict[str, Any] = {k: app.conf.get(k) for k in app.conf if k.startswith("sfox_")}
-    for key in list(merged) + [k for k in conf if k.startswith("sfox_")]:
-        value = conf.get(key)
-        if value is not None and value != "":
-            merged[key] = value
-    merged["broker_url"] = conf.get("broker_url")
-    merged["result_backend"] = conf.get("result_backend")
-    merged["broker_transport_options"] = conf.get("broker_transport_options")
-    return merged

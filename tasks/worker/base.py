@@ -1,11 +1,12 @@
 """The base of every package task: its queue, bounded runs, and waits taken at the broker.
 
 Each task of the package is a :class:`SfoxTask`, in ``tasks.app`` or in a
-partner's app that imports ``tasks`` (Celery shares them). The class owns what
-they have in common:
+partner's app that imports ``tasks`` (registered with every app, bound to each:
+:mod:`tasks.worker.host`). The class owns what they have in common:
 
-- **the queue.** Every task is sent to ``SFOX_QUEUE`` (default ``sfox``) from
-  any app, so a partner's workers on Celery's default queue never receive one;
+- **the queue.** Every task is sent to ``SFOX_QUEUE`` (default ``sfox``) as the
+  app at hand resolves it, so a partner's workers on Celery's default queue never
+  receive one; the app's own declaration of that queue (``task_queues``) applies;
 - **acks late, no Celery retry count.** A crash redelivers the message; the
   carried budgets (:mod:`tasks.budget.retry`) bound retries instead of ``max_retries``;
 - **waits at the broker.** A run that must wait longer than a worker slot
@@ -29,9 +30,9 @@ from celery import Task
 from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
-from tasks._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
-from tasks.minting import Deferred
-from tasks.worker.app import app
+from .._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
+from ..minting import Deferred
+from .host import settings_for
 
 __all__ = ["OUTAGE_ERRORS", "SfoxTask"]
 
@@ -47,11 +48,14 @@ _CHECKPOINT = "sfox_checkpoint"
 class SfoxTask(Task):  # type: ignore[misc]
     """A package task: sent to ``SFOX_QUEUE``, acked late, resumed from the broker."""
 
-    #: Every package task goes to this queue, whichever app sends it.
-    queue = app.conf.get("sfox_queue") or "sfox"
     acks_late = True
     #: Celery's counter is off: carried budgets and deadlines bound the retries.
     max_retries = None
+
+    @property
+    def queue(self) -> str:
+        """``SFOX_QUEUE`` as this task's app resolves it: every package task goes there."""
+        return settings_for(self.app).queue
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Progress to resume from if this run must go back to the broker."""

@@ -1,18 +1,18 @@
-"""Celery's own log lines say that a task succeeded, never what it returned.
+"""Celery's log lines say that a package task succeeded, never what it returned.
 
 Celery logs each success as ``Task name[id] succeeded in 0.41s: <return value>``
 (``celery.app.trace.LOG_SUCCESS``), and hands the same values to every handler as
 structured data: ``extra={"data": {..., "return_value": ...}}``. A mint returns
-sealed tokens, and a partner's downstream task may return anything at all, so
-neither the text nor the structured record may carry the result.
+sealed tokens, so for the package's own tasks (``sfox.*``) neither the text nor
+the structured record may carry the result.
 
-:func:`hide_task_results_in_logs` runs when the app loads (see ``tasks.worker.app``):
-
-- the success format loses its ``: <return value>`` tail, so the line reads
-  ``Task sfox.mint_user_tokens[id] succeeded in 0.41s``;
-- a filter on Celery's trace logger drops ``return_value`` from each record's
-  arguments and from its ``data``, whatever format string is in use, so a JSON
-  log handler that dumps ``record.data`` or ``record.args`` finds no result.
+:func:`hide_task_results_in_logs` runs when the package loads (see
+``tasks.worker.app``). It adds one filter to Celery's trace logger that, for
+records of ``sfox.*`` tasks only, drops ``return_value`` from the record's
+arguments and its ``data`` and cuts ``: <return value>`` out of whatever format
+string is in use, so the line reads ``Task sfox.mint_user_tokens[id] succeeded
+in 0.41s`` and a JSON handler that dumps ``record.data`` finds no result. Celery's
+own format and every other task's lines are left exactly as the host has them.
 
 Tasks log their own one-line outcome instead (``mint done: ...``).
 """
@@ -23,12 +23,10 @@ import logging
 import re
 from collections.abc import Mapping
 
-from celery.app import trace
+__all__ = ["PACKAGE_TASKS", "HideReturnValue", "hide_task_results_in_logs"]
 
-__all__ = ["SUCCESS_FORMAT", "HideReturnValue", "hide_task_results_in_logs"]
-
-#: Celery's success line without the return value.
-SUCCESS_FORMAT = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+#: The name prefix of the package's tasks: only their records are touched.
+PACKAGE_TASKS = "sfox."
 
 #: The key under which Celery passes the result's repr to its log call.
 _RESULT_KEY = "return_value"
@@ -39,13 +37,18 @@ _TRACE_LOGGER = "celery.app.trace"
 
 
 class HideReturnValue(logging.Filter):
-    """Removes a task's return value from a log record's text, arguments and ``data``."""
+    """Removes a package task's return value from a record's text, arguments and ``data``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         data = getattr(record, "data", None)
+        args = record.args
+        fields = data if isinstance(data, Mapping) else args
+        if not isinstance(fields, Mapping) or not str(fields.get("name", "")).startswith(
+            PACKAGE_TASKS
+        ):
+            return True
         if isinstance(data, Mapping) and _RESULT_KEY in data:
             record.data = {k: v for k, v in data.items() if k != _RESULT_KEY}
-        args = record.args
         if isinstance(args, Mapping) and _RESULT_KEY in args:
             record.args = {k: v for k, v in args.items() if k != _RESULT_KEY}
             if isinstance(record.msg, str):
@@ -55,8 +58,7 @@ class HideReturnValue(logging.Filter):
 
 
 def hide_task_results_in_logs() -> None:
-    """Keep results out of Celery's success line and its structured data (idempotent)."""
-    trace.LOG_SUCCESS = SUCCESS_FORMAT
+    """Keep package tasks' results out of Celery's success line and data (idempotent)."""
     logger = logging.getLogger(_TRACE_LOGGER)
     if not any(isinstance(f, HideReturnValue) for f in logger.filters):
         logger.addFilter(HideReturnValue())

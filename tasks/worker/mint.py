@@ -16,14 +16,14 @@ from typing import Any
 
 from celery import signals
 
-from tasks._exceptions import ConfigurationError
-from tasks._settings import Settings, is_plain_http_off_host
-from tasks.minting import MintResult, validate_user_ids
-from tasks.worker.app import app, package_conf
-from tasks.worker.backend import backend_with_ttl
-from tasks.worker.base import SfoxTask
-from tasks.worker.outcome import MintOutcome, summarise
-from tasks.worker.runtime import get_runtime, reset_runtime
+from .._exceptions import ConfigurationError
+from .._settings import Settings, is_plain_http_off_host
+from ..minting import MintResult, validate_user_ids
+from .backend import backend_with_ttl
+from .base import SfoxTask
+from .host import package_task, settings_for
+from .outcome import MintOutcome, summarise
+from .runtime import get_runtime, reset_runtime
 
 __all__ = ["TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
 
@@ -54,13 +54,15 @@ class MintTask(SfoxTask):
     @property
     def result_ttl(self) -> int:
         """Seconds the result may live in the backend (read by the result backend)."""
-        return get_runtime(self.app.conf).settings.result_ttl
+        return get_runtime(self.app).settings.result_ttl
 
     @property
     def backend(self) -> Any:
         """The running app's result backend, writing this task's results with their TTL.
 
-        In a partner's app (plain Celery Redis backend) as in ``tasks.app``.
+        In a partner's app (plain Celery Redis backend) as in ``tasks.app``. A backend
+        that cannot expire one result early (a database) keeps it until its own cleanup;
+        the sealed token inside stops opening after ``SFOX_TOKEN_RESULT_TTL`` all the same.
         """
         return backend_with_ttl(self._backend or self.app.backend, self.app)
 
@@ -71,7 +73,7 @@ class MintTask(SfoxTask):
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         # Refuse bad input at the call, before anything is queued.
         user_ids = (args or [None])[0] if args else (kwargs or {}).get("user_ids")
-        validate_user_ids(user_ids, maximum=get_runtime(self.app.conf).settings.max_user_ids)
+        validate_user_ids(user_ids, maximum=get_runtime(self.app).settings.max_user_ids)
         options.setdefault("argsrepr", _describe_ids(user_ids))
         options.setdefault(
             "kwargsrepr", "{}" if not (kwargs or {}).get("_resume") else "{resume: …}"
@@ -80,12 +82,12 @@ class MintTask(SfoxTask):
         return super().apply_async(args, kwargs, **options)
 
 
-@app.task(bind=True, base=MintTask, name="sfox.mint_user_tokens")
+@package_task(bind=True, base=MintTask, name="sfox.mint_user_tokens")
 def mint_user_tokens(
     self: MintTask, user_ids: list[str], _resume: dict[str, Any] | None = None
 ) -> MintResult | MintOutcome:
     """Mint sealed sFOX user auth tokens for ``user_ids``: ``{"tokens": [..], "failed": [..]}``."""
-    runtime = get_runtime(self.app.conf)
+    runtime = get_runtime(self.app)
     distinct = validate_user_ids(user_ids, maximum=runtime.settings.max_user_ids)
     started = time.monotonic()
     result = runtime.minter().mint(distinct, _resume)
@@ -101,17 +103,24 @@ def mint_user_tokens(
     return MintOutcome(result)
 
 
-def _conf_of(sender: Any) -> Any:
-    """The configuration of the app a worker signal is about (a partner's, embedded)."""
-    worker_app = getattr(sender, "app", None)
-    return package_conf(worker_app.conf if worker_app is not None else app.conf)
+def _worker_app(sender: Any) -> Any:
+    """The app a worker signal is about: the worker's own (a partner's, embedded)."""
+    return sender.app
 
 
 @signals.worker_init.connect
 def _check_settings(sender: Any = None, **_: Any) -> None:
-    """Refuse to start a worker whose sFOX settings are wrong, saying which and why."""
+    """Refuse to start a worker whose sFOX settings are wrong, saying which and why.
+
+    A worker needs a Redis that every worker shares, for the limiter and the run
+    books: without one each process would spend sFOX's whole budget on its own.
+    Only a worker on an in-process broker (``memory://``: nothing else can reach
+    it) may keep an in-process budget.
+    """
+    app = _worker_app(sender)
     try:
-        Settings.from_conf(_conf_of(sender))
+        in_process = str(app.conf.broker_url or "").startswith("memory://")
+        settings_for(app).require_limiter_url(shared=not in_process)
     except ConfigurationError as exc:
         logger.critical("refusing to start: %s", exc.message)
         raise SystemExit(f"sfox-tokens: {exc.message}") from None
@@ -122,8 +131,8 @@ def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> No
     """Say at start-up, once logging is set up, where minting goes and what is off."""
     # worker_init (above) runs before the worker configures logging: lines logged
     # there never reach the worker's log.
-    conf = _conf_of(instance)
-    settings = Settings.from_conf(conf)
+    conf = _worker_app(instance).conf
+    settings = settings_for(_worker_app(instance))
     if is_plain_http_off_host(settings.api_url):
         logger.warning(
             "SFOX_API_URL %s is plain http:// (allowed by SFOX_PLAIN_HTTP_HOSTS): "
@@ -132,7 +141,7 @@ def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> No
         )
     visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
     longest = longest_hold(settings)
-    if str(conf.get("broker_url") or "").startswith(("redis", "rediss")) and visibility <= longest:
+    if str(conf.broker_url or "").startswith(("redis", "rediss")) and visibility <= longest:
         logger.warning(
             "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest a task holds its message "
             "(%g s: its turn, requests in flight, and a Retry-After countdown): Redis may "

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from tasks.minting import MintResult
+from ..minting import MintResult
 
 __all__ = ["MintOutcome", "ShortRepr", "summarise", "summarise_nightly"]
 

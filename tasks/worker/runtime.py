@@ -1,8 +1,9 @@
 """Per-process runtime: the objects a worker process builds once and reuses.
 
 The HTTP session, the limiter's Redis pool and the sealer are made lazily in
-each process (after the prefork pool forks, never before), from settings
-read once from the Celery configuration.
+each process (after the prefork pool forks, never before), one runtime per
+Celery app that runs the package, from that app's settings
+(:func:`tasks.worker.host.settings_for`).
 """
 
 from __future__ import annotations
@@ -10,22 +11,22 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+import weakref
+from collections.abc import Callable
 
 import redis
+from celery import Celery
 
-from tasks._exceptions import ConfigurationError
-from tasks._redis import redis_client
-from tasks._settings import Settings
-from tasks.budget.ratelimit import Limiter, limiter_for
-from tasks.budget.retry import RetryPolicy
-from tasks.minting import Minter, RequestThreads
-from tasks.sealing import Sealer
-from tasks.sfox.access import SfoxAccess
-from tasks.sfox.client import SfoxClient, Timeouts
-from tasks.sfox.orders import OrderPlacer
-from tasks.worker.app import app, package_conf
+from .._redis import redis_client
+from .._settings import Settings
+from ..budget.ratelimit import Limiter, limiter_for
+from ..budget.retry import RetryPolicy
+from ..minting import Minter, RequestThreads
+from ..sealing import Sealer
+from ..sfox.access import SfoxAccess
+from ..sfox.client import SfoxClient, Timeouts
+from ..sfox.orders import OrderPlacer
+from .host import calling_app, forget_settings, settings_for
 
 __all__ = ["Runtime", "get_runtime", "reset_runtime", "unseal"]
 
@@ -63,7 +64,9 @@ class Runtime:
         with self._lock:
             if self._limiter is None:
                 s = self.settings
-                self._limiter = limiter_for(s.limiter_url, s.rate, scope=s.rate_limit_scope)
+                self._limiter = limiter_for(
+                    s.require_limiter_url(), s.rate, scope=s.rate_limit_scope
+                )
             return self._limiter
 
     @property
@@ -79,13 +82,7 @@ class Runtime:
         """Redis for run bookkeeping: the limiter's."""
         with self._lock:
             if self._redis is None:
-                url = self.settings.limiter_url
-                if not url:
-                    raise ConfigurationError(
-                        "this needs Redis for its bookkeeping: set SFOX_LIMITER_URL, "
-                        "or use a Redis broker or result backend"
-                    )
-                self._redis = redis_client(url)
+                self._redis = redis_client(self.settings.require_limiter_url(shared=True))
             return self._redis
 
     def policy(self, *, turn: bool = False) -> RetryPolicy:
@@ -130,31 +127,34 @@ class Runtime:
 
 
 _lock = threading.Lock()
-_current: tuple[int, Runtime] | None = None
+_runtimes: weakref.WeakKeyDictionary[Celery, tuple[int, Runtime]] = weakref.WeakKeyDictionary()
 
 
-def get_runtime(conf: Mapping[str, Any]) -> Runtime:
-    """This process's runtime, built on first use (and again after a fork)."""
-    global _current
+def get_runtime(app: Celery) -> Runtime:
+    """This process's runtime for ``app``, built on first use (and again after a fork)."""
     with _lock:
-        if _current is None or _current[0] != os.getpid():
-            _current = (os.getpid(), Runtime(Settings.from_conf(package_conf(conf))))
-        return _current[1]
+        found = _runtimes.get(app)
+        if found is None or found[0] != os.getpid():
+            found = _runtimes[app] = (os.getpid(), Runtime(settings_for(app)))
+        return found[1]
 
 
 def reset_runtime() -> None:
-    """Forget this process's runtime (configuration changed, or tests)."""
-    global _current
+    """Forget this process's runtimes and settings (configuration changed, or tests)."""
     with _lock:
-        if _current is not None and _current[0] == os.getpid():
-            _current[1].close()
-        _current = None
+        for pid, runtime in list(_runtimes.values()):
+            if pid == os.getpid():
+                runtime.close()
+        _runtimes.clear()
+    forget_settings()
 
 
 def unseal(sealed: str) -> str:
     """The plaintext user auth token inside ``sealed``.
 
-    Raises :class:`~tasks.SealError` when it is older than ``SFOX_TOKEN_RESULT_TTL`` or
-    was sealed under another key. Use the plaintext at once; do not store it.
+    Opened with the seal key of the app at hand (the running task's, the
+    caller's own, else the package's). Raises :class:`~tasks.SealError` when it
+    is older than ``SFOX_TOKEN_RESULT_TTL`` or was sealed under another key. Use
+    the plaintext at once; do not store it.
     """
-    return get_runtime(app.conf).sealer.unseal(sealed)
+    return get_runtime(calling_app()).sealer.unseal(sealed)

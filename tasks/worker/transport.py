@@ -67,7 +67,7 @@ from kombu.transport import virtual
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError, ResponseError
 
-from tasks._redis import STORE_ERRORS, lua, script
+from .._redis import STORE_ERRORS, lua, script
 
 __all__ = [
     "AMQP",
