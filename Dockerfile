@@ -7,12 +7,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml setup.py README.md ./
 COPY tasks ./tasks
 COPY examples ./examples
 # Beat keeps its schedule in /var/lib/sfox-beat (a volume in docker-compose.yml); the
 # directory exists, owned by the service user, so a fresh named volume inherits that owner.
-RUN pip install '.[flower]' \
+RUN pip install . \
     && useradd --create-home --uid 10001 sfox \
     && install -d -o sfox -g sfox /var/lib/sfox-beat
 

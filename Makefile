@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	.ci/ensure-redis
-	$(BIN)/ruff check tasks tests bench celeryconfig.py
+	$(BIN)/ruff check tasks tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -52,15 +52,15 @@ test-floors: $(STAMP)
 	rm -rf $(FLOORS)
 	$(BIN)/uv venv --quiet --python $(PYTHON) $(FLOORS)
 	$(BIN)/uv pip install --quiet --python $(FLOORS)/bin/python --resolution lowest-direct \
-		-e '.[flower]' 'pytest>=8' 'pytest-timeout>=2.3'
+		-e . 'pytest>=8' 'pytest-timeout>=2.3'
 	$(BIN)/uv pip list --python $(FLOORS)/bin/python 2>/dev/null \
 		| grep -iE '^(celery|kombu|redis|requests|tenacity|cryptography|prometheus.client|flower) '
 	$(FLOORS)/bin/python --version
 	$(FLOORS)/bin/python -m pytest $(FLOOR_TESTS) -k '$(FLOOR_DESELECT)' $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check tasks tests bench celeryconfig.py
-	$(BIN)/ruff format --check tasks tests bench celeryconfig.py
+	$(BIN)/ruff check tasks tests bench
+	$(BIN)/ruff format --check tasks tests bench
 
 # Extra arguments for bench/run.py: make bench BENCH_ARGS="--concurrency 8"
 BENCH_ARGS ?=

@@ -1,7 +1,7 @@
 """Shared fixtures: a dedicated Redis database, the sFOX stand-in, real Celery workers.
 
 The environment is set before ``tasks`` is imported, so the test process and
-every worker it starts read the same configuration from ``celeryconfig``.
+every worker it starts resolve the same settings from it.
 """
 
 from __future__ import annotations

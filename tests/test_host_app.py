@@ -35,7 +35,7 @@ def run_python(code: str, cwd: Path, **env: str) -> str:
 
 
 def test_import_leaves_the_partners_app_current_and_its_shared_tasks_its_own(tmp_path):
-    """After `import tasks`, a partner's shared_task and the package's tasks use the partner's app."""
+    """After `import tasks`, a partner's shared_task and the package's tasks use its app."""
     out = run_python(
         """
         from celery import Celery, shared_task, current_app
