@@ -2,8 +2,8 @@
 
 ``include=["tasks"]`` registers every ``sfox.*`` task in this app; its worker
 consumes Celery's default queue and the package's (``-Q celery,<SFOX_QUEUE>``),
-with this app's broker and result backend, and reads ``SFOX_*`` from the
-environment.
+with this app's broker and result backend (``PARTNER_REDIS_URL``, its own
+configuration), and reads ``SFOX_*`` from the environment.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from tests.downstream_runs import note_run
 
 app = Celery("partner-embedded", include=["tasks"])
 app.conf.update(
-    broker_url=os.environ.get("CELERY_BROKER_URL"),
-    result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
+    broker_url=os.environ.get("PARTNER_REDIS_URL"),
+    result_backend=os.environ.get("PARTNER_REDIS_URL"),
     task_serializer="json",
     accept_content=["json"],
     task_acks_late=True,

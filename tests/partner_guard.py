@@ -140,7 +140,7 @@ def _refusal(address: Any, ports: frozenset[int], loopback_only: bool) -> str | 
 
 
 def _report(address: Any, reason: str) -> None:
-    stack = "".join(traceback.format_stack(limit=14)[:-2])
+    stack = "".join(traceback.format_stack(limit=40)[:-2])
     line = (
         f"{time.strftime('%H:%M:%S')} pid={os.getpid()} refused a connection to {reason}; "
         f"argv={sys.argv!r}\n{stack}\n"

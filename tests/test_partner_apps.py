@@ -1,151 +1,198 @@
-"""The package beside a partner's own Celery app (sidecar) and inside it (embedded)."""
+"""The package beside a partner's own Celery app (sidecar) and inside it (embedded).
+
+Every partner process here (its workers, and its own process that calls the
+package: ``tests.partner_calls``) runs with the default-broker guard
+(``tests.partner_guard``) and without ``CELERY_BROKER_URL``: the partner's app is
+configured from its own module, on a Redis of its own port, and any connection
+to Redis's or AMQP's default port fails the test instead of passing by luck.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tasks import run_progress, with_user_tokens
 from tests.conftest import ENTERPRISE_KEY
-from tests.services import eventually
+from tests.downstream_runs import runs_by_user
+from tests.partner_guard import guard_env, read_log, write_sitecustomize
+from tests.redis_server import PrivateRedis
 from tests.test_nightly import write_orders
 from tests.test_worker import dump_redis
-from tests.testtasks import runs_by_user
-from tests.workers import WorkerProcess
+from tests.workers import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def partner_worker(fake_sfox, redis_client, tmp_path):
-    """The partner's worker on Celery's default queue and its own, never importing tasks."""
-    worker = WorkerProcess(
-        "partner",
-        tmp_path,
-        app="tests.partner_app",
-        include=None,
-        queues="celery,partner-orders",
-        loglevel="INFO",
-    ).start()
-    yield worker
-    worker.stop()
-
-
-def test_sidecar_neither_worker_takes_the_others_tasks(
-    worker, partner_worker, fake_sfox, redis_client
-):
-    """Mints sent by name come back; a fan-out reaches every user on the partner's worker once."""
-    from tests.partner_app import app as partner
-
-    ids = [[f"side-{n}-{i}" for i in range(5)] for n in range(10)]
-    # Half with queue=, half through the partner's task_routes ("sfox.*" -> sfox).
-    sent = [partner.send_task("sfox.mint_user_tokens", args=[u], queue="sfox") for u in ids[:5]]
-    sent += [partner.send_task("sfox.mint_user_tokens", args=[u]) for u in ids[5:]]
-    for result, users in zip(sent, ids, strict=True):
-        tokens = result.get(timeout=60)["tokens"]
-        assert [t["partner_user_id"] for t in tokens] == users
-
-    fan = [f"side-fan-{i}" for i in range(300)]
-    canvas = with_user_tokens(
-        fan, partner.signature("partner.record", args=("sidecar",)), chunk_size=25, ahead=2
-    )
-    canvas.apply_async()
-    assert eventually(lambda: run_progress(canvas.run_id).finished, timeout=120), run_progress(
-        canvas.run_id
-    )
-    runs = runs_by_user(redis_client, "sidecar")
-    assert set(runs) == set(fan) and set(runs.values()) == {1}
-    assert "partner.record" not in worker.log()  # routed by the partner's app, not ours
-    for log in (worker.log(), partner_worker.log()):
-        assert "unregistered task" not in log.lower()
-    # The partner's worker ran the downstream tasks and reported each end to SFOX_QUEUE.
-    assert partner_worker.log().count("partner.record[") >= 300
-    assert "sfox.mint_user_tokens" not in partner_worker.log()
-
 
 EMBEDDED_QUEUE = "sfox-embedded"
 
 
+@pytest.fixture(scope="module")
+def partner_redis(tmp_path_factory):
+    """The partner's broker and result backend: a Redis on a port of its own."""
+    server = PrivateRedis(tmp_path_factory.mktemp("partner-redis")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def embedded_worker(fake_sfox, redis_client, tmp_path):
-    """The partner's app with the package's tasks inside, alone on its queues."""
-    worker = WorkerProcess(
-        "embedded",
-        tmp_path,
-        env={"SFOX_QUEUE": EMBEDDED_QUEUE, "SFOX_API_URL": fake_sfox.url},
-        app="tests.partner_embedded",
-        include=None,
-        queues=f"celery,{EMBEDDED_QUEUE}",
-        concurrency=3,
+def partner(partner_redis, fake_sfox, tmp_path):
+    """The environment of a guarded partner process, and the guard's log."""
+    partner_redis.client().flushall()
+    log = tmp_path / "guard.log"
+    env = {
+        **guard_env(write_sitecustomize(tmp_path / "guard"), log),
+        # Neither name is the partner's: its app reads PARTNER_REDIS_URL from its own module.
+        "CELERY_BROKER_URL": "",
+        "CELERY_RESULT_BACKEND": "",
+        "PARTNER_REDIS_URL": partner_redis.url,
+        "SFOX_API_URL": fake_sfox.url,
+    }
+    yield env, log
+    assert read_log(log) == "", read_log(log)
+
+
+def call(scenario: str, env: dict[str, str], **args: object) -> dict:
+    """Run ``tests.partner_calls SCENARIO`` as the partner's own process; what it found."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.partner_calls", scenario],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def worker(name: str, tmp_path: Path, env: dict[str, str], **options: object) -> WorkerProcess:
+    return WorkerProcess(name, tmp_path, env=env, include=None, loglevel="INFO", **options)
+
+
+def test_sidecar_neither_worker_takes_the_others_tasks(partner, partner_redis, fake_sfox, tmp_path):
+    """Mints sent by name come back; a fan-out reaches every user on the partner's worker once.
+
+    The partner's process imports ``tasks`` after creating its app: its own shared
+    task stays on its app, and the package's names send through that app too.
+    """
+    env, _ = partner
+    partner_worker = worker(
+        "partner", tmp_path, env, app="tests.partner_app", queues="celery,partner-orders"
     ).start()
-    yield worker
-    worker.stop()
+    # The package's own worker, configured the package's way: CELERY_BROKER_URL.
+    sidecar = worker("sidecar", tmp_path, {**env, "CELERY_BROKER_URL": partner_redis.url})
+    sidecar.start()
+    try:
+        mints = [[f"side-{n}-{i}" for i in range(5)] for n in range(10)]
+        fan = [f"side-fan-{i}" for i in range(300)]
+        found = call("sidecar", env, mints=mints, own=["side-own-1", "side-own-2"], fan=fan)
+    finally:
+        partner_worker.stop()
+        sidecar.stop()
+    assert found["current"] == found["ping_app"] == found["package_task_app"] == "partner"
+    assert found["ping"] == "pong"
+    assert found["mints"] == mints
+    assert found["own"] == ["side-own-1", "side-own-2"]
+    issued = {hashlib.sha256(t.encode()).hexdigest() for t in fake_sfox.issued_tokens}
+    assert set(found["own_unsealed"]) <= issued
+    assert found["finished"]
+    runs = runs_by_user(partner_redis.client(), "sidecar")
+    assert set(runs) == set(fan) and set(runs.values()) == {1}
+    assert "partner.record" not in sidecar.log()  # routed by the partner's app, not ours
+    for log in (sidecar.log(), partner_worker.log()):
+        assert "unregistered task" not in log.lower()
+    # The partner's worker ran the downstream tasks and its own ping; never a package task.
+    assert partner_worker.log().count("partner.record[") >= 300
+    assert "partner.ping[" in partner_worker.log()
+    assert "sfox.mint_user_tokens" not in partner_worker.log()
 
 
 def test_embedded_the_partners_worker_runs_every_package_task(
-    embedded_worker, fake_sfox, redis_client, tmp_path
+    partner, partner_redis, fake_sfox, tmp_path
 ):
     """Mint (with its TTL), a fan-out and a nightly run, all on the partner's own worker."""
-    from tests.partner_embedded import app as partner
-
+    env, _ = partner
+    env = {**env, "SFOX_QUEUE": EMBEDDED_QUEUE}
     fake_sfox.refuse("emb-7", status=404, message="user not found")
-    mint = partner.send_task(
-        "sfox.mint_user_tokens", args=[[f"emb-{i}" for i in range(20)]], queue=EMBEDDED_QUEUE
-    )
-    result = mint.get(timeout=60)
-    assert len(result["tokens"]) == 19 and result["failed"][0]["user_id"] == "emb-7"
-    ttl = redis_client.ttl(f"celery-task-meta-{mint.id}")
-    assert 0 < ttl <= 900  # SFOX_TOKEN_RESULT_TTL, on the partner's plain Redis backend
-
-    fan = [f"emb-fan-{i}" for i in range(120)]
-    canvas = with_user_tokens(
-        fan, partner.signature("partner_embedded.record", args=("embedded",)), chunk_size=20
-    )
-    canvas.apply_async(queue=EMBEDDED_QUEUE)
-    assert eventually(lambda: run_progress(canvas.run_id).finished, timeout=120)
-    runs = runs_by_user(redis_client, "embedded")
-    assert set(runs) == set(fan) and set(runs.values()) == {1}
-
+    embedded = worker(
+        "embedded",
+        tmp_path,
+        env,
+        app="tests.partner_embedded",
+        queues=f"celery,{EMBEDDED_QUEUE}",
+        concurrency=3,
+    ).start()
     users = [f"emb-night-{i}" for i in range(60)]
-    summary = partner.send_task(
-        "sfox.run_nightly_orders",
-        kwargs={"run_date": "2026-09-09", "orders_file": write_orders(tmp_path, users)},
-        queue=EMBEDDED_QUEUE,
-    ).get(timeout=120)
+    fan = [f"emb-fan-{i}" for i in range(120)]
+    try:
+        found = call(
+            "embedded",
+            env,
+            queue=EMBEDDED_QUEUE,
+            mint=[f"emb-{i}" for i in range(20)],
+            fan=fan,
+            run_date="2026-09-09",
+            orders_file=write_orders(tmp_path, users),
+        )
+    finally:
+        embedded.stop()
+    client = partner_redis.client()
+    assert found["tokens"] == 19 and found["failed"] == ["emb-7"]
+    ttl = client.ttl(f"celery-task-meta-{found['mint_id']}")
+    assert 0 < ttl <= 900  # SFOX_TOKEN_RESULT_TTL, on the partner's plain Redis backend
+    assert found["finished"]
+    runs = runs_by_user(client, "embedded")
+    assert set(runs) == set(fan) and set(runs.values()) == {1}
+    summary = found["summary"]
     assert summary["status"] == "done" and summary["placed"] == 60
 
-    log = embedded_worker.log()
-    assert "emb-fan-0" in log or "sfox.jit_mint_chunk" in log  # the log is the worker's
+    log = embedded.log()
+    assert "sfox.jit_mint_chunk" in log  # the log is the worker's
     assert "unregistered task" not in log.lower()
     assert "ConfigurationError" not in log
-    redis_text = dump_redis(redis_client)
+    redis_text = dump_redis(client)
     for secret in [ENTERPRISE_KEY, *fake_sfox.issued_tokens]:
         assert secret not in log
         assert secret not in redis_text
-    assert json.dumps(summary)  # the summary is plain JSON
 
 
-def test_a_missing_key_names_where_it_was_looked_for(fake_sfox, redis_client, tmp_path):
-    """With no key anywhere, a mint on the embedded worker fails naming where it looked."""
-    from tests.partner_embedded import app as partner
+def test_a_missing_key_names_where_it_was_looked_for(partner, fake_sfox, tmp_path):
+    """With no key anywhere, a mint on the embedded worker fails naming where it looked.
 
-    worker = WorkerProcess(
-        "nokey",
-        tmp_path,
-        env={"SFOX_ENTERPRISE_API_KEY": "", "SFOX_API_URL": fake_sfox.url},
-        app="tests.partner_embedded",
-        include=None,
-        queues=EMBEDDED_QUEUE,
-        loglevel="INFO",
-    ).start()
+    The caller, which imported the package, catches it as the package's own exception.
+    """
+    env, _ = partner
+    env = {**env, "SFOX_QUEUE": EMBEDDED_QUEUE, "SFOX_ENTERPRISE_API_KEY": ""}
+    nokey = worker("nokey", tmp_path, env, app="tests.partner_embedded", queues=EMBEDDED_QUEUE)
+    nokey.start()
     try:
-        result = partner.send_task("sfox.mint_user_tokens", args=[["u1"]], queue=EMBEDDED_QUEUE)
-        with pytest.raises(Exception) as failure:
-            result.get(timeout=60)
+        found = call("missing_key", env, queue=EMBEDDED_QUEUE)
     finally:
-        worker.stop()
-    text = str(failure.value)
+        nokey.stop()
+    assert found["caught"] == "tasks.ConfigurationError", found
+    text = found["message"]
     assert "SFOX_ENTERPRISE_API_KEY" in text and "environment" in text
-    assert "configuration of the Celery app" in text
+    assert "configuration of the Celery app 'partner-embedded'" in text
     assert fake_sfox.count() == 0
+
+
+def test_a_worker_with_no_redis_for_the_limiter_refuses_to_start(partner, tmp_path):
+    """A RabbitMQ broker and no Redis anywhere: the worker stops at once, naming the setting."""
+    env, _ = partner
+    refused = worker(
+        "no-limiter",
+        tmp_path,
+        {
+            **env,
+            "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5673//",
+            "CELERY_RESULT_BACKEND": "rpc://",
+        },
+    )
+    with pytest.raises(RuntimeError, match="SFOX_LIMITER_URL"):
+        refused.start(timeout=30)
