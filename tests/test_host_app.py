@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tasks.worker import host
+from tests.conftest import REDIS_URL
 
 
 def run_python(code: str, cwd: Path, **env: str) -> str:
@@ -217,3 +218,47 @@ def test_celerys_fallback_app_is_told_from_a_partners():
     assert host._is_fallback(fallback)
     assert not host._is_fallback(Celery("default", set_as_current=False))
     assert not host._is_fallback(Celery("proj", set_as_current=False))
+
+
+@pytest.mark.slow
+def test_a_sfox_tokens_worker_in_a_tutorial_project_keeps_its_own_queue_and_settings(
+    fake_sfox, redis_client, tmp_path
+):
+    """`celery -A sfox_tokens worker` where the project's own tasks.py and celeryconfig.py live.
+
+    The project's tasks module is imported in the worker too (``-I tasks``); the
+    worker still consumes SFOX_QUEUE alone, finds the key in the environment, and mints.
+    """
+    from tests.workers import Caller, WorkerProcess
+
+    project = tmp_path / "tutorial"
+    project.mkdir()
+    (project / "tasks.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('tutorial')\n"
+        "app.config_from_object('celeryconfig')\n"
+        "@app.task\n"
+        "def add(x, y):\n"
+        "    return x + y\n"
+    )
+    (project / "celeryconfig.py").write_text('task_default_queue = "tutorial"\n')
+    queue = "sfox-tutorial"
+    worker = WorkerProcess(
+        "tutorial",
+        tmp_path,
+        env={"SFOX_API_URL": fake_sfox.url, "SFOX_QUEUE": queue, "PYTHONPATH": str(project)},
+        app="sfox_tokens",
+        include="tasks",
+        cwd=project,
+        loglevel="INFO",
+    ).start()
+    caller = Caller(REDIS_URL, queue)
+    try:
+        result = caller.send("sfox.mint_user_tokens", args=[["tut-1", "tut-2"]]).get(timeout=60)
+    finally:
+        caller.close()
+        worker.stop()
+    assert [t["partner_user_id"] for t in result["tokens"]] == ["tut-1", "tut-2"]
+    log = worker.log()
+    assert f".> {queue} " in log and ".> tutorial " not in log
+    assert "no sFOX enterprise key" not in log

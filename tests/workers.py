@@ -33,7 +33,9 @@ class WorkerProcess:
         extra_args: Sequence[str] = (),
         app: str = "tasks",
         include: str | None = "tests.testtasks",
+        cwd: Path = ROOT,
     ) -> None:
+        self.cwd = cwd
         self.name = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         self.log_path = log_dir / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
@@ -79,7 +81,7 @@ class WorkerProcess:
     def start(self, timeout: float = 30.0) -> WorkerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            self.args, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
