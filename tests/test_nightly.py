@@ -46,8 +46,8 @@ def write_orders(tmp_path, users, *, extra_rows=""):
     return str(path)
 
 
-def start_workers(tmp_path, fake_sfox, count=1, concurrency=4, name="nightly"):
-    env = {**NIGHTLY_ENV, "SFOX_API_URL": fake_sfox.url}
+def start_workers(tmp_path, fake_sfox, count=1, concurrency=4, name="nightly", env=None):
+    env = {**NIGHTLY_ENV, "SFOX_API_URL": fake_sfox.url, **(env or {})}
     return [
         WorkerProcess(
             f"{name}{i}", tmp_path, env=env, concurrency=concurrency, queues=QUEUE, loglevel="INFO"
@@ -62,8 +62,42 @@ def run(day, orders, **options):
     )
 
 
+def trigger(day, **kwargs):
+    """The nightly task for ``day`` as beat or a partner sends it: no orders file named."""
+    return run_nightly_orders.apply_async(kwargs={"run_date": day, **kwargs}, queue=QUEUE)
+
+
 def orders_by_user(fake_sfox):
     return Counter(order.user_id for order in fake_sfox.orders)
+
+
+def assert_each_order_once(fake_sfox, users):
+    """Every user of ``users`` has one order at the stand-in; no client_order_id came twice."""
+    by_coid = Counter(order.client_order_id for order in fake_sfox.orders)
+    assert set(by_coid.values()) == {1}
+    assert sorted(orders_by_user(fake_sfox).elements()) == sorted(users)
+    assert fake_sfox.duplicate_order_attempts == 0
+
+
+def nightly_keys(redis_client, day):
+    """Every key of ``day``'s run: its records and its fan-out's books."""
+    return [
+        *redis_client.keys(f"sfox:nightly:{{{day}}}:*"),
+        *redis_client.keys(f"sfox:jit:{{nightly-{day}}}:*"),
+    ]
+
+
+def stall(redis_client, day, orders, owner="gone-coordinator"):
+    """A run whose coordinator claimed the date, staged the orders, and was never seen again."""
+    from tasks.nightly.orders import load_orders
+
+    night = NightlyRun(redis_client, date.fromisoformat(day))
+    assert night.take(owner, "its-lease", 0.001).verdict == "owner"  # a 1 ms lease
+    night.stage(load_orders(path=orders))
+    night.set_flag("started", str(time.time()))
+    night.set_flag("staged", "1")
+    assert eventually(lambda: night.books().phase == "stalled", timeout=5)
+    return night
 
 
 @pytest.fixture
@@ -108,19 +142,22 @@ def test_thousand_users_each_get_exactly_one_order(nightly_workers, fake_sfox, t
 
 
 def test_second_trigger_for_the_same_date_does_nothing(nightly_workers, fake_sfox, tmp_path):
-    """Firing the nightly task twice for one date gives one run; the second sends nothing."""
+    """Two triggers at once give one run; a trigger for the finished date is skipped, sends none."""
     orders = write_orders(tmp_path, [f"twice-{i}" for i in range(50)])
     first = run("2026-11-20", orders)
     second = run("2026-11-20", orders)
     results = [first.get(timeout=120), second.get(timeout=120)]
-    skipped = [r for r in results if r["status"] == "skipped"]
-    done = [r for r in results if r["status"] == "done"]
-    assert len(skipped) == 1 and len(done) == 1
-    assert "already under way or done" in skipped[0]["reason"]
+    by_status = {r["status"]: r for r in results}
+    # The second finds the first at work (under_way), or already done (skipped).
+    assert set(by_status) in ({"done", "under_way"}, {"done", "skipped"}), results
+    other = by_status.get("under_way") or by_status["skipped"]
+    ran = {r["status"]: task.id for r, task in zip(results, (first, second), strict=True)}
+    assert other["owner"] == ran["done"]
     assert len(fake_sfox.orders) == 50
     before = fake_sfox.count()
     third = run("2026-11-20", orders).get(timeout=60)
-    assert third["status"] == "skipped" and fake_sfox.count() == before
+    assert third["status"] == "skipped" and "is done" in third["reason"]
+    assert fake_sfox.count() == before
 
 
 def test_killed_pool_processes_leave_every_order_exactly_once(fake_sfox, redis_client, tmp_path):
@@ -284,7 +321,7 @@ def test_cli_triggers_a_run_shows_the_summary_and_refuses_a_second(
     assert re.search(r"placed\s+20", first.stdout)
     second = sfox_tokens("nightly", "--date", "2026-10-02", "--orders", orders, "--queue", QUEUE)
     assert second.returncode == 0
-    assert "skipped" in second.stdout and "already under way or done" in second.stdout
+    assert "2026-10-02: skipped: the run for 2026-10-02 is done" in second.stdout
     assert len(fake_sfox.orders) == 20
 
 
@@ -352,3 +389,179 @@ def test_no_secret_in_the_debug_log_of_a_whole_nightly_run(
         assert secret not in log
         assert secret not in event_text
         assert secret not in redis_text
+
+
+# -- who runs a date: take-over, resume, no orders ------------------------------------------
+
+
+def test_claims_of_a_date_follow_the_lease(redis_client):
+    """take: the first owns; another waits while the lease lives, takes over once it is gone."""
+    night = NightlyRun(redis_client, date(2026, 12, 10))
+    assert night.take("first", "lease-1", 30) == ("owner", "")
+    assert night.take("first", "lease-1", 30) == ("owner", "first")  # run twice: the same
+    assert night.take("first", "lease-2", 30) == ("busy", "first")  # a second copy of it
+    assert night.take("second", "lease-3", 30) == ("under_way", "first")
+    # Between turns the lease is kept for the owner's next turn, and for no one else.
+    night.hand_over("lease-1", "first", 30)
+    night.hand_over("lease-1", "first", 30)  # run twice: still kept for the next turn
+    assert night.take("second", "lease-3", 30) == ("under_way", "first")
+    assert night.take("first", "lease-4", 30) == ("owner", "first")
+    # The owner is gone (its lease lapsed): the next trigger takes the run over.
+    night.drop_lease("lease-4")
+    assert night.take("second", "lease-5", 30) == ("took", "first")
+    assert night.take("first", "lease-6", 30) == ("under_way", "second")
+    night.set_flag("summary", "{}")
+    assert night.take("third", "lease-7", 30) == ("finished", "second")
+
+
+def test_a_run_that_fails_before_staging_gives_the_date_up(redis_client):
+    """release: unstaged, the date is free again at once; staged, it stays owned."""
+    night = NightlyRun(redis_client, date(2026, 12, 11))
+    assert night.take("first", "lease-1", 30).verdict == "owner"
+    night.set_flag("started", "1")
+    assert night.release("first", "lease-1") is True
+    assert night.release("first", "lease-1") is False  # run twice: nothing left to drop
+    assert night.books().phase == "not_started"
+    assert redis_client.keys("sfox:nightly:{2026-12-11}:*") == []
+    assert night.take("second", "lease-2", 30) == ("owner", "")
+    night.set_flag("staged", "1")
+    assert night.release("second", "lease-2") is False
+    assert night.books().phase == "stalled" and night.books().owner == "second"
+
+
+def test_no_orders_configured_starts_nothing(nightly_workers, fake_sfox, redis_client):
+    """No orders file or source: not_configured, one warning naming the settings, no key."""
+    result = trigger("2026-12-01").get(timeout=60)
+    assert result["status"] == "not_configured"
+    assert "SFOX_NIGHTLY_ORDERS_FILE" in result["reason"]
+    assert "SFOX_NIGHTLY_ORDERS_SOURCE" in result["reason"]
+    log = nightly_workers[0].log()
+    warnings = [line for line in log.splitlines() if "no nightly orders are configured" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], warnings
+    assert nightly_keys(redis_client, "2026-12-01") == []
+    assert fake_sfox.count() == 0
+
+
+def test_a_date_whose_first_trigger_had_no_orders_file_runs_once_it_has_one(
+    fake_sfox, redis_client, tmp_path
+):
+    """The configured file is missing: the trigger fails, holds nothing; with the file, it runs."""
+    orders = tmp_path / "tonight" / "orders.csv"
+    worker = start_workers(
+        tmp_path, fake_sfox, name="unready", env={"SFOX_NIGHTLY_ORDERS_FILE": str(orders)}
+    )[0]
+    try:
+        with pytest.raises(Exception, match="not a readable file"):
+            trigger("2026-12-02").get(timeout=60)
+        assert nightly_keys(redis_client, "2026-12-02") == []
+        users = [f"late-file-{i}" for i in range(25)]
+        orders.parent.mkdir()
+        write_orders(orders.parent, users)
+        summary = trigger("2026-12-02").get(timeout=120)
+    finally:
+        worker.stop()
+    assert summary["status"] == "done" and summary["placed"] == 25, summary
+    assert_each_order_once(fake_sfox, users)
+
+
+def test_a_run_whose_coordinator_is_gone_is_resumed_exactly_once(
+    nightly_workers, fake_sfox, redis_client, tmp_path
+):
+    """Claimed and staged, 10 orders placed, coordinator gone: a new trigger places the other 30."""
+    from tasks import mint_user_tokens
+
+    day = "2026-12-03"
+    users = [f"stalled-{i}" for i in range(40)]
+    orders = write_orders(tmp_path, users)
+    stall(redis_client, day, orders)
+    early = mint_user_tokens.apply_async((users[:10],), queue=QUEUE).get(timeout=60)["tokens"]
+    for entry in early:
+        placed = place_user_order.apply_async(
+            kwargs={"run_date": day, "user_token": entry}, queue=QUEUE
+        ).get(timeout=60)
+        assert placed["placed"] == 1
+    assert len(fake_sfox.orders) == 10
+
+    resumed = run(day, orders)
+    summary = resumed.get(timeout=120)
+    assert summary["status"] == "done", summary
+    assert summary["placed"] == 40 and summary["already_placed"] == 0, summary
+    assert summary["failed_orders"] == 0
+    assert_each_order_once(fake_sfox, users)
+    books = NightlyRun(redis_client, date.fromisoformat(day)).books()
+    assert books.owner == resumed.id and books.phase == "finished"
+    assert "the coordinator of task gone-coordinator is gone" in nightly_workers[0].log()
+    assert run(day, orders).get(timeout=60)["status"] == "skipped"
+
+
+def test_a_coordinator_lost_mid_run_is_taken_over(
+    nightly_workers, fake_sfox, redis_client, tmp_path
+):
+    """The coordinator's next turn is lost (revoked) mid-run: a later trigger takes over, once."""
+    fake_sfox.configure(latency=0.1)  # long enough a night that the take-over is mid-run
+    day = "2026-12-04"
+    users = [f"orphan-{i}" for i in range(300)]
+    orders = write_orders(tmp_path, users)
+    first = run(day, orders)
+    assert eventually(lambda: len(fake_sfox.orders) >= 20, timeout=120)
+    run_nightly_orders.app.control.revoke(first.id)
+    night = NightlyRun(redis_client, date.fromisoformat(day))
+    # Its turn ends, the lease kept for its next turn lapses: the run has no coordinator.
+    assert eventually(lambda: night.books().phase in ("stalled", "finished"), timeout=30)
+    assert night.books().phase == "stalled"
+    assert len(fake_sfox.orders) < 300  # the night is not over
+    second = run(day, orders)
+    summary = second.get(timeout=180)
+    assert summary["status"] == "done", summary
+    assert summary["placed"] + summary["already_placed"] == 300
+    assert_each_order_once(fake_sfox, users)
+    assert night.books().owner == second.id
+
+
+def test_cli_shows_a_stalled_date_and_resumes_it(
+    nightly_workers, fake_sfox, redis_client, tmp_path
+):
+    """`nightly --state` shows a stalled run's facts; `--resume` finishes it; then: finished."""
+    from tasks.cli.main import main
+
+    day = "2026-12-05"
+    users = [f"cli-stalled-{i}" for i in range(20)]
+    stall(redis_client, day, write_orders(tmp_path, users))
+
+    shown = sfox_tokens("nightly", "--date", day, "--state")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"nightly run for {day}: stalled")
+    for fact in (
+        "owner: task gone-coordinator",
+        "lease: none",
+        "orders staged: 20 for 20 users",
+        "fan-out: not started",
+        "placed: 0",
+    ):
+        assert fact in lines, shown.stdout
+    assert ENTERPRISE_KEY not in shown.stdout
+
+    resumed = sfox_tokens("nightly", "--date", day, "--resume", "--queue", QUEUE)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"nightly run for {day}: done" in resumed.stdout
+    assert re.search(r"placed\s+20", resumed.stdout)
+    assert_each_order_once(fake_sfox, users)
+
+    finished = sfox_tokens("nightly", "--date", day, "--state")
+    assert finished.stdout.startswith(f"nightly run for {day}: finished")
+    assert "users done: 20 of 20" in finished.stdout and "placed: 20" in finished.stdout
+    again = sfox_tokens("nightly", "--date", day, "--resume", "--queue", QUEUE)
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
+    assert len(fake_sfox.orders) == 20
+    # In process too: a date that never began has nothing to resume (2, one line).
+    assert main(["nightly", "--date", "2026-12-06", "--resume"]) == 2
+    assert nightly_keys(redis_client, "2026-12-06") == []
+
+
+def test_cli_says_when_no_orders_are_configured(nightly_workers, fake_sfox, redis_client):
+    """`sfox-tokens nightly` with no orders anywhere: exit 2, the settings named, nothing held."""
+    out = sfox_tokens("nightly", "--date", "2026-12-07", "--queue", QUEUE)
+    assert out.returncode == 2
+    assert "not_configured" in out.stdout and "SFOX_NIGHTLY_ORDERS_FILE" in out.stdout
+    assert nightly_keys(redis_client, "2026-12-07") == []

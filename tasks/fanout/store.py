@@ -3,7 +3,7 @@
 Every counter moves in one Lua script (this folder's ``.lua`` files), and moves
 once however often a call is made again after a redelivery or a dropped Redis
 connection. Nothing here knows Celery: the tasks in :mod:`tasks.fanout.tasks`
-drive it.
+drive it, and :mod:`tasks.fanout.api` for the package's other parts.
 """
 
 from __future__ import annotations
@@ -178,6 +178,10 @@ class JitRun:
         return {
             k.decode(): json.loads(v) for k, v in self.client.hgetall(self.failed_users).items()
         }
+
+    def done_users(self) -> set[str]:
+        """Users whose downstream task ended."""
+        return {u.decode() for u in self.client.smembers(self.done_set)}
 
     def spec(self) -> dict[str, str]:
         raw = self.client.hgetall(self.state)

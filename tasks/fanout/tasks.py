@@ -26,6 +26,11 @@ segments stage once, chunks finish once, users are done once. A chunk is
 minted by one chunk task only, and a chunk task that went back to the broker
 after minting resumes with its tokens, sending no downstream task twice. The
 run's keys expire after :data:`RUN_TTL` seconds.
+
+Public here are :func:`with_user_tokens` and :func:`run_progress` (exported by
+``tasks``) and the tasks, by their ``sfox.*`` names. The package's other parts
+drive a run through :mod:`tasks.fanout.api`; every other name of this folder is
+the fan-out's own.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 from celery import Task, group, signals
@@ -49,17 +55,7 @@ from ..worker.runtime import get_runtime
 from ..worker.transport import ONCE_HEADER
 from .store import Chunk, JitRun, RunProgress
 
-__all__ = [
-    "downstream_of",
-    "downstream_route",
-    "route_options",
-    "run_for",
-    "run_progress",
-    "send_chunks",
-    "send_downstream",
-    "stale_after",
-    "with_user_tokens",
-]
+__all__ = ["run_progress", "with_user_tokens"]
 
 logger = logging.getLogger("tasks.jit")
 
@@ -96,12 +92,37 @@ def run_progress(run_id: str) -> RunProgress:
     return run_for(run_id).progress()
 
 
-def _segments(user_ids: Sequence[str], chunk_size: int) -> list[list[Chunk]]:
-    chunks = [
-        Chunk(i // chunk_size, list(user_ids[i : i + chunk_size]))
-        for i in range(0, len(user_ids), chunk_size)
-    ]
-    return [chunks[i : i + CHUNKS_PER_SEGMENT] for i in range(0, len(chunks), CHUNKS_PER_SEGMENT)]
+def segments(user_ids: Iterable[str], chunk_size: int) -> Iterator[list[Chunk]]:
+    """``user_ids`` in chunks of ``chunk_size``, :data:`CHUNKS_PER_SEGMENT` chunks a segment.
+
+    Read lazily: no more than one segment of user IDs is held at a time.
+    """
+    ids = iter(user_ids)
+    index = 0
+    while True:
+        segment: list[Chunk] = []
+        while len(segment) < CHUNKS_PER_SEGMENT:
+            users = list(islice(ids, chunk_size))
+            if not users:
+                break
+            segment.append(Chunk(index, users))
+            index += 1
+        if not segment:
+            return
+        yield segment
+
+
+def run_spec(
+    app: Any, downstream: Signature, *, total: int, chunk_size: int, ahead: int
+) -> dict[str, Any]:
+    """What a run's books keep of it: its size, its budget, its downstream and its route."""
+    return {
+        "total": total,
+        "budget": ahead * chunk_size,
+        "stale_after": stale_after(app),
+        "downstream": json.dumps(dict(downstream)),
+        "route": json.dumps(downstream_route(downstream)),
+    }
 
 
 def stale_after(app: Any) -> float:
@@ -201,18 +222,12 @@ def with_user_tokens(
     app = calling_app()
     size = chunk_size or settings_for(app).batch_size
     run = run_id or uuid.uuid4().hex
-    spec = {
-        "total": len(ids),
-        "budget": ahead * size,
-        "stale_after": stale_after(app),
-        "downstream": json.dumps(dict(downstream)),
-        "route": json.dumps(downstream_route(downstream)),
-    }
+    spec = run_spec(app, downstream, total=len(ids), chunk_size=size, ahead=ahead)
     canvas = group(
         jit_segment.si(run, index, [c.encode() for c in segment], spec).set(
             argsrepr=f"[run {run[:12]}, segment {index}, {_users(segment)} users]"
         )
-        for index, segment in enumerate(_segments(ids, size))
+        for index, segment in enumerate(segments(ids, size))
     )
     canvas.run_id = run
     return canvas

@@ -6,26 +6,52 @@ longer than ``SFOX_TASK_TURN`` (plus a second), however many users the night
 has, so RabbitMQ's ``consumer_timeout`` never ends a worker and Redis'
 visibility timeout never hands the coordinator to a second worker.
 
-1. **claim** the date: the first task id to claim it owns the run; any other
-   trigger for that date does nothing and says so, before any sFOX request.
-   The owner's own later turns (same task id) go on with the run;
+1. **take** the date (:meth:`~tasks.nightly.store.NightlyRun.take`): the first
+   task to claim it owns the run, and its coordinator holds a lease, renewed
+   within each turn and kept for its own next turn between turns. A later
+   trigger does nothing, and says so, while that lease is live or once the run
+   finished, before any sFOX request. When the run is unfinished and the lease
+   is gone (the coordinator failed, or its message was lost, and no one renewed
+   the lease for a whole lease period), the trigger takes the run over and goes
+   on where the books stand. A run that fails before its orders are staged (no
+   orders file, a bad one) gives the date up at once: a trigger after the fix
+   runs it;
 2. **stage** the orders in Redis (idempotent: each order once, keyed by its
    deterministic ``client_order_id``); malformed rows are kept as errors;
-3. **fan out** through :mod:`tasks.fanout.tasks`: tokens are minted chunk by chunk in
-   step with the order tasks, and each user's ``sfox.place_user_order`` gets
-   that user's sealed token. From then on the run proceeds by itself;
+3. **fan out** through :class:`tasks.fanout.api.FanOut`: tokens are minted
+   chunk by chunk in step with the order tasks, and each user's
+   ``sfox.place_user_order`` gets that user's sealed token. From then on the
+   run proceeds by itself;
 4. **watch** it, a turn at a time: each turn reports ``PROGRESS`` (done /
    total) for Flower, hands lost chunks back, and comes back after
    :data:`TURN_COUNTDOWN` s as a retry of the same task; the turn that finds
-   every user done returns the summary.
+   every user done writes and returns the summary.
 
-A lease (renewed while a turn lives) keeps two copies of the coordinator from
-working at once. Each order's outcome is written once (a placement always
-wins over the "already placed" of a concurrent duplicate), and sFOX itself
-refuses a reused ``client_order_id`` within 24 hours, so a crash anywhere
-places no order twice. The summary accounts for every staged order: one the
-run could not place, or that has no outcome at all, is counted as failed with
-its reason, never left out.
+What a trigger returns, by ``status``:
+
+- ``done``: the run's summary (this task finished the run, or resumed and finished it);
+- ``skipped``: the date's run had finished already: nothing was done;
+- ``under_way``: another task's coordinator works on the date (its lease is
+  live): nothing was done; ``owner`` names that task;
+- ``handed_over``: this task owned the run, stood still past its lease, and a
+  later trigger (``owner``) took the run over: this task stops;
+- ``not_configured``: no orders are configured (neither
+  ``SFOX_NIGHTLY_ORDERS_FILE`` nor ``SFOX_NIGHTLY_ORDERS_SOURCE``), none were
+  given (``orders_file``) and none are staged for the date: nothing was claimed
+  or started, and one warning says which settings to set;
+- ``unfinished``: one coordinator watched the run for :data:`RUN_DEADLINE` s
+  and it is still not finished: it stops, and the next trigger for the date
+  resumes it.
+
+Every verdict but ``done`` carries a ``reason``. A failure (a bad orders file, a
+bad source) fails the task.
+
+Each order's outcome is written once (a placement always wins over the
+"already placed" of a concurrent duplicate), a resumed run places no order
+that has an outcome, and sFOX itself refuses a reused ``client_order_id``
+within 24 hours, so a crash or a take-over anywhere places no order twice. The
+summary accounts for every staged order: one the run could not place, or that
+has no outcome at all, is counted as failed with its reason, never left out.
 """
 
 from __future__ import annotations
@@ -36,6 +62,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,29 +71,21 @@ from celery import Task
 
 from .._exceptions import InvalidArgument, SfoxError
 from .._redis import STORE_ERRORS
+from .._settings import Settings
 from ..budget.ratelimit import LimiterWait
 from ..budget.retry import Defer
-from ..fanout.store import Chunk, RunProgress
-from ..fanout.tasks import (
-    CHUNKS_PER_SEGMENT,
-    DEFAULT_AHEAD,
-    downstream_of,
-    downstream_route,
-    send_chunks,
-    send_downstream,
-    stale_after,
-)
+from ..fanout.api import FanOut, RunProgress
 from ..minting import Deferred
 from ..sfox.orders import OrderOutcome, TokenHolder
 from ..worker.base import SfoxTask
-from ..worker.host import package_task
+from ..worker.host import calling_app, package_task
 from ..worker.mint import TASK_TIME_LIMIT
 from ..worker.outcome import ShortRepr, summarise_nightly
 from ..worker.runtime import get_runtime
 from .orders import load_orders
-from .store import NightlyRun
+from .store import Claim, NightlyRun, RunBooks
 
-__all__ = ["place_user_order", "run_nightly_orders"]
+__all__ = ["RunState", "place_user_order", "run_nightly_orders", "run_state"]
 
 logger = logging.getLogger("tasks.nightly")
 
@@ -76,6 +95,17 @@ POLL_INTERVAL = 1.0
 TURN_COUNTDOWN = 1.0
 #: Most order tasks sent again in one turn.
 MAX_RESEND = 1000
+#: Seconds one coordinator task watches a run before it stops and leaves the rest to the
+#: next trigger for the date: under a day, so that no night's coordinator outlives the next's.
+RUN_DEADLINE = 20 * 3600.0
+
+#: Where the nightly orders are configured, for the message that says none are.
+_WHERE_ORDERS = (
+    "set SFOX_NIGHTLY_ORDERS_FILE (a CSV or .jsonl file) or SFOX_NIGHTLY_ORDERS_SOURCE "
+    "(module:function), in the app's configuration (sfox_nightly_orders_file; "
+    "CELERY_SFOX_NIGHTLY_ORDERS_FILE in Django settings) or the environment, "
+    "or give orders_file"
+)
 
 
 def _today() -> date:
@@ -100,6 +130,18 @@ class NightlyTask(SfoxTask):
         return super().apply_async(args, kwargs, **options)
 
 
+@dataclass
+class _Carried:
+    """What a coordinator carries from one turn to the next (its ``_resume``)."""
+
+    #: Fixed by the first turn: a later turn after midnight is the same run.
+    run_date: str
+    #: ``time.time()`` past which this task stops watching the run (:data:`RUN_DEADLINE`).
+    deadline: float
+    #: Whether this task owns the run (it took the date in an earlier turn).
+    owned: bool = False
+
+
 @package_task(bind=True, base=NightlyTask, name="sfox.run_nightly_orders")
 def run_nightly_orders(
     self: NightlyTask,
@@ -107,107 +149,216 @@ def run_nightly_orders(
     orders_file: str | None = None,
     _resume: dict[str, Any] | None = None,
 ) -> Mapping[str, Any]:
-    """Place tonight's orders, each once; return the run's summary (a turn at a time)."""
-    # The date is fixed by the first turn: a later turn after midnight is the same run.
-    day = date.fromisoformat((_resume or {}).get("run_date") or run_date or _today().isoformat())
-    self.checkpoint({"run_date": day.isoformat()})
+    """Place the date's orders, each once; return the summary, or what the trigger found.
+
+    A turn at a time (the module's docstring lists every ``status``). ``_resume``
+    is the coordinator's own state from its last turn.
+    """
+    resume = _resume or {}
+    carried = _Carried(
+        run_date=date.fromisoformat(
+            resume.get("run_date") or run_date or _today().isoformat()
+        ).isoformat(),
+        deadline=float(resume.get("deadline") or time.time() + RUN_DEADLINE),
+        owned=bool(resume.get("owned")),
+    )
+    self.checkpoint(asdict(carried))
+    day = date.fromisoformat(carried.run_date)
     runtime = get_runtime(self.app)
+    settings = runtime.settings
     run = NightlyRun(runtime.redis, day)
+    # Orders are needed only to stage them: a run staged already is resumed without any.
+    if not (orders_file or settings.nightly.configured or carried.owned or run.flag("staged")):
+        return _short(self, _not_configured(day))
     task_id = self.request.id or uuid.uuid4().hex
-
-    owner = run.claim(task_id)
-    if owner is not None:
-        logger.warning(
-            "nightly run for %s is already under way or done (task %s): nothing to do",
-            day,
-            owner,
-        )
-        return _short(
-            self,
-            {
-                "run_date": day.isoformat(),
-                "status": "skipped",
-                "reason": f"the run for {day} is already under way or done",
-                "owner": owner,
-            },
-        )
-
-    finished = run.flag("summary")
-    if finished:
-        return _short(self, json.loads(finished))
-
-    lease = uuid.uuid4().hex
-    lease_seconds = runtime.settings.nightly.lease
-    if not run.lease_for(lease, lease_seconds):
-        # Another copy of this very task is alive (a redelivery): let it work.
+    token = uuid.uuid4().hex
+    claim = run.take(task_id, token, settings.nightly.lease)
+    found = _nothing_to_do(day, claim, carried.owned)
+    if found is not None:
+        return _short(self, found)
+    carried.owned = True
+    self.checkpoint(asdict(carried))
+    if claim.verdict == "busy":
+        # Another copy of this very task holds the lease (a redelivery): let it work.
         logger.info("nightly run for %s: another copy is working; checking again later", day)
-        raise _next_turn(self, day, orders_file, lease_seconds)
-
-    turn_ends = time.monotonic() + runtime.settings.task_turn
-    try:
-        started = float(run.flag("started") or time.time())
-        run.set_flag("started", str(started))
-        if run.flag("staged") is None:
-            orders, errors = run.stage(
-                load_orders(
-                    path=orders_file or runtime.settings.nightly.orders_file,
-                    source=None if orders_file else runtime.settings.nightly.orders_source,
-                )
-            )
-            run.set_flag("staged", "1")
-            logger.info(
-                "nightly run for %s: %d order(s) for %d user(s) staged, %d row(s) skipped",
-                day,
-                orders,
-                run.user_count(),
-                errors,
-            )
-        if run.flag("dispatched") is None:
-            _dispatch(self.app, run, runtime.settings.batch_size, task_id)
-            run.set_flag("dispatched", "1")
-        total = run.user_count()
-        while True:
-            if not run.lease_for(lease, lease_seconds):
-                raise _next_turn(self, day, orders_file, lease_seconds)
-            progress = run.jit.progress()
-            done = min(total, progress.done + progress.failed)
-            self.update_state(
-                state="PROGRESS", meta={"run_date": day.isoformat(), "done": done, "total": total}
-            )
-            self.send_event("task-progress", done=done, total=total)
-            if total == 0 or progress.finished:
-                break
-            resent = run.jit.sweep(sender=task_id)
-            if resent:
-                logger.warning(
-                    "nightly run for %s: sending %d chunk(s) again whose chunk task was lost",
-                    day,
-                    len(resent),
-                )
-                send_chunks(run.jit, resent, sender=task_id)
-            _resend_if_stalled(self.app, run, progress, runtime.settings.nightly.resend_after)
-            if time.monotonic() + POLL_INTERVAL >= turn_ends:
-                raise _next_turn(self, day, orders_file, TURN_COUNTDOWN)
-            time.sleep(POLL_INTERVAL)
-        summary = run.summary("done", started)
-        run.set_flag("summary", json.dumps(summary))
-        logger.info(
-            "nightly run for %s done: %d placed, %d already placed, %d failed, %d users",
+        if time.time() >= carried.deadline:
+            return _short(self, _unfinished(day))
+        raise _next_turn(self, carried, orders_file, settings.nightly.lease)
+    if claim.verdict == "took":
+        logger.warning(
+            "nightly run for %s: the coordinator of task %s is gone; task %s resumes the run "
+            "where it stands",
             day,
-            summary["placed"],
-            summary["already_placed"],
-            summary["failed_orders"],
-            summary["users"],
+            claim.owner,
+            task_id,
         )
-        return _short(self, summary)
+    return _coordinate(self, run, token, carried, orders_file, settings)
+
+
+def _not_configured(day: date) -> dict[str, Any]:
+    logger.warning(
+        "nightly run for %s not started: no nightly orders are configured; %s",
+        day,
+        _WHERE_ORDERS,
+    )
+    return _verdict(day, "not_configured", f"no nightly orders are configured: {_WHERE_ORDERS}")
+
+
+def _nothing_to_do(day: date, claim: Claim, owned: bool) -> dict[str, Any] | None:
+    """What a trigger that may not run the date returns (and logs); None if it may."""
+    if claim.verdict == "finished":
+        logger.warning(
+            "nightly run for %s is done already (task %s): nothing to do", day, claim.owner
+        )
+        return _verdict(day, "skipped", f"the run for {day} is done", claim.owner)
+    if claim.verdict != "under_way":
+        return None
+    if owned:
+        logger.warning(
+            "nightly run for %s was taken over by task %s: this coordinator stops",
+            day,
+            claim.owner,
+        )
+        reason = f"the run for {day} was taken over by task {claim.owner}"
+        return _verdict(day, "handed_over", reason, claim.owner)
+    logger.warning("nightly run for %s is under way (task %s): nothing to do", day, claim.owner)
+    return _verdict(
+        day, "under_way", f"the run for {day} is under way (task {claim.owner})", claim.owner
+    )
+
+
+def _coordinate(
+    task: NightlyTask,
+    run: NightlyRun,
+    token: str,
+    carried: _Carried,
+    orders_file: str | None,
+    settings: Settings,
+) -> Mapping[str, Any]:
+    """One turn of the run's coordinator, holding the lease ``token``."""
+    task_id = task.request.id or ""
+    lease_seconds = settings.nightly.lease
+    turn_ends = time.monotonic() + settings.task_turn
+    kept = False  # the lease is kept for this task's next turn
+    try:
+        if time.time() >= carried.deadline:
+            return _short(task, _unfinished(run.day))
+        if run.flag("staged") is None:
+            _stage(run, task_id, token, orders_file, settings)
+        fan = FanOut(task.app, run.fanout_id)
+        if run.flag("dispatched") is None:
+            downstream = task.app.signature(
+                "sfox.place_user_order", kwargs={"run_date": run.day.isoformat()}
+            )
+            fan.start(
+                downstream, run.iter_users(), total=run.user_count(), chunk_size=settings.batch_size
+            )
+            run.set_flag("dispatched", "1")
+        ended = _watch(task, run, fan, token, turn_ends, settings)
+        if ended == "lease_lost":
+            # This turn stood still past its lease: whoever holds it now goes on.
+            raise _next_turn(task, carried, orders_file, lease_seconds)
+        if ended == "turn_over":
+            run.hand_over(token, task_id, lease_seconds)
+            kept = True
+            raise _next_turn(task, carried, orders_file, TURN_COUNTDOWN)
+        return _short(task, _finish(run, fan))
     finally:
+        if not kept:
+            try:
+                run.drop_lease(token)
+            except STORE_ERRORS:  # it expires by itself within the lease's seconds
+                logger.warning("nightly run for %s: could not drop the lease", run.day)
+
+
+def _watch(
+    task: NightlyTask,
+    run: NightlyRun,
+    fan: FanOut,
+    token: str,
+    turn_ends: float,
+    settings: Settings,
+) -> str:
+    """Watch the run until it finishes or the turn ends: ``finished``, ``turn_over`` or
+    ``lease_lost``. Reports progress, hands lost chunks and order tasks back."""
+    total = run.user_count()
+    while True:
+        if not run.lease_for(token, settings.nightly.lease):
+            return "lease_lost"
+        progress = fan.progress()
+        done = min(total, progress.done + progress.failed)
+        task.update_state(
+            state="PROGRESS", meta={"run_date": run.day.isoformat(), "done": done, "total": total}
+        )
+        task.send_event("task-progress", done=done, total=total)
+        if total == 0 or progress.finished:
+            return "finished"
+        sent = fan.sweep()
+        if sent:
+            logger.warning(
+                "nightly run for %s: sending %d chunk(s) again (lost, or taken and never sent)",
+                run.day,
+                sent,
+            )
+        _resend_if_stalled(fan, run, progress, settings.nightly.resend_after)
+        if time.monotonic() + POLL_INTERVAL >= turn_ends:
+            return "turn_over"
+        time.sleep(POLL_INTERVAL)
+
+
+def _finish(run: NightlyRun, fan: FanOut) -> dict[str, Any]:
+    """Write the finished run's summary (from then on every trigger is skipped); return it."""
+    started = run.flag("started")
+    summary = run.summary(
+        "done",
+        float(started) if started else None,
+        refused=fan.refused(),
+        tokens_dispatched=fan.progress().dispatched,
+    )
+    run.set_flag("summary", json.dumps(summary))
+    logger.info(
+        "nightly run for %s done: %d placed, %d already placed, %d failed, %d users",
+        run.day,
+        summary["placed"],
+        summary["already_placed"],
+        summary["failed_orders"],
+        summary["users"],
+    )
+    return summary
+
+
+def _stage(
+    run: NightlyRun, task_id: str, token: str, orders_file: str | None, settings: Settings
+) -> None:
+    """Stage the date's orders; if they cannot be read, give the date up before raising."""
+    if orders_file:
+        run.set_flag("orders_file", orders_file)
+    if run.flag("started") is None:
+        run.set_flag("started", str(time.time()))
+    try:
+        orders, errors = run.stage(
+            load_orders(
+                path=orders_file or settings.nightly.orders_file,
+                source=None if orders_file else settings.nightly.orders_source,
+            )
+        )
+    except Exception:
         try:
-            run.drop_lease(lease)
-        except STORE_ERRORS:  # it expires by itself within the lease's seconds
-            logger.warning("nightly run for %s: could not drop the lease", day)
+            run.release(task_id, token)
+        except STORE_ERRORS:  # the lease expires by itself; a later trigger takes the date
+            logger.warning("nightly run for %s: could not give the date up", run.day)
+        raise
+    run.set_flag("staged", "1")
+    logger.info(
+        "nightly run for %s: %d order(s) for %d user(s) staged, %d row(s) skipped",
+        run.day,
+        orders,
+        run.user_count(),
+        errors,
+    )
 
 
-def _resend_if_stalled(app: Any, run: NightlyRun, progress: RunProgress, after: float) -> None:
+def _resend_if_stalled(fan: FanOut, run: NightlyRun, progress: RunProgress, after: float) -> None:
     """Send again the order tasks of users not done, once the run has stood still ``after`` s.
 
     Only once every chunk is minted (a chunk still minting is the fan-out's to
@@ -224,7 +375,7 @@ def _resend_if_stalled(app: Any, run: NightlyRun, progress: RunProgress, after: 
         return
     if now - since < after:
         return
-    missing = run.users_not_done()[:MAX_RESEND]
+    missing = run.users_not_in(fan.ended(), MAX_RESEND)
     run.set_flag("stall", f"{done}:{now}")
     if not missing:
         return
@@ -236,25 +387,41 @@ def _resend_if_stalled(app: Any, run: NightlyRun, progress: RunProgress, after: 
         len(missing),
         ", ".join(missing[:20]),
     )
-    downstream, route = downstream_of(run.jit, app)
-    for user_id in missing:
-        # No token: the order task mints one for the user (it cannot open an empty seal).
-        send_downstream(
-            run.jit.run_id,
-            downstream,
-            {"partner_user_id": user_id, "token": "", "expires": ""},
-            route,
-        )
+    fan.resend(missing)
 
 
-def _next_turn(task: NightlyTask, day: date, orders_file: str | None, countdown: float) -> Any:
+def _next_turn(
+    task: NightlyTask, carried: _Carried, orders_file: str | None, countdown: float
+) -> Any:
     """The coordinator's next turn: the same task, back from the broker in ``countdown`` s."""
-    kwargs: dict[str, Any] = {"run_date": day.isoformat()}
+    kwargs: dict[str, Any] = {"run_date": carried.run_date, "_resume": asdict(carried)}
     if orders_file:
         kwargs["orders_file"] = orders_file
     return task.retry(
         kwargs=kwargs, countdown=countdown, kwargsrepr=_kwargsrepr(kwargs), throw=False
     )
+
+
+def _verdict(day: date, status: str, reason: str, owner: str | None = None) -> dict[str, Any]:
+    """What a trigger that ran no part of the run returns."""
+    found: dict[str, Any] = {"run_date": day.isoformat(), "status": status, "reason": reason}
+    if owner:
+        found["owner"] = owner
+    return found
+
+
+def _unfinished(day: date) -> dict[str, Any]:
+    logger.warning(
+        "nightly run for %s: not finished after %.0f s of this coordinator; it stops, and the "
+        "next trigger for the date resumes the run",
+        day,
+        RUN_DEADLINE,
+    )
+    reason = (
+        f"the run for {day} is not finished after {RUN_DEADLINE:.0f} s: trigger it again "
+        f"to go on (sfox-tokens nightly --date {day} --resume)"
+    )
+    return _verdict(day, "unfinished", reason)
 
 
 def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
@@ -264,25 +431,21 @@ def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:
     return ShortRepr(summary, summarise_nightly(summary))
 
 
-def _dispatch(app: Any, run: NightlyRun, chunk_size: int, sender: str) -> None:
-    """Stage the run's users with the fan-out, a segment at a time."""
-    total = run.user_count()
-    downstream = app.signature("sfox.place_user_order", kwargs={"run_date": run.day.isoformat()})
-    spec = {
-        "total": total,
-        "budget": DEFAULT_AHEAD * chunk_size,
-        "stale_after": stale_after(app),
-        "downstream": json.dumps(dict(downstream)),
-        "route": json.dumps(downstream_route(downstream)),
-    }
-    per_segment = chunk_size * CHUNKS_PER_SEGMENT
-    for segment, start in enumerate(range(0, total, per_segment)):
-        users = [u.decode() for u in run.client.lrange(run.users, start, start + per_segment - 1)]
-        chunks = [
-            Chunk(start // chunk_size + i, users[i * chunk_size : (i + 1) * chunk_size])
-            for i in range((len(users) + chunk_size - 1) // chunk_size)
-        ]
-        send_chunks(run.jit, run.jit.stage(segment, chunks, spec, sender=sender), sender=sender)
+@dataclass(frozen=True)
+class RunState:
+    """Where a date's run stands: its records, and its fan-out's progress once started."""
+
+    books: RunBooks
+    progress: RunProgress | None
+
+
+def run_state(day: date, app: Any = None) -> RunState:
+    """Where the run for ``day`` stands, read from the books in ``app``'s Redis."""
+    app = app if app is not None else calling_app()
+    run = NightlyRun(get_runtime(app).redis, day)
+    books = run.books()
+    progress = FanOut(app, run.fanout_id).progress() if books.dispatched else None
+    return RunState(books, progress)
 
 
 class PlaceTask(SfoxTask):

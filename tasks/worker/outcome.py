@@ -37,9 +37,14 @@ def summarise(result: Mapping[str, Any]) -> str:
 
 
 def summarise_nightly(summary: Mapping[str, Any]) -> str:
-    """``{run 2026-11-27 done: 1000 users, 995 placed, 0 already, 5 failed}``."""
-    if summary.get("status") == "skipped":
-        return f"{{run {summary.get('run_date')} skipped: already under way or done}}"
+    """``{run 2026-11-27 done: 1000 users, 995 placed, 0 already, 5 failed}``.
+
+    A trigger that ran no night (``skipped``, ``under_way``, ``not_configured``, ...)
+    carries a ``reason``: ``{run 2026-11-27 under_way: task <id>}``.
+    """
+    if "reason" in summary:
+        owner = f": task {summary['owner']}" if summary.get("owner") else ""
+        return f"{{run {summary.get('run_date')} {summary.get('status')}{owner}}}"
     return (
         f"{{run {summary.get('run_date')} {summary.get('status')}: "
         f"{summary.get('users', 0)} users, {summary.get('placed', 0)} placed, "
