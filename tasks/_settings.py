@@ -17,6 +17,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
+from ._redis import (
+    REDIS_SCHEMES,
+    is_sentinel,
+    sentinel_master_name,
+    with_master_name,
+    with_sentinel_auth,
+)
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -42,6 +49,7 @@ __all__ = [
     "Settings",
     "check_api_url",
     "is_plain_http_off_host",
+    "limiter_url_for",
     "redis_url_of",
 ]
 
@@ -82,8 +90,9 @@ DEFAULT_NIGHTLY_LEASE = 30.0
 #: countdown.
 DEFAULT_NIGHTLY_RESEND_AFTER = 600.0
 
-#: What ``SFOX_LIMITER_URL`` may be: Redis, or this process alone (tests, eager mode).
-_LIMITER_SCHEMES = ("redis://", "rediss://", "unix://", "memory://")
+#: What ``SFOX_LIMITER_URL`` may be: Redis (one server, or a master behind Sentinel), or
+#: this process alone (tests, eager mode).
+_LIMITER_SCHEMES = (*REDIS_SCHEMES, "memory://")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 #: A rate-limit scope: a short name that is safe inside a Redis key.
 _SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -171,6 +180,8 @@ class Settings:
     rate: Rate = field(default_factory=lambda: Rate.parse(DEFAULT_RATE_LIMIT))
     rate_limit_penalty: float = DEFAULT_RATE_LIMIT_PENALTY
     #: Redis URL of the shared limiter; ``None`` means an in-process limiter (embedded mode).
+    #: A ``sentinel://`` URL carries its master's name as ``?master_name=`` (resolved from
+    #: SFOX_LIMITER_MASTER_NAME or the app's transport options: :func:`limiter_url_for`).
     limiter_url: str | None = None
     seal_keys: tuple[str, ...] = field(default=(), repr=False)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -227,9 +238,11 @@ class Settings:
             )
         if self.limiter_url and not self.limiter_url.startswith(_LIMITER_SCHEMES):
             raise ConfigurationError(
-                "SFOX_LIMITER_URL must be a redis://, rediss:// or unix:// URL "
+                "SFOX_LIMITER_URL must be a redis://, rediss://, unix:// or sentinel:// URL "
                 "(or memory:// for one process alone, in tests)"
             )
+        if self.limiter_url and is_sentinel(self.limiter_url):
+            _check_sentinel_url(self.limiter_url)
         if not self.queue:
             raise ConfigurationError("SFOX_QUEUE must name a queue")
         _positive("SFOX_NIGHTLY_LEASE", self.nightly.lease)
@@ -293,8 +306,7 @@ class Settings:
                 rate_limit_penalty=float(
                     get("SFOX_RATE_LIMIT_PENALTY", DEFAULT_RATE_LIMIT_PENALTY)
                 ),
-                limiter_url=get("SFOX_LIMITER_URL", None, key="sfox_limiter_backend")
-                or redis_url_of(_conf_url(conf, "broker_url"), _conf_url(conf, "result_backend")),
+                limiter_url=limiter_url_for(source, conf),
                 seal_keys=tuple(k.strip() for k in str(seal).split(",") if k.strip()),
                 connect_timeout=float(get("SFOX_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)),
                 read_timeout=float(get("SFOX_READ_TIMEOUT", DEFAULT_READ_TIMEOUT)),
@@ -341,13 +353,14 @@ class Settings:
         if self.limiter_url == "memory://" and shared:
             raise ConfigurationError(
                 "SFOX_LIMITER_URL=memory:// is one process's own budget, for tests and eager "
-                "mode only: a worker and the run books need Redis (redis:// or rediss://)"
+                "mode only: a worker and the run books need Redis (redis://, rediss:// or "
+                "sentinel://)"
             )
         if not self.limiter_url:
             raise ConfigurationError(
                 "no Redis for the shared rate limiter and the run books: set SFOX_LIMITER_URL "
-                "(redis:// or rediss://), or give the Celery app a Redis broker or result "
-                "backend; without one, every process would keep its own budget and exceed "
+                "(redis://, rediss:// or sentinel://), or give the Celery app a Redis broker or "
+                "result backend; without one, every process would keep its own budget and exceed "
                 "sFOX's rate limit together"
             )
         return self.limiter_url
@@ -411,11 +424,68 @@ def _conf_url(conf: Mapping[str, Any] | None, name: str) -> Any:
 
 
 def redis_url_of(*urls: Any) -> str | None:
-    """The first of ``urls`` that is a Redis URL."""
+    """The first of ``urls`` that is a Redis URL (``sentinel://`` included)."""
     for url in urls:
-        if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
+        if isinstance(url, str) and url.startswith(REDIS_SCHEMES):
             return url
     return None
+
+
+def limiter_url_for(source: SettingSource, conf: Mapping[str, Any] | None) -> str | None:
+    """Where the limiter and the run books live; a Sentinel URL carries its master's name.
+
+    ``SFOX_LIMITER_URL``, else the app's broker or result backend, whichever is
+    Redis. For ``sentinel://``, the master is ``SFOX_LIMITER_MASTER_NAME``, else
+    the ``master_name`` of the URL's query, else the ``master_name`` of the
+    transport options of the broker or result backend the URL is (of the
+    broker's, then the backend's, for a URL of its own).
+    """
+    url = source.get("SFOX_LIMITER_URL", None, key="sfox_limiter_backend")
+    broker, backend = _conf_url(conf, "broker_url"), _conf_url(conf, "result_backend")
+    url = url or redis_url_of(broker, backend)
+    if not isinstance(url, str) or not is_sentinel(url):
+        return url
+    names = ["broker_transport_options", "result_backend_transport_options"]
+    if url == backend and url != broker:
+        names.reverse()
+    found = [_options(conf, name) for name in names]
+    # The sentinels' own credentials, as kombu and Celery take them (``sentinel_kwargs``).
+    auth: Any = next((o["sentinel_kwargs"] for o in found if o.get("sentinel_kwargs")), {})
+    url = with_sentinel_auth(url, auth if isinstance(auth, Mapping) else {})
+    named = source.get("SFOX_LIMITER_MASTER_NAME", None)
+    if named:
+        return with_master_name(url, str(named), replace=True)
+    return with_master_name(
+        url, next((str(o["master_name"]) for o in found if o.get("master_name")), None)
+    )
+
+
+def _options(conf: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
+    options = conf.get(name) if conf is not None else None
+    return options if isinstance(options, Mapping) else {}
+
+
+def _check_sentinel_url(url: str) -> None:
+    """A ``sentinel://`` limiter URL lists sentinels only, and names its master."""
+    for part in url.split(";"):
+        if not is_sentinel(part.strip()):
+            raise ConfigurationError(
+                "SFOX_LIMITER_URL: every part of a Sentinel URL must be sentinel://HOST:PORT, "
+                "separated by ';'"
+            )
+        try:
+            urlsplit(part).port  # noqa: B018 - a port that is not a number raises here
+        except ValueError:
+            raise ConfigurationError(
+                "SFOX_LIMITER_URL: a sentinel's port is not a number (write "
+                "sentinel://h1:26379;sentinel://h2:26379)"
+            ) from None
+    if not sentinel_master_name(url):
+        raise ConfigurationError(
+            "SFOX_LIMITER_URL is a sentinel:// URL with no master name: set "
+            "SFOX_LIMITER_MASTER_NAME, or master_name in CELERY_BROKER_TRANSPORT_OPTIONS "
+            '(for example {"master_name": "mymaster"}) when the limiter is on the broker'
+        )
 
 
 def check_api_url(url: str, plain_http_hosts: Collection[str] = ()) -> None:

@@ -8,14 +8,17 @@ configured from it. The repository's top-level ``celeryconfig.py`` is this file.
 
 The package's own ``SFOX_*`` settings are not here: every part of the package
 resolves them the same way, from the running app's configuration, then the
-environment (:class:`tasks._settings.Settings`). See the README's table.
+environment (:class:`tasks._settings.Settings`). See docs/reference/configuration.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from celery.schedules import crontab
+from kombu.entity import Exchange, Queue
 
 from ._exceptions import ConfigurationError
 from ._redis import REDIS_CONNECT_TIMEOUT, REDIS_SOCKET_TIMEOUT
@@ -50,7 +53,36 @@ broker_transport_options = {
     # dropped went on waiting in silence and consumed nothing more (measured, kombu 5.7).
     # Celery's consumer reconnects by itself (below), and restores what was unacked.
 }
-result_backend_transport_options = {"visibility_timeout": _visibility_timeout}
+result_backend_transport_options: dict[str, Any] = {"visibility_timeout": _visibility_timeout}
+
+
+def _json_options(name: str) -> dict[str, Any]:
+    """The JSON object in the environment variable ``name`` (none: empty)."""
+    text = _env(name)
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            f'{name} must be a JSON object, for example {{"master_name": "mymaster"}}'
+        )
+    return value
+
+
+# The operator's own transport options, over the ones above: for sentinel:// URLs,
+# kombu and Celery take the master's name (``master_name``) and the sentinels' own
+# credentials (``sentinel_kwargs``) only from here, never from the URL.
+broker_transport_options.update(_json_options("CELERY_BROKER_TRANSPORT_OPTIONS"))
+result_backend_transport_options.update(_json_options("CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS"))
+# A Sentinel result backend on the broker's own URL (the default) follows the broker's
+# master, unless its own options name one.
+if result_backend == broker_url and "master_name" in broker_transport_options:
+    for _key in ("master_name", "sentinel_kwargs", "min_other_sentinels"):
+        if _key in broker_transport_options:
+            result_backend_transport_options.setdefault(_key, broker_transport_options[_key])
 # Retry the broker connection at start-up instead of dying while Redis comes up, and
 # reconnect for ever after a drop (Celery's default gives up after 100 tries).
 broker_connection_retry_on_startup = True
@@ -87,7 +119,37 @@ redis_backend_health_check_interval = 30
 #: The package's queue. Every package task is sent here from any app (tasks.worker.base), and
 #: `celery -A tasks worker` consumes it alone by default, so it neither takes a partner's
 #: tasks nor is taken from by a partner's workers on Celery's default queue.
-task_default_queue = _env("SFOX_QUEUE", DEFAULT_QUEUE)
+task_default_queue = _env("SFOX_QUEUE", DEFAULT_QUEUE) or DEFAULT_QUEUE
+
+#: SFOX_QUEUE_TYPE: how this app declares its queue on RabbitMQ. A queue's type is fixed
+#: when RabbitMQ first declares it, and a declaration of another type is refused
+#: (PRECONDITION_FAILED, "inequivalent arg 'x-queue-type'"): this must match the vhost.
+QUEUE_TYPES = ("classic", "quorum")
+_queue_type = (_env("SFOX_QUEUE_TYPE", "classic") or "classic").lower()
+if _queue_type not in QUEUE_TYPES:
+    raise ConfigurationError(
+        f"SFOX_QUEUE_TYPE={os.environ.get('SFOX_QUEUE_TYPE', '').strip()!r} must be "
+        "'classic' or 'quorum' (how the package's own app declares SFOX_QUEUE on RabbitMQ; "
+        "read from the environment)"
+    )
+if _queue_type == "quorum":
+    # Quorum: declared as such, on a topic exchange, since Celery's native delayed
+    # delivery (5.5+), which holds countdowns in RabbitMQ rather than in a worker's
+    # memory, skips direct exchanges. Publisher confirms, as Celery's docs advise for
+    # quorum queues: a publish cut by a dropped connection is retried, not lost.
+    task_default_queue_type = "quorum"
+    task_default_exchange = task_default_queue
+    task_default_exchange_type = "topic"
+    task_default_routing_key = task_default_queue
+    task_queues = (
+        Queue(  # type: ignore[no-untyped-call]
+            task_default_queue,
+            Exchange(task_default_queue, type="topic"),  # type: ignore[no-untyped-call]
+            routing_key=task_default_queue,
+            queue_arguments={"x-queue-type": "quorum"},
+        ),
+    )
+    broker_transport_options.setdefault("confirm_publish", True)
 
 # -- serialisation -----------------------------------------------------------------
 

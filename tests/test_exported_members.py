@@ -28,7 +28,7 @@ def test_public_members_are_all_listed():
     """The package's namespace holds no public name that `__all__` leaves out."""
     public = {
         name
-        for name, value in vars(tasks).items()
+        for name, value in list(vars(tasks).items())
         if not name.startswith("_") and not isinstance(value, type(tasks)) and name != "annotations"
     }
     assert public <= set(tasks.__all__)

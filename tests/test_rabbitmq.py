@@ -7,12 +7,14 @@ would make RabbitMQ close the channel and the worker die.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
@@ -43,13 +45,22 @@ def rabbitmq_answers() -> bool:
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not rabbitmq_answers(), reason="no RabbitMQ")]
 
 
-@pytest.fixture
-def vhost():
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    """A vhost of its own for one test, deleted afterwards (with its queues), even on failure."""
     name = f"sfox-test-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def vhost():
+    with private_vhost() as name:
+        yield name
 
 
 @pytest.fixture

@@ -7,6 +7,12 @@ timeout, and none has a side effect at sFOX: reachability is an unauthenticated
 ``HEAD`` of the base URL. That sends no key and mints nothing; it proves DNS,
 TLS and a route to sFOX, not that the key is accepted, which only a real mint
 can prove. Any HTTP answer counts as reachable except 502, 503 and 504.
+
+Every Redis checked (the broker, the result backend, the limiter's) must answer,
+keep ``maxmemory-policy noeviction`` (any other policy may evict queued tasks,
+results, the limiter or the run books: a FAIL), and, for the limiter, not be a
+Redis Cluster node. A ``sentinel://`` URL is checked through its sentinels: they
+name the master, which must answer.
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ from kombu.connection import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from .._exceptions import ConfigurationError, SfoxError
+from .._redis import (
+    CLUSTER_REFUSAL,
+    REDIS_SCHEMES,
+    RedisFacts,
+    inspect_redis,
+    is_sentinel,
+    masked_url,
+    probe_client,
+    sentinel_master_name,
+    with_master_name,
+)
 from .._settings import (
     DEFAULT_API_URL,
     DEFAULT_CONNECT_TIMEOUT,
@@ -33,7 +50,7 @@ from .._settings import (
     Settings,
     SettingSource,
     check_api_url,
-    redis_url_of,
+    limiter_url_for,
 )
 from ..budget.ratelimit import scope_prefix
 from ..sealing import Sealer
@@ -53,7 +70,12 @@ __all__ = [
 DEFAULT_CHECK_TIMEOUT = 5.0
 #: Answers to the sFOX probe that mean the API is down (a gateway before it says so).
 DOWN_STATUSES = frozenset({502, 503, 504})
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: What eviction would lose, per Redis checked.
+_AT_RISK = {
+    "broker": "queued tasks",
+    "backend": "task results",
+    "rate limit": "the shared rate limiter and the run books",
+}
 
 
 @dataclass(frozen=True)
@@ -73,8 +95,16 @@ class Check:
 
 
 def safe_url(url: str) -> str:
-    """``url`` with any password masked."""
-    return str(maybe_sanitize_url(url))
+    """``url`` with any password masked (each part of a ``;`` list: Sentinel, failover)."""
+    try:
+        return ";".join(str(maybe_sanitize_url(part)) for part in url.split(";"))
+    except ValueError:  # a URL kombu cannot read (a port that is not a number)
+        return masked_url(url)
+
+
+def _redis_name(url: str, master_name: str | None) -> str:
+    named = f" (master {master_name!r})" if is_sentinel(url) and master_name else ""
+    return safe_url(url) + named
 
 
 def one_line(exc: BaseException) -> str:
@@ -93,15 +123,17 @@ def _setting(source: SettingSource, name: str, default: Any) -> Any:
     return source.get(name.upper(), default)
 
 
-def _redis(url: str, timeout: float) -> redis.Redis[bytes]:
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+def probe_broker(
+    url: str, timeout: float = DEFAULT_CHECK_TIMEOUT, *, master_name: str | None = None
+) -> str | None:
+    """None when the broker at ``url`` answers, else why not (one line, no password).
 
-
-def probe_broker(url: str, timeout: float = DEFAULT_CHECK_TIMEOUT) -> str | None:
-    """None when the broker at ``url`` answers, else why not (one line, no password)."""
+    A ``sentinel://`` broker answers when a sentinel names ``master_name``'s master
+    and the master answers.
+    """
     try:
-        if url.startswith(_REDIS_SCHEMES):
-            _redis(url, timeout).ping()
+        if url.startswith(REDIS_SCHEMES):
+            inspect_redis(url, master_name=master_name, timeout=timeout)
         else:
             with Connection(url, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call]
                 conn.ensure_connection(max_retries=1, timeout=timeout)
@@ -124,31 +156,70 @@ def _check_settings(conf: Mapping[str, Any], app_name: str | None) -> Check:
     )
 
 
-def _check_redis(name: str, url: str | None, timeout: float, *, broker: bool) -> Check:
+def _master_name(conf: Mapping[str, Any], options: str) -> str | None:
+    found = conf.get(options) or {}
+    name = found.get("master_name") if isinstance(found, Mapping) else None
+    return str(name) if name else None
+
+
+def _inspect(
+    name: str, url: str, master_name: str | None, timeout: float
+) -> tuple[RedisFacts | None, Check | None]:
+    """The facts of the Redis at ``url``, or the FAIL that says why there are none."""
+    where = _redis_name(url, master_name)
+    if is_sentinel(url) and not master_name:
+        options = "CELERY_RESULT_BACKEND" if name == "backend" else "CELERY_BROKER"
+        return None, Check(
+            name,
+            False,
+            f"{where} is a Sentinel URL with no master name: set master_name in "
+            f'{options}_TRANSPORT_OPTIONS (for example {{"master_name": "mymaster"}})',
+        )
+    try:
+        return inspect_redis(url, master_name=master_name, timeout=timeout), None
+    except (redis.RedisError, ValueError, OSError) as exc:
+        return None, Check(name, False, f"{where} does not answer: {one_line(exc)}")
+
+
+def _policy_check(name: str, where: str, facts: RedisFacts, detail: str = "") -> Check:
+    """FAIL unless the Redis keeps every key (``noeviction``); unknown passes, saying so."""
+    if facts.policy is None:
+        return Check(
+            name,
+            True,
+            f"{where} answers{detail}; its maxmemory-policy is unknown (CONFIG and INFO "
+            "refused): make sure it is noeviction",
+        )
+    if facts.evicts:
+        return Check(
+            name,
+            False,
+            f"{where} answers, but its maxmemory-policy is {facts.policy}: when memory fills "
+            f"Redis may evict {_AT_RISK[name]}; set maxmemory-policy noeviction",
+        )
+    return Check(name, True, f"{where} answers (maxmemory-policy noeviction){detail}")
+
+
+def _check_redis(
+    name: str,
+    url: str | None,
+    timeout: float,
+    *,
+    broker: bool,
+    master_name: str | None = None,
+) -> Check:
     if not url:
         return Check(name, False, "not configured")
-    if not url.startswith(_REDIS_SCHEMES):
+    if not url.startswith(REDIS_SCHEMES):
         if not broker:
             return Check(name, None, f"{safe_url(url)}: only Redis result backends are checked")
         problem = probe_broker(url, timeout)
         return Check(name, problem is None, problem or f"{safe_url(url)} answers")
-    try:
-        client = _redis(url, timeout)
-        client.ping()
-    except redis.RedisError as exc:
-        return Check(name, False, f"{safe_url(url)} does not answer: {one_line(exc)}")
-    try:
-        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown"))
-    except redis.RedisError:
-        policy = "unknown (CONFIG is disabled)"
-    if broker and policy not in ("noeviction",) and not policy.startswith("unknown"):
-        return Check(
-            name,
-            False,
-            f"{safe_url(url)} answers, but its maxmemory-policy is {policy}: Celery's "
-            "Redis transport needs noeviction, or queued tasks may vanish",
-        )
-    return Check(name, True, f"{safe_url(url)} answers (maxmemory-policy {policy})")
+    facts, failed = _inspect(name, url, master_name, timeout)
+    if facts is None:
+        assert failed is not None
+        return failed
+    return _policy_check(name, _redis_name(url, master_name), facts)
 
 
 def _check_key(conf: SettingSource) -> Check:
@@ -232,29 +303,43 @@ def _check_rate(conf: SettingSource, timeout: float) -> Check:
     except ConfigurationError as exc:
         return Check("rate limit", False, exc.message)
     what = f"{rate.limit} requests per {rate.period:g} s"
-    url = conf.get("SFOX_LIMITER_URL", None, key="sfox_limiter_backend")
-    if not url and conf.conf is not None:
-        url = redis_url_of(_url(conf.conf, "broker_url"), _url(conf.conf, "result_backend"))
+    url = limiter_url_for(conf, conf.conf)
     if not url or url == "memory://":
         return Check(
             "rate limit",
             False,
-            f"{what}, but no Redis to share it: set SFOX_LIMITER_URL (redis:// or rediss://), "
-            "or use a Redis broker or result backend; workers refuse to start without one",
+            f"{what}, but no Redis to share it: set SFOX_LIMITER_URL (redis://, rediss:// or "
+            "sentinel://), or use a Redis broker or result backend; workers refuse to start "
+            "without one",
+        )
+    url = str(url)
+    master_name = sentinel_master_name(url)
+    where = _redis_name(url, master_name)
+    if is_sentinel(url) and not master_name:
+        return Check(
+            "rate limit",
+            False,
+            f"{what}; its Redis {where} is a Sentinel URL with no master name: set "
+            "SFOX_LIMITER_MASTER_NAME, or master_name in CELERY_BROKER_TRANSPORT_OPTIONS",
         )
     scope = str(_setting(conf, "sfox_rate_limit_scope", "")).strip()
     who = f"the workers of scope {scope!r}" if scope else "all workers"
     try:
-        client = _redis(str(url), timeout)
-        pause_ms = int(client.pttl(f"{scope_prefix(scope)}:pause"))
-    except redis.RedisError as exc:
+        facts = inspect_redis(url, timeout=timeout)
+        if facts.cluster:
+            return Check("rate limit", False, CLUSTER_REFUSAL.format(where=where))
+        client = probe_client(with_master_name(url, master_name), timeout)
+        try:
+            pause_ms = int(client.pttl(f"{scope_prefix(scope)}:pause"))
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError, OSError) as exc:
         return Check(
-            "rate limit", False, f"{what}; its Redis {safe_url(str(url))} does not answer: "
-            f"{one_line(exc)}"
-        )  # fmt: skip
+            "rate limit", False, f"{what}; its Redis {where} does not answer: {one_line(exc)}"
+        )
     paused = f"; a 429 pause holds {who} for {pause_ms / 1000:.0f} s more" if pause_ms > 0 else ""
-    return Check(
-        "rate limit", True, f"{what}, shared by {who} through {safe_url(str(url))}{paused}"
+    return _policy_check(
+        "rate limit", where, facts, f": {what}, shared by {who} through it{paused}"
     )
 
 
@@ -272,8 +357,20 @@ def run_checks(
     """
     source = SettingSource(conf, os.environ, app_name)
     yield _check_settings(conf, app_name)
-    yield _check_redis("broker", _url(conf, "broker_url"), timeout, broker=True)
-    yield _check_redis("backend", _url(conf, "result_backend"), timeout, broker=False)
+    yield _check_redis(
+        "broker",
+        _url(conf, "broker_url"),
+        timeout,
+        broker=True,
+        master_name=_master_name(conf, "broker_transport_options"),
+    )
+    yield _check_redis(
+        "backend",
+        _url(conf, "result_backend"),
+        timeout,
+        broker=False,
+        master_name=_master_name(conf, "result_backend_transport_options"),
+    )
     yield _check_key(source)
     yield _check_sfox(source, timeout)
     yield _check_seal(source)
@@ -304,7 +401,9 @@ Checks the configuration this host would run with, one line each: the settings p
 the broker and result backend answer, the enterprise key is set (never printed), sFOX
 answers an unauthenticated HEAD of its base URL (no key sent, nothing minted; any status
 but 502, 503 or 504 means reachable), the seal key seals and opens, the rate limit
-parses and its Redis answers.
+parses and its Redis answers. Every Redis must keep maxmemory-policy noeviction, and the
+limiter's must not be a Redis Cluster node; a sentinel:// URL is checked through its
+sentinels and master.
 
 exit codes: 0 all checks passed, 1 a check failed, 2 bad usage
 """

@@ -15,11 +15,10 @@ from typing import Any
 
 from celery import Celery, signals
 from celery.app import backends
-from celery.backends.redis import RedisBackend
 
 from .._exceptions import ConfigurationError
 from .._metrics import MetricsServer, serve
-from .backend import TokenRedisBackend
+from .backend import ttl_backend_class
 from .host import set_package_app, settings_for
 from .logs import hide_task_results_in_logs
 
@@ -45,9 +44,9 @@ class SfoxCelery(Celery):  # type: ignore[misc]
 
     def _get_backend(self) -> Any:
         backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
-        if backend is RedisBackend:
-            backend = TokenRedisBackend
-        return backend(app=self, url=url)
+        # Every Redis backend (redis://, rediss://, sentinel://) writes mint results with
+        # their own TTL; any other backend is Celery's own.
+        return ttl_backend_class(backend)(app=self, url=url)
 
 
 app = SfoxCelery(PACKAGE, set_as_current=False)

@@ -15,7 +15,12 @@ partner's app that imports ``tasks`` (registered with every app, bound to each:
   in place (:data:`~tasks._redis.STORE_ERRORS`) goes back to the broker with
   its progress (``_resume``) and a countdown. Such an outage never fails the
   task: if even the retry cannot be published, the message is rejected with
-  requeue, so the broker keeps it.
+  requeue, so the broker keeps it;
+- **countdowns a quorum queue can hold.** Where the app's queues include a
+  RabbitMQ quorum queue, Celery (5.5+) hands a countdown to RabbitMQ's native
+  delayed delivery, in whole seconds (``int(countdown)``; below 1 it fails to
+  publish). Every countdown of a package task is then rounded up to a whole
+  number of seconds, at least 1 (:func:`broker_countdown`).
 
 A task records progress it must not lose across such a return with
 :meth:`SfoxTask.checkpoint`; it comes back as the ``_resume`` keyword.
@@ -24,17 +29,19 @@ A task records progress it must not lose across such a return with
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, cast
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Reject
+from celery.utils.quorum_queues import detect_quorum_queues
 from kombu.exceptions import OperationalError
 
 from .._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
 from ..minting import Deferred
 from .host import settings_for
 
-__all__ = ["OUTAGE_ERRORS", "SfoxTask"]
+__all__ = ["OUTAGE_ERRORS", "SfoxTask", "broker_countdown", "delays_at_broker"]
 
 logger = logging.getLogger("tasks.outage")
 
@@ -43,6 +50,28 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (*STORE_ERRORS, OperationalError)
 
 #: Attribute of a task's request holding its last checkpoint.
 _CHECKPOINT = "sfox_checkpoint"
+
+
+def delays_at_broker(app: Celery) -> bool:
+    """Whether ``app`` sends countdowns to RabbitMQ's native delayed delivery.
+
+    Celery's own test (5.5+, in ``send_task``): an AMQP broker and a quorum queue
+    among the app's queues. Its delayed delivery counts whole seconds.
+    """
+    if app.conf.task_always_eager:
+        return False
+    driver = app.producer_pool.connections.connection.transport.driver_type
+    found, _ = detect_quorum_queues(app, driver)
+    return bool(found)
+
+
+def broker_countdown(countdown: float) -> int:
+    """``countdown`` as native delayed delivery can hold it: whole seconds, at least 1.
+
+    Rounded up, never down: a wait the caller was told to take (a ``Retry-After``,
+    the limiter's next slot) is never cut short.
+    """
+    return max(1, math.ceil(countdown))
 
 
 class SfoxTask(Task):  # type: ignore[misc]
@@ -56,6 +85,12 @@ class SfoxTask(Task):  # type: ignore[misc]
     def queue(self) -> str:
         """``SFOX_QUEUE`` as this task's app resolves it: every package task goes there."""
         return settings_for(self.app).queue
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        countdown = options.get("countdown")
+        if countdown and countdown > 0 and delays_at_broker(self.app):
+            options["countdown"] = broker_countdown(countdown)
+        return super().apply_async(args, kwargs, **options)
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Progress to resume from if this run must go back to the broker."""

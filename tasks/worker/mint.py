@@ -20,10 +20,11 @@ from .._exceptions import ConfigurationError
 from .._settings import Settings, is_plain_http_off_host
 from ..minting import MintResult, validate_user_ids
 from .backend import backend_with_ttl
-from .base import SfoxTask
 from .host import package_task, settings_for
 from .outcome import MintOutcome, summarise
+from .redelivery import MintOnce
 from .runtime import get_runtime, reset_runtime
+from .stores import check_stores
 
 __all__ = ["TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
 
@@ -44,8 +45,8 @@ def _describe_ids(user_ids: Any) -> str:
 TASK_TIME_LIMIT = 600
 
 
-class MintTask(SfoxTask):
-    """Base of ``sfox.mint_user_tokens``: early validation, short reprs, short-lived result."""
+class MintTask(MintOnce):
+    """Base of ``sfox.mint_user_tokens``: runs once per task id, validates early, short results."""
 
     time_limit = TASK_TIME_LIMIT
     #: Keep the human "succeeded" line and task events short: a result holds ciphertext.
@@ -141,7 +142,7 @@ def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> No
         )
     visibility = float((conf.get("broker_transport_options") or {}).get("visibility_timeout", 3600))
     longest = longest_hold(settings)
-    if str(conf.broker_url or "").startswith(("redis", "rediss")) and visibility <= longest:
+    if str(conf.broker_url or "").startswith(("redis", "sentinel")) and visibility <= longest:
         logger.warning(
             "SFOX_VISIBILITY_TIMEOUT=%g s is not above the longest a task holds its message "
             "(%g s: its turn, requests in flight, and a Retry-After countdown): Redis may "
@@ -169,6 +170,16 @@ def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> No
         settings.mint_concurrency,
         settings.result_ttl,
     )
+    _check_stores(conf, settings)
+
+
+def _check_stores(conf: Any, settings: Settings) -> None:
+    """Warn about every Redis in use that may evict; refuse a Redis Cluster under the limiter."""
+    try:
+        check_stores(conf, settings)
+    except ConfigurationError as exc:
+        logger.critical("refusing to start: %s", exc.message)
+        raise SystemExit(f"sfox-tokens: {exc.message}") from None
 
 
 def longest_hold(settings: Settings) -> float:

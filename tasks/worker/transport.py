@@ -23,6 +23,13 @@ still ends the message here (its record is removed at the next sweep): left
 among the delivered, it would be put back when the channel closes, and its
 task, which has ended, would run again.
 
+A full Redis (``maxmemory`` reached under ``noeviction``) refuses writes with
+``OOM`` and is handled as Redis away, never as a reason for the worker to stop:
+an ack it refuses is removed at a later sweep as above; a message it refuses
+to take back (a reject with requeue) stays recorded as unacknowledged and is
+put back by a later sweep; a sweep or a wait it refuses is skipped. Each says
+so in an ERROR line that names memory, and work goes on once memory frees.
+
 Kombu takes a message off its queue with ``BRPOP`` and records it as
 unacknowledged with a second command. A connection that drops between the two,
 or while ``BRPOP``'s answer is on its way, loses the message: Redis has popped
@@ -67,7 +74,7 @@ from kombu.transport import virtual
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError, ResponseError
 
-from .._redis import STORE_ERRORS, lua, script
+from .._redis import STORE_ERRORS, OutOfMemoryError, lua, report_full, script
 
 __all__ = [
     "AMQP",
@@ -143,6 +150,18 @@ def _running_tags() -> set[Any]:
 _unrestored: set[Any] = set()
 #: Tags of messages acknowledged while Redis was away: their records are removed later.
 _unremoved: set[Any] = set()
+#: Seconds a consumer waits between two takes while the broker's Redis is full.
+FULL_WAIT = 1.0
+
+
+def _report_full(channel: Any, doing: str) -> None:
+    """An ERROR line (at most one per interval) saying the broker's Redis is out of memory."""
+    client = getattr(channel.connection, "client", None)
+    where = "of the broker"
+    if client is not None:  # named without credentials
+        scheme = client.transport_cls if isinstance(client.transport_cls, str) else "redis"
+        where = f"{scheme}://{client.hostname}:{client.port}/{client.virtual_host or 0}"
+    report_full(f"{where} (the broker)", doing)
 
 
 class QoS(kombu_redis.QoS):
@@ -167,9 +186,24 @@ class QoS(kombu_redis.QoS):
         else:
             try:
                 self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
-            except STORE_ERRORS:
+            except STORE_ERRORS as exc:
                 _unremoved.add(delivery_tag)
+                if isinstance(exc, OutOfMemoryError):
+                    _report_full(self.channel, "acknowledging a finished task")
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        """Reject; if a full Redis refuses it, the message stays owed and a sweep finishes it.
+
+        Requeued, it stays recorded as unacknowledged until a sweep puts it back;
+        dropped, its record goes at a sweep, as for an ack.
+        """
+        try:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        except OutOfMemoryError:
+            (_unrestored if requeue else _unremoved).add(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            _report_full(self.channel, "putting a message back on its queue")
 
     def restore_unacked(self, client: Any = None) -> None:
         running = _running_tags()
@@ -181,7 +215,11 @@ class QoS(kombu_redis.QoS):
     def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
         if _unrestored or _unremoved:
             self._restore(None)
-        return super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
+        try:
+            return super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except OutOfMemoryError:  # its lock is a write: the next sweep tries again
+            _report_full(self.channel, "the sweep for unacknowledged messages")
+            return None
 
     def _restore(self, client: Any) -> None:
         """Put back what is owed; a tag already acked or put back is a no-op."""
@@ -197,8 +235,9 @@ class QoS(kombu_redis.QoS):
                 for tag in list(_unrestored):
                     self.restore_by_tag(tag, client=conn)  # type: ignore[no-untyped-call]
                     _unrestored.discard(tag)
-        except STORE_ERRORS:
-            pass  # Redis is away: the next restore sweep tries again
+        except STORE_ERRORS as exc:  # Redis is away or full: the next restore sweep tries again
+            if isinstance(exc, OutOfMemoryError):
+                _report_full(self.channel, "putting messages back on their queues")
 
 
 def _text(value: Any) -> str:
@@ -217,6 +256,8 @@ class Channel(kombu_redis.Channel):
     _wait_command = "BLMOVE"
     #: Whether Redis has the take script cached (EVALSHA), as far as this channel knows.
     _take_cached = True
+    #: When (monotonic) Redis last refused this channel a write for want of memory.
+    _full_at = -FULL_WAIT
     _inbox_key = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -297,7 +338,10 @@ class Channel(kombu_redis.Channel):
             self._pending = "WAIT"
             self._wait_turn += 1
             key = self._key(queues[self._wait_turn % len(queues)], 0)
-            if self._wait_command == "BLMOVE":
+            # A full Redis refuses BLMOVE (a write) at once: wait on the idle key meanwhile,
+            # so that the consumer does not spin.
+            full = monotonic() - self._full_at < FULL_WAIT
+            if self._wait_command == "BLMOVE" and not full:
                 connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", timeout or 0)
             else:
                 connection.send_command("BLPOP", f"{self._inbox_key}:idle", timeout or 1)
@@ -326,6 +370,11 @@ class Channel(kombu_redis.Channel):
             except NoScriptError:
                 self._take_cached = False  # Redis lost it (a restart); EVAL caches it again
                 raise Empty() from None
+            except OutOfMemoryError:
+                self._full_at = monotonic()
+                self._waiting = True  # the next poll waits, without writing
+                _report_full(self, "taking the next message")
+                raise Empty() from None
             except ResponseError:
                 if pending != "WAIT" or self._wait_command != "BLMOVE":
                     raise
@@ -348,6 +397,17 @@ class Channel(kombu_redis.Channel):
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
+
+    def maybe_refresh_binding_expiry(self) -> None:
+        # kombu >= 5.7 refreshes its binding tables each second with a script a full
+        # Redis refuses; said once per interval here rather than a traceback a second.
+        refresh = getattr(super(), "maybe_refresh_binding_expiry", None)
+        if refresh is None:
+            return
+        try:
+            refresh()
+        except OutOfMemoryError:
+            _report_full(self, "refreshing the queue bindings")
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
         if not self._takes_atomically():

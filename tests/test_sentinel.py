@@ -1,0 +1,165 @@
+"""Redis Sentinel as broker, result backend and limiter, configured from the environment.
+
+One topology of the module's own (a master, a replica, three sentinels, quorum 2)
+serves every test here. A real worker is told only ``CELERY_BROKER_URL=sentinel://...``
+and ``CELERY_BROKER_TRANSPORT_OPTIONS={"master_name": ...}``: the result backend and
+the limiter follow the broker's master. Mints sent before a ``SENTINEL FAILOVER``
+and running through it all finish, and their results keep the mint's short TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tasks._redis import redis_client, with_master_name
+from tests.conftest import REDIS_URL
+from tests.sentinel_topology import MASTER_NAME, SentinelTopology
+from tests.services import run_text
+from tests.workers import ROOT, WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+QUEUE = "sentinel-drill"
+SCRIPT = Path(sys.executable).with_name("sfox-tokens")
+#: The mint result's TTL the worker is given: below Celery's day, as in production.
+RESULT_TTL = 900
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory):
+    topo = SentinelTopology(tmp_path_factory.mktemp("sentinel"))
+    try:
+        yield topo.start()
+    finally:
+        topo.stop()
+
+
+def sentinel_env(topo: SentinelTopology, **more: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CELERY_BROKER_URL": topo.url,
+        "CELERY_RESULT_BACKEND": topo.url,
+        "CELERY_BROKER_TRANSPORT_OPTIONS": topo.transport_options,
+        **more,
+    }
+
+
+class SentinelCaller:
+    """Sends tasks by name through the sentinels, as a partner's app configured for them would."""
+
+    def __init__(self, topo: SentinelTopology) -> None:
+        self.app = Celery("sentinel-caller", set_as_current=False)
+        self.app.conf.update(
+            broker_transport_options={"master_name": MASTER_NAME},
+            task_serializer="json",
+            accept_content=["json"],
+            task_publish_retry_policy={"max_retries": 20, "interval_step": 0.5, "interval_max": 2},
+        )
+        self.connection = self.app.connection_for_write(topo.url)
+
+    def send(self, name: str, **options: Any) -> str:
+        return str(self.app.send_task(name, connection=self.connection, queue=QUEUE, **options).id)
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+def results(store, ids: dict[str, list[str]], timeout: float) -> dict[str, dict[str, Any]]:
+    """Every task's stored result, read from the current master; fail after ``timeout``."""
+    found: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(found) < len(ids):
+        for task_id in ids:
+            if task_id in found:
+                continue
+            raw = store.get(f"celery-task-meta-{task_id}")
+            meta = json.loads(raw) if raw else None
+            if meta and meta["status"] == "SUCCESS":
+                found[task_id] = meta
+            else:
+                assert not meta or meta["status"] not in ("FAILURE", "REVOKED"), meta
+        time.sleep(0.2)
+    missing = [task_id for task_id in ids if task_id not in found]
+    assert not missing, f"{len(missing)} of {len(ids)} mints have no result after {timeout:g} s"
+    return found
+
+
+def test_check_asks_a_sentinel_and_pings_the_master(topology, fake_sfox):
+    """`sfox-tokens check` on sentinel:// names the master and passes broker, backend, limiter."""
+    env = sentinel_env(topology, SFOX_API_URL=fake_sfox.url)
+    out = run_text([SCRIPT, "check", "--timeout", "3"], cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line[6:16].strip(): line for line in out.stdout.splitlines() if line[:4].strip()}
+    for name in ("broker", "backend", "rate limit"):
+        assert lines[name].startswith("ok"), lines[name]
+        assert f"(master '{MASTER_NAME}')" in lines[name]
+        assert "maxmemory-policy noeviction" in lines[name]
+    assert "Port could not be cast" not in out.stdout + out.stderr
+    # The limiter alone on Sentinel, named by its own settings.
+    env.update(
+        CELERY_BROKER_URL=REDIS_URL,
+        CELERY_RESULT_BACKEND=REDIS_URL,
+        CELERY_BROKER_TRANSPORT_OPTIONS="",
+        SFOX_LIMITER_URL=topology.url,
+        SFOX_LIMITER_MASTER_NAME=MASTER_NAME,
+    )
+    out = run_text([SCRIPT, "check", "--timeout", "3"], cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"(master '{MASTER_NAME}') answers (maxmemory-policy noeviction)" in out.stdout
+
+
+def test_mints_run_through_a_failover_and_keep_their_ttl(topology, fake_sfox, tmp_path):
+    """Mints in flight during SENTINEL FAILOVER all finish; every result expires within the TTL."""
+    fake_sfox.configure(latency=0.2)
+    env = sentinel_env(
+        topology,
+        SFOX_API_URL=fake_sfox.url,
+        SFOX_QUEUE=QUEUE,
+        SFOX_TOKEN_RESULT_TTL=str(RESULT_TTL),
+        SFOX_TOKEN_BATCH_SIZE="10",
+        SFOX_MINT_CONCURRENCY="1",
+        # A long window: the sliding log outlives the drill, to be found on the master.
+        SFOX_RATE_LIMIT="100000/300s",
+    )
+    worker = WorkerProcess(
+        "sentinel", tmp_path, env=env, concurrency=4, queues=QUEUE, loglevel="INFO"
+    )
+    caller = SentinelCaller(topology)
+    store = redis_client(with_master_name(topology.url, MASTER_NAME))
+    try:
+        worker.start()
+        assert "maxmemory-policy noeviction" in worker.log()
+        sent = {}
+        for round_ in range(2):
+            # About 8 s of minting for 4 processes: results are stored all through the
+            # failover, while the old master still takes writes it will throw away.
+            batch = {
+                caller.send("sfox.mint_user_tokens", args=[ids]): ids
+                for ids in ([f"s{round_}-{n}-{i}" for i in range(50)] for n in range(32))
+            }
+            sent.update(batch)
+            time.sleep(1.0)  # mints are running
+            started = time.monotonic()
+            topology.failover()
+            print(f"failover {round_ + 1} took {time.monotonic() - started:.1f} s")
+        found = results(store, sent, timeout=120)
+        for task_id, ids in sent.items():
+            tokens = found[task_id]["result"]["tokens"]
+            assert [t["partner_user_id"] for t in tokens] == ids
+            ttl = store.ttl(f"celery-task-meta-{task_id}")
+            assert 0 < ttl <= RESULT_TTL, (task_id, ttl)
+        assert store.keys("sfox:ratelimit*"), "the limiter did not count on the master"
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log()
+    finally:
+        caller.close()
+        worker.stop()
+        store.close()
+        fake_sfox.configure(latency=0.0)
