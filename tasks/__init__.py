@@ -8,7 +8,7 @@ resolves to the task of the app at hand (the running task's, else the caller's o
 
 The package is importable as ``tasks`` and, for projects with a ``tasks`` module of their
 own, as ``sfox_tokens``: the same code under two names. Use one name per process.
-Where each concern lives: README, "Where things are".
+Where each concern lives: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Flower counts Celery tasks. These count what an operator alerts on: requests
 to sFOX by endpoint and status and how long they took, tokens granted, users
 refused, tokens minted again at the moment of use, shared pauses after a 429,
 and time spent waiting for the shared limiter. The names and labels are the
-contract's (README, "Metrics"). No metric carries a user ID, a token, a key or
+contract's (docs/guides/monitoring.md). No metric carries a user ID, a token, a key or
 a URL: the only labels are the endpoint (three fixed names) and the HTTP
 status.
 

@@ -1,4 +1,4 @@
-"""The testing kit as a partner's suite uses it: the README's worked example, run for real."""
+"""The testing kit as a partner's suite uses it: the worked example (docs/guides/testing-kit.md)."""
 
 from __future__ import annotations
 
