@@ -34,8 +34,12 @@ from typing import Any, cast
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.utils.quorum_queues import detect_quorum_queues
 from kombu.exceptions import OperationalError
+
+try:  # Celery 5.5+: native delayed delivery on quorum queues, and how it is detected
+    from celery.utils.quorum_queues import detect_quorum_queues
+except ImportError:  # Celery 5.4: countdowns stay in the worker, fractions and all
+    detect_quorum_queues = None
 
 from .._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
 from ..minting import Deferred
@@ -58,7 +62,7 @@ def delays_at_broker(app: Celery) -> bool:
     Celery's own test (5.5+, in ``send_task``): an AMQP broker and a quorum queue
     among the app's queues. Its delayed delivery counts whole seconds.
     """
-    if app.conf.task_always_eager:
+    if app.conf.task_always_eager or detect_quorum_queues is None:
         return False
     driver = app.producer_pool.connections.connection.transport.driver_type
     found, _ = detect_quorum_queues(app, driver)
