@@ -1,5 +1,5 @@
 # One image for every service: worker, beat, flower and the dev sFOX stand-in.
-FROM python:3.11-slim
+FROM python:3.11.10-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -48,6 +48,8 @@ __all__ = [
     "SettingSource",
     "Settings",
     "check_api_url",
+    "check_celery_urls",
+    "check_url_shape",
     "is_plain_http_off_host",
     "limiter_url_for",
     "redis_url_of",
@@ -238,9 +240,17 @@ class Settings:
             )
         if self.limiter_url and not self.limiter_url.startswith(_LIMITER_SCHEMES):
             raise ConfigurationError(
-                "SFOX_LIMITER_URL must be a redis://, rediss://, unix:// or sentinel:// URL "
-                "(or memory:// for one process alone, in tests)"
+                f"SFOX_LIMITER_URL={mask_any_url(self.limiter_url)!r} must be a redis://, "
+                "rediss://, unix:// or sentinel:// URL (or memory:// for one process alone, "
+                f"in tests): expected {URL_FORM}"
             )
+        if self.limiter_url and not is_sentinel(self.limiter_url):
+            problem = _url_shape_problem(self.limiter_url)
+            if problem:
+                raise ConfigurationError(
+                    f"SFOX_LIMITER_URL={mask_any_url(self.limiter_url)!r} {problem}: "
+                    f"expected {URL_FORM}"
+                )
         if self.limiter_url and is_sentinel(self.limiter_url):
             _check_sentinel_url(self.limiter_url)
         if not self.queue:
@@ -486,6 +496,87 @@ def _check_sentinel_url(url: str) -> None:
             "SFOX_LIMITER_MASTER_NAME, or master_name in CELERY_BROKER_TRANSPORT_OPTIONS "
             '(for example {"master_name": "mymaster"}) when the limiter is on the broker'
         )
+
+
+#: The form a store URL is expected in, for the errors that refuse one.
+URL_FORM = (
+    "SCHEME://[:PASSWORD@]HOST[:PORT][/DB], for example rediss://:PASSWORD@redis.example.com:6380/0"
+)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: Schemes whose URL must name a host (``unix://`` names a socket path, ``memory://`` nothing).
+_HOST_SCHEMES = ("redis://", "rediss://")
+#: ``user:password@`` anywhere in a text, URL or not.
+_USERINFO = re.compile(r"([^/:@;]*):([^@;/]*)@")
+
+
+def mask_any_url(url: str) -> str:
+    """``url`` with any password masked, even when it is not a well-formed URL."""
+    return _USERINFO.sub(lambda m: f"{m.group(1)}:**@", url)
+
+
+def _url_shape_problem(url: str) -> str | None:
+    """Why ``url`` is not a URL at all (no ``scheme://``, no host, a bad port), or None.
+
+    A bare transport or backend name (``memory``, ``django-db``) is no URL and passes:
+    Celery reads those as aliases.
+    """
+    for part in url.split(";"):
+        part = part.strip()
+        if not _SCHEME.match(part):
+            if re.search(r"[/@:]", part):
+                return "is not a URL: it has no '://' after its scheme"
+            continue
+        try:
+            parts = urlsplit(part)
+            parts.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError:
+            return "is not a URL: its port is not a number"
+        if part.startswith(_HOST_SCHEMES) and parts.netloc and not parts.hostname:
+            return "names no host"
+    return None
+
+
+def check_url_shape(setting: str, url: str, origin: str) -> None:
+    """Refuse a URL with no ``scheme://`` (``rediss//h``), no host or a bad port, in one line.
+
+    The message names ``setting``, where it came from (``origin``) and the expected form,
+    with any password masked; it says nothing about whether the server answers.
+    """
+    problem = _url_shape_problem(url)
+    if problem:
+        raise ConfigurationError(
+            f"{setting}={mask_any_url(url)!r} (from {origin}) {problem}: expected {URL_FORM}"
+        )
+
+
+def check_celery_urls(
+    conf: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    app_name: str | None = None,
+    names: Collection[str] = ("broker_url", "result_backend"),
+) -> None:
+    """Check the shape of the app's broker and result backend URLs; Celery's use is unchanged.
+
+    Celery reads ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` from the environment
+    before the app's ``broker_url`` and ``result_backend``: the error says which it was.
+    """
+    env = os.environ if environ is None else environ
+    app = f"the Celery app {app_name!r}" if app_name else "the Celery app"
+    for name, variable in (
+        ("broker_url", "CELERY_BROKER_URL"),
+        ("result_backend", "CELERY_RESULT_BACKEND"),
+    ):
+        if name not in names:
+            continue
+        url = _conf_url(conf, name)
+        if not isinstance(url, str) or not url:
+            continue
+        if env.get(variable, "").strip() == url:
+            origin = f"{variable} in this process's environment"
+        else:
+            origin = f"{name} in the configuration of {app}"
+        check_url_shape(variable, url, origin)
 
 
 def check_api_url(url: str, plain_http_hosts: Collection[str] = ()) -> None:

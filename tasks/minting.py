@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -44,12 +44,17 @@ __all__ = [
     "FailedEntry",
     "MintResult",
     "Minter",
+    "ProgressHook",
     "RequestThreads",
     "TokenEntry",
     "validate_user_ids",
 ]
 
 logger = logging.getLogger("tasks.mint")
+
+#: Called as ``hook(done, total)`` on the minting thread each time a batch's answer is
+#: handled: ``done`` users have a token or a final refusal, of ``total``. Never given tokens.
+ProgressHook = Callable[[int, int], None]
 
 #: Version of the progress format carried across broker countdowns.
 _STATE_VERSION = 1
@@ -273,10 +278,18 @@ class Minter:
         self._sleep = access.sleep
         self._clock = access.clock
 
-    def mint(self, user_ids: Sequence[str], state: dict[str, Any] | None = None) -> MintResult:
+    def mint(
+        self,
+        user_ids: Sequence[str],
+        state: dict[str, Any] | None = None,
+        *,
+        on_progress: ProgressHook | None = None,
+    ) -> MintResult:
         """Mint every ID in ``user_ids`` (already validated and distinct).
 
-        ``state`` resumes a mint that raised :class:`Deferred`.
+        ``state`` resumes a mint that raised :class:`Deferred`. ``on_progress(done,
+        total)`` is called on this thread after each answer is handled (a counting
+        hook: it is given no token, and an error it raises is logged and ignored).
         """
         now = self._clock()
         if state:
@@ -287,18 +300,24 @@ class Minter:
         # One batch (a with_user_tokens chunk) is sent from here: no threads to start.
         # A pool starts its threads as requests need them, up to the concurrency.
         if self.concurrency == 1 or len(progress.queue) <= 1:
-            self._run(progress, len(user_ids), None)
+            self._run(progress, len(user_ids), None, on_progress)
         elif self._threads is not None:
-            self._run(progress, len(user_ids), self._threads.pool())
+            self._run(progress, len(user_ids), self._threads.pool(), on_progress)
         else:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sfox-mint") as pool:
-                self._run(progress, len(user_ids), pool)
+                self._run(progress, len(user_ids), pool, on_progress)
         return MintResult(
             tokens=[progress.tokens[uid] for uid in user_ids if uid in progress.tokens],
             failed=[progress.failed[uid] for uid in user_ids if uid in progress.failed],
         )
 
-    def _run(self, progress: _Progress, total: int, pool: ThreadPoolExecutor | None) -> None:
+    def _run(
+        self,
+        progress: _Progress,
+        total: int,
+        pool: ThreadPoolExecutor | None,
+        on_progress: ProgressHook | None = None,
+    ) -> None:
         """Send the queue, up to ``concurrency`` requests at once, and handle each answer.
 
         Answers are handled here, on the calling thread, in the order they come.
@@ -358,6 +377,8 @@ class Minter:
                             len(item.batch.user_ids),
                             (time.monotonic() - item.started) * 1000,
                         )
+                if on_progress is not None:
+                    _report(on_progress, progress, total)
         finally:
             # Anything raised here (a soft time limit) stops the other threads' retries too,
             # and the requests in flight end before this call does.
@@ -475,6 +496,16 @@ class Minter:
             exc.error,
         )
         progress.queue[0:0] = [progress.batch(user_ids[:middle]), progress.batch(user_ids[middle:])]
+
+
+def _report(on_progress: ProgressHook, progress: _Progress, total: int) -> None:
+    """Tell ``on_progress`` how many users are done; a failing hook never stops a mint."""
+    with progress.lock:
+        done = len(progress.tokens) + len(progress.failed)
+    try:
+        on_progress(done, total)
+    except Exception:
+        logger.warning("the mint's progress hook failed; minting goes on", exc_info=True)
 
 
 def _dispatched(item: _Sent) -> int:

@@ -1,8 +1,10 @@
 """Read docker-compose.yml the way Compose does, so its services can run natively in tests.
 
-Only what this project's compose file uses is supported: YAML merge keys, ``${VAR}``,
-``${VAR:-default}`` and ``$$`` interpolation, ``env_file`` (one file) and ``environment``
-as a mapping. Variables come from one env file (Compose's ``--env-file``), never from the
+Only what this project's compose files use is supported: YAML merge keys, ``${VAR}``,
+``${VAR:-default}``, ``${VAR:?message}`` and ``$$`` interpolation, ``env_file`` (one file),
+``environment`` as a mapping, and an override file merged over the main one (mappings
+merged key by key, anything else replaced, as Compose merges ``environment`` and
+``depends_on``). Variables come from one env file (Compose's ``--env-file``), never from the
 test process's own environment, so a run is hermetic.
 """
 
@@ -17,6 +19,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+#: The override that makes the stack's RabbitMQ the broker.
+RABBITMQ_FILE = ROOT / "docker-compose.rabbitmq.yml"
 
 _VAR = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
@@ -24,9 +28,25 @@ _VAR = re.compile(
 )
 
 
-def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
-    """The compose file as data, merge keys resolved, not yet interpolated."""
-    return yaml.safe_load(path.read_text())
+def load_compose(path: Path = COMPOSE_FILE, *overrides: Path) -> dict[str, Any]:
+    """The compose file as data, merge keys resolved, not yet interpolated.
+
+    Each of ``overrides`` is merged over it in turn, as ``docker compose -f a -f b`` does.
+    """
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    for override in overrides:
+        data = merge(data, yaml.safe_load(override.read_text()))
+    return data
+
+
+def merge(base: Any, override: Any) -> Any:
+    """``override`` over ``base``: mappings merged key by key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge(base[key], value) if key in base else value
+        return merged
+    return override
 
 
 def dockerfile_env(path: Path = ROOT / "Dockerfile") -> dict[str, str]:

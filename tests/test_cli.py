@@ -7,6 +7,7 @@ configuration. Errors are one line on stderr.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import threading
@@ -21,7 +22,7 @@ from tasks.cli.check import probe_broker
 from tasks.sealing import derive_seal_key
 from tests.conftest import ENTERPRISE_KEY, REDIS_URL
 from tests.services import ServiceProcess, answers, free_port, http_get, run_text
-from tests.workers import ROOT
+from tests.workers import ROOT, WorkerProcess
 
 SCRIPT = Path(sys.executable).with_name("sfox-tokens")
 COMMANDS = ["mint", "check", "unseal", "demo", "fake-sfox"]
@@ -393,3 +394,129 @@ def test_fake_sfox_serves_the_stand_in_with_its_switches(tmp_path):
         assert stats["refused"] == ["u9"] and stats["config"]["fail_every"] == 3
     finally:
         assert process.stop() == 0
+
+
+# -- one-line errors -----------------------------------------------------------------
+
+
+def stderr_lines(out) -> list[str]:
+    lines = out.stderr.strip().splitlines()
+    assert all(line.startswith("sfox-tokens: ") for line in lines), out.stderr
+    return lines
+
+
+def test_mint_local_with_sfox_refusing_says_so_once(redis_client):
+    """sFOX refusing connections: host and port in one line, once; the retry is announced."""
+    port = free_port()
+    out = run(
+        "mint",
+        "--local",
+        "cli-x1",
+        "cli-x2",
+        env={
+            "SFOX_API_URL": f"http://127.0.0.1:{port}",
+            "SFOX_LIMITER_URL": REDIS_URL,
+            "SFOX_RETRY_ATTEMPTS": "3",
+        },
+    )
+    assert out.returncode == 1, out.stderr
+    assert out.stdout == ""  # no table of the same error in every row
+    first, retrying, last = stderr_lines(out)
+    assert "no broker or worker" in first and "SFOX_LIMITER_URL" in first
+    assert f"cannot reach sFOX at http://127.0.0.1:{port} (connection refused)" in retrying
+    assert "retrying, up to 3 attempts" in retrying
+    assert last.startswith(
+        f"sfox-tokens: cannot reach sFOX at http://127.0.0.1:{port} (connection refused) "
+        "after 3 attempts in "
+    )
+    assert ENTERPRISE_KEY not in out.stderr
+
+
+def test_mint_local_names_a_silent_limiter_redis_and_stops_fast():
+    """--local names the limiter's Redis (password masked) and gives up in seconds."""
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+    out = run("mint", "--local", "cli-y1", env={"SFOX_LIMITER_URL": url}, timeout=30)
+    assert out.returncode == 1, out.stderr
+    named, failed = stderr_lines(out)
+    masked = url.replace("s3cret-pw", "**")
+    assert masked in named and "SFOX_LIMITER_URL" in named
+    assert f"the rate limiter's Redis at {masked}" in failed
+    assert "does not answer within 3 s" in failed and "SFOX_LIMITER_URL=memory://" in failed
+    assert "s3cret-pw" not in out.stderr
+
+
+def test_mint_local_with_a_memory_limiter_needs_no_redis(fake_sfox):
+    """SFOX_LIMITER_URL=memory:// mints with this process's own budget, and says so."""
+    dead = dead_redis()
+    out = run(
+        "mint",
+        "--local",
+        "cli-m1",
+        env={"SFOX_LIMITER_URL": "memory://", "CELERY_BROKER_URL": dead},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "SFOX_LIMITER_URL=memory://" in out.stderr
+    assert "1 minted, 0 not, of 1 user; in this process" in out.stdout
+
+
+@pytest.mark.parametrize("variable", ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"])
+def test_a_broker_url_that_is_no_url_is_one_line_exit_2(variable):
+    """`rediss//...` (no colon) is refused before any lookup, naming the setting and source."""
+    out = run("mint", "u1", env={variable: "rediss//:s3cret@redis.example:6380/0"})
+    assert_one_line_error(out, 2)
+    assert f"{variable}='rediss//:**@redis.example:6380/0'" in out.stderr
+    assert f"from {variable} in this process's environment" in out.stderr
+    assert "expected SCHEME://" in out.stderr and "s3cret" not in out.stderr
+
+
+def test_check_names_a_broker_url_that_is_no_url(fake_sfox, redis_client):
+    out = run("check", env={"CELERY_BROKER_URL": "rediss//redis.example:6380/0"})
+    assert out.returncode == 1
+    assert check_lines(out)["broker"] == "FAIL"
+    assert "CELERY_BROKER_URL='rediss//redis.example:6380/0'" in out.stdout
+
+
+@pytest.fixture
+def keyless_worker(fake_sfox_server, redis_client, tmp_path):
+    """A worker of its own queue, started with no enterprise key."""
+    proc = WorkerProcess(
+        "keyless",
+        tmp_path,
+        env={"SFOX_ENTERPRISE_API_KEY": "", "SFOX_API_URL": fake_sfox_server.url},
+        queues="cli-keyless",
+        concurrency=1,
+    )
+    proc.start()
+    yield "cli-keyless"
+    proc.stop()
+
+
+def test_a_key_missing_on_the_workers_is_one_line_exit_2(keyless_worker, fake_sfox):
+    """The workers' configuration error is said once, in one line, exit 2."""
+    out = run("mint", "--queue", keyless_worker, "--per-task", "2", "k1", "k2", "k3", "k4")
+    assert_one_line_error(out, 2)
+    assert "the workers cannot mint: no sFOX enterprise API key" in out.stderr
+    assert "SFOX_ENTERPRISE_API_KEY" in out.stderr and len(out.stderr) < 200
+    assert fake_sfox.count() == 0
+
+
+def test_a_key_missing_only_here_says_why_tokens_are_sealed(worker, fake_sfox):
+    """The workers mint; this host cannot mask them and says so once; exit 0."""
+    out = run("mint", "cli-h1", "cli-h2", env={"SFOX_ENTERPRISE_API_KEY": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("(sealed)") == 2
+    (line,) = stderr_lines(out)
+    assert "no seal key" in line and "SFOX_TOKEN_SEAL_KEY" in line
+    assert "SFOX_ENTERPRISE_API_KEY" in line
+
+
+def test_progress_through_the_workers_moves_per_batch(worker, fake_sfox):
+    """A mint of 1,000 users in one task shows progress between 0 and 1,000."""
+    fake_sfox.configure(latency=0.3)  # under the tests' 0.5 s read timeout
+    ids = [f"cli-p{i}" for i in range(1000)]
+    out = run("mint", "--progress", *ids, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "1000 minted, 0 not, of 1000 users; 1 task on the workers" in out.stdout
+    shown = {int(m) for m in re.findall(r"(\d+)/1000 users", out.stderr)}
+    assert shown & set(range(1, 1000)), out.stderr
+    assert 1000 in shown

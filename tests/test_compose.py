@@ -1,7 +1,9 @@
 """docker-compose.yml: valid, shaped as operations need, and every service's command really starts.
 
-There is no Docker engine here. So the file is validated by Debian's ``docker-compose``
-(``config -q``) and read structurally; then each service's own command runs natively,
+There is no Docker engine here. So the file (and docker-compose.rabbitmq.yml over it) is
+validated by Debian's ``docker-compose`` (``config -q``) and read structurally: each
+service gets only the secrets it needs, an empty key or RabbitMQ password is refused, every
+image names an exact version. Then each service's own command runs natively,
 with the environment its container would get from ``.env.dev`` (the no-real-key dev
 profile), against local Redis. The only substitutions are the ones a container network
 makes unnecessary: host names become 127.0.0.1, Redis becomes the tests' database,
@@ -27,6 +29,7 @@ import yaml
 from tasks import mint_user_tokens
 from tasks._settings import Settings
 from tests.composefile import (
+    RABBITMQ_FILE,
     ROOT,
     Service,
     dockerfile_env,
@@ -42,6 +45,11 @@ DEV_ENV = ROOT / ".env.dev"
 EXAMPLE_ENV = ROOT / ".env.example"
 #: Services built from the project's Dockerfile.
 PROJECT_SERVICES = ("worker", "beat", "flower", "fake-sfox")
+#: The override file's arguments: RabbitMQ as the stack's broker.
+WITH_RABBITMQ = ["-f", "docker-compose.yml", "-f", "docker-compose.rabbitmq.yml"]
+#: Made-up values, distinct, so where each one lands can be told.
+FAKE_KEY = "not-a-real-key-4f1c"
+FAKE_RABBITMQ_PASSWORD = "notarealpassword7d2e"
 #: Services that run Celery against the broker.
 CELERY_SERVICES = ("worker", "beat", "flower")
 DOCKER_COMPOSE = shutil.which("docker-compose")
@@ -55,20 +63,42 @@ def compose():
 
 
 @pytest.fixture(scope="module")
+def compose_rabbitmq():
+    """docker-compose.yml with docker-compose.rabbitmq.yml over it, as data."""
+    return load_compose(ROOT / "docker-compose.yml", RABBITMQ_FILE)
+
+
+def filled_in(text: str, **values: str) -> str:
+    """.env.example's text with ``NAME=`` (or ``# NAME=``) lines set to ``values``."""
+    for name, value in values.items():
+        text, count = re.subn(
+            rf"^(?:# )?{name}=.*$", f"{name}={value}", text, count=1, flags=re.MULTILINE
+        )
+        assert count == 1, name
+    return text
+
+
+@pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the compose project with .env made from .env.example, as an operator would."""
     directory = tmp_path_factory.mktemp("compose-project")
-    for name in ("docker-compose.yml", "Dockerfile", ".env.dev"):
+    for name in ("docker-compose.yml", "docker-compose.rabbitmq.yml", "Dockerfile", ".env.dev"):
         shutil.copy(ROOT / name, directory / name)
-    shutil.copy(EXAMPLE_ENV, directory / ".env")
-    # The RabbitMQ variant: .env.example with its RabbitMQ lines filled in.
-    text = EXAMPLE_ENV.read_text()
-    text = text.replace("# RABBITMQ_PASSWORD=", "RABBITMQ_PASSWORD=not-a-real-password")
-    text = text.replace(
-        "# SFOX_STACK_BROKER_URL=amqp://sfox:PASSWORD@rabbitmq:5672//",
-        "SFOX_STACK_BROKER_URL=amqp://sfox:not-a-real-password@rabbitmq:5672//",
+    example = EXAMPLE_ENV.read_text()
+    # .env.example as shipped, nothing filled in: Compose refuses it.
+    (directory / ".env.unfilled").write_text(example)
+    (directory / ".env").write_text(
+        filled_in(example, SFOX_ENTERPRISE_API_KEY=FAKE_KEY, FLOWER_BASIC_AUTH="ops:not-real")
     )
-    (directory / ".env.rabbitmq").write_text(text)
+    # The RabbitMQ variant: its password filled in too.
+    (directory / ".env.rabbitmq").write_text(
+        filled_in(
+            example,
+            SFOX_ENTERPRISE_API_KEY=FAKE_KEY,
+            FLOWER_BASIC_AUTH="ops:not-real",
+            RABBITMQ_PASSWORD=FAKE_RABBITMQ_PASSWORD,
+        )
+    )
     return directory
 
 
@@ -81,7 +111,7 @@ needs_docker_compose = pytest.mark.skipif(
 VARIANTS = {
     "production": ([], ".env"),
     "dev": (["--env-file", ".env.dev", "--profile", "dev"], ".env.dev"),
-    "rabbitmq": (["--env-file", ".env.rabbitmq", "--profile", "rabbitmq"], ".env.rabbitmq"),
+    "rabbitmq": (["--env-file", ".env.rabbitmq", *WITH_RABBITMQ], ".env.rabbitmq"),
 }
 
 
@@ -102,13 +132,15 @@ def test_docker_compose_accepts_the_file(project, variant):
 
 @needs_docker_compose
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_our_reading_matches_docker_compose(compose, project, variant):
+def test_our_reading_matches_docker_compose(compose, compose_rabbitmq, project, variant):
     """The commands and environments run natively below are exactly what docker-compose resolves."""
     args, env_file = VARIANTS[variant]
     out = docker_compose(project, *args, "config")
     assert out.returncode == 0, out.stderr
     theirs = yaml.safe_load(out.stdout)["services"]
-    ours = resolve(compose, project / env_file, project)
+    ours = resolve(
+        compose_rabbitmq if variant == "rabbitmq" else compose, project / env_file, project
+    )
     assert set(theirs) == set(ours)
 
     def unescape(value):
@@ -120,29 +152,129 @@ def test_our_reading_matches_docker_compose(compose, project, variant):
         env = {k: unescape("" if v is None else v) for k, v in spec.get("environment", {}).items()}
         assert env == service.environment, name
         assert [unescape(a) for a in spec["healthcheck"]["test"]] == service.healthcheck, name
+        assert "env_file" not in spec, name
+
+
+@needs_docker_compose
+def test_an_empty_key_is_refused(project):
+    """.env.example as shipped (no key): `config` fails, naming the setting and where to set it."""
+    out = docker_compose(project, "--env-file", ".env.unfilled", "config", "-q")
+    assert out.returncode != 0
+    assert "set SFOX_ENTERPRISE_API_KEY in .env" in out.stderr, out.stderr
+    assert "--env-file .env.dev" in out.stderr  # the way to a stack with no real key
+    # Our reading refuses it the same way.
+    with pytest.raises(ValueError, match="SFOX_ENTERPRISE_API_KEY"):
+        resolve(load_compose(), project / ".env.unfilled", project)
+
+
+@needs_docker_compose
+@pytest.mark.parametrize("password", ["", None])
+def test_an_empty_rabbitmq_password_is_refused(project, password):
+    """With docker-compose.rabbitmq.yml, an empty or unset RABBITMQ_PASSWORD fails `config`."""
+    text = filled_in(EXAMPLE_ENV.read_text(), SFOX_ENTERPRISE_API_KEY=FAKE_KEY)
+    if password is not None:
+        text = filled_in(text, RABBITMQ_PASSWORD=password)
+    (project / ".env.no-password").write_text(text)
+    out = docker_compose(project, "--env-file", ".env.no-password", *WITH_RABBITMQ, "config", "-q")
+    assert out.returncode != 0
+    assert "set RABBITMQ_PASSWORD in .env" in out.stderr, out.stderr
+    # Without the RabbitMQ file the same .env is a valid Redis-brokered stack.
+    out = docker_compose(project, "--env-file", ".env.no-password", "config", "-q")
+    assert out.returncode == 0, out.stderr
+
+
+#: Each secret, and the only services whose environment may carry it.
+SECRETS = {
+    FAKE_KEY: {"worker", "fake-sfox"},
+    "ops:not-real": {"flower"},
+    # RabbitMQ's own, and the broker URL of every Celery service.
+    FAKE_RABBITMQ_PASSWORD: {"rabbitmq", "worker", "beat", "flower"},
+}
+
+
+@pytest.mark.parametrize("variant", ["production", "rabbitmq"])
+def test_each_service_gets_only_the_secrets_it_needs(compose, compose_rabbitmq, project, variant):
+    """The sFOX key reaches the workers (and the stand-in) only, Flower's password Flower only,
+    RabbitMQ's password RabbitMQ and the broker URLs only; no service reads an env file whole."""
+    source = compose_rabbitmq if variant == "rabbitmq" else compose
+    env_file = project / VARIANTS[variant][1]
+    services = resolve(source, env_file, project)
+    seal_key = "bm90LWEtcmVhbC1zZWFsLWtleS1ub3QtYS1yZWFsLWs="
+    (project / ".env.sealed").write_text(
+        filled_in(env_file.read_text(), SFOX_TOKEN_SEAL_KEY=seal_key)
+    )
+    sealed = resolve(source, project / ".env.sealed", project)
+    for name, service in services.items():
+        assert "env_file" not in service.raw, name
+        values = " ".join(service.environment.values())
+        for secret, allowed in SECRETS.items():
+            if secret in values:
+                assert name in allowed, (name, secret)
+        assert (seal_key in " ".join(sealed[name].environment.values())) == (name == "worker")
+    worker = services["worker"].environment
+    assert worker["SFOX_ENTERPRISE_API_KEY"] == FAKE_KEY
+    assert services["flower"].environment["FLOWER_BASIC_AUTH"] == "ops:not-real"
+    for name in ("beat", "flower", "redis"):
+        assert not any(k.startswith("SFOX_ENTERPRISE") for k in services[name].environment), name
+    assert set(services["flower"].environment) == {
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
+        "FLOWER_BASIC_AUTH",
+        "FLOWER_PORT",
+        "FLOWER_UNAUTHENTICATED_API",
+    }
+    assert set(services["beat"].environment) == {
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
+        "SFOX_NIGHTLY_CRON",
+        "SFOX_NIGHTLY_ORDERS_FILE",
+    }
+    if variant == "rabbitmq":
+        assert services["rabbitmq"].environment["RABBITMQ_DEFAULT_PASS"] == FAKE_RABBITMQ_PASSWORD
+
+
+#: An exact version: three numbers, then an optional variant (``7.4.1-alpine``).
+EXACT_TAG = re.compile(r"^\d+\.\d+\.\d+(?:-[a-z0-9.-]+)?$")
+
+
+def test_every_image_names_an_exact_version(compose_rabbitmq):
+    """No floating tag (``7-alpine``, ``latest``) for any third-party image, in compose or FROM."""
+    images = [spec["image"] for spec in compose_rabbitmq["services"].values() if "image" in spec]
+    images += [
+        line.split()[1]
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("FROM ")
+    ]
+    third_party = [image for image in images if not image.startswith("sfox-tokens:")]
+    assert {image.split(":")[0] for image in third_party} == {"redis", "rabbitmq", "python"}
+    for image in third_party:
+        _, _, tag = image.partition(":")
+        assert EXACT_TAG.match(tag), f"{image}: pin an exact version"
 
 
 # -- the file's shape ----------------------------------------------------------------------
 
 
-def test_services_are_the_whole_stack(compose):
-    """redis, worker, beat and flower always run; the stand-in and RabbitMQ under profiles."""
+def test_services_are_the_whole_stack(compose, compose_rabbitmq):
+    """redis, worker, beat and flower always run; the stand-in under the dev profile; RabbitMQ
+    with docker-compose.rabbitmq.yml."""
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "beat", "flower", "fake-sfox", "rabbitmq"}
+    assert set(services) == {"redis", "worker", "beat", "flower", "fake-sfox"}
     assert services["fake-sfox"]["profiles"] == ["dev"]
-    assert services["rabbitmq"]["profiles"] == ["rabbitmq"]
     profiled = [name for name, spec in services.items() if "profiles" in spec]
-    assert profiled == ["fake-sfox", "rabbitmq"]
+    assert profiled == ["fake-sfox"]
+    assert set(compose_rabbitmq["services"]) == {*services, "rabbitmq"}
+    assert "profiles" not in compose_rabbitmq["services"]["rabbitmq"]
 
 
-def test_the_rabbitmq_variant_brokers_every_celery_service(compose, project):
-    """With SFOX_STACK_BROKER_URL set, worker, beat and flower use RabbitMQ; results in Redis."""
-    services = resolve(compose, project / ".env.rabbitmq", project)
+def test_the_rabbitmq_variant_brokers_every_celery_service(compose_rabbitmq, project):
+    """With docker-compose.rabbitmq.yml, worker, beat and flower use RabbitMQ; results in Redis."""
+    services = resolve(compose_rabbitmq, project / ".env.rabbitmq", project)
     for name in CELERY_SERVICES:
         env = services[name].environment
-        assert env["CELERY_BROKER_URL"].startswith("amqp://sfox:")
-        assert env["CELERY_BROKER_URL"].endswith("@rabbitmq:5672//")
+        assert env["CELERY_BROKER_URL"] == f"amqp://sfox:{FAKE_RABBITMQ_PASSWORD}@rabbitmq:5672//"
         assert env["CELERY_RESULT_BACKEND"] == "redis://redis:6379/0"
+        assert services[name].raw["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
     assert services["rabbitmq"].environment["RABBITMQ_DEFAULT_USER"] == "sfox"
 
 
@@ -171,13 +303,12 @@ def test_every_service_restarts_and_reports_health(compose):
         assert spec.get("healthcheck", {}).get("test"), name
 
 
-def test_project_services_build_the_image_and_read_the_env_file(compose):
-    """The project's services build its Dockerfile and read .env (or the file .env.dev names)."""
+def test_project_services_build_the_image(compose):
+    """The project's services build its Dockerfile; none reads an env file whole."""
     for name in PROJECT_SERVICES:
         spec = compose["services"][name]
         assert spec["build"] == ".", name
-        assert interpolate(spec["env_file"], {}) == ".env", name
-        assert interpolate(spec["env_file"], {"SFOX_ENV_FILE": ".env.dev"}) == ".env.dev", name
+        assert "env_file" not in spec, name
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
@@ -204,12 +335,16 @@ def test_workers_expose_their_metrics_to_the_stack_only(compose):
 
 
 def test_flower_is_never_left_unauthenticated(compose):
-    """Flower's credentials come from the env file only; its API stays closed; loopback only."""
+    """Flower's credentials come from its environment only; its API stays closed; loopback only."""
     flower = compose["services"]["flower"]
     script = " ".join(flower["command"])
     assert "--basic-auth" not in script  # a password on the command line shows in `ps`
     assert "FLOWER_BASIC_AUTH" in script and "exit 2" in script
     assert flower["environment"]["FLOWER_UNAUTHENTICATED_API"] == "false"
+    assert (
+        interpolate(flower["environment"]["FLOWER_BASIC_AUTH"], {"FLOWER_BASIC_AUTH": "a:b"})
+        == "a:b"
+    )
     for mapping in flower["ports"]:
         assert mapping.startswith("127.0.0.1:"), mapping
 
@@ -223,23 +358,24 @@ def test_example_env_holds_no_secret(compose):
     assert "SFOX_PLAIN_HTTP_HOSTS" not in example
 
 
-def test_dev_env_points_every_celery_service_at_the_stand_in(compose):
-    """Under .env.dev, every Celery service talks to fake-sfox with the key the stand-in accepts."""
+def test_dev_env_points_the_workers_at_the_stand_in(compose):
+    """Under .env.dev, the workers talk to fake-sfox with the key the stand-in accepts."""
     services = resolve(compose, DEV_ENV)
     stand_in_key = services["fake-sfox"].environment["SFOX_ENTERPRISE_API_KEY"]
     assert stand_in_key
-    for name in CELERY_SERVICES:
-        env = services[name].environment
-        assert env["SFOX_API_URL"] == "http://fake-sfox:8900", name
-        assert env["SFOX_ENTERPRISE_API_KEY"] == stand_in_key, name
-        settings = Settings.from_conf(
-            {
-                "sfox_api_url": env["SFOX_API_URL"],
-                "sfox_plain_http_hosts": env["SFOX_PLAIN_HTTP_HOSTS"],
-            },
-            {},
-        )
-        assert settings.api_url == "http://fake-sfox:8900"
+    env = services["worker"].environment
+    assert env["SFOX_API_URL"] == "http://fake-sfox:8900"
+    assert env["SFOX_ENTERPRISE_API_KEY"] == stand_in_key
+    settings = Settings.from_conf(
+        {
+            "sfox_api_url": env["SFOX_API_URL"],
+            "sfox_plain_http_hosts": env["SFOX_PLAIN_HTTP_HOSTS"],
+        },
+        {},
+    )
+    assert settings.api_url == "http://fake-sfox:8900"
+    for name in ("beat", "flower"):
+        assert "SFOX_ENTERPRISE_API_KEY" not in services[name].environment, name
     assert read_env_file(DEV_ENV)["COMPOSE_PROFILES"] == "dev"
 
 

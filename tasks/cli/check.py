@@ -50,11 +50,12 @@ from .._settings import (
     Settings,
     SettingSource,
     check_api_url,
+    check_celery_urls,
     limiter_url_for,
 )
 from ..budget.ratelimit import scope_prefix
 from ..sealing import Sealer
-from ..sfox.client import http_adapter
+from ..sfox.client import http_adapter, transport_reason
 from .common import EXIT_FAILED, EXIT_OK, UsageError, add_command
 
 __all__ = [
@@ -139,6 +140,17 @@ def probe_broker(
                 conn.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:  # any failure to connect is the answer here
         return f"{safe_url(url)} does not answer: {one_line(exc)}"
+    return None
+
+
+def _malformed(
+    conf: Mapping[str, Any], app_name: str | None, name: str, setting: str
+) -> Check | None:
+    """A FAIL for a broker or backend URL that is no URL at all (``rediss//host``), else None."""
+    try:
+        check_celery_urls(conf, app_name=app_name, names=(setting,))
+    except ConfigurationError as exc:
+        return Check(name, False, exc.message)
     return None
 
 
@@ -263,7 +275,13 @@ def _check_sfox(conf: SettingSource, timeout: float) -> Check:
             if source and isinstance(exc, requests.ConnectionError)
             else ""
         )
-        return Check("sFOX", False, f"{url} does not answer{sent_from}: {type(exc).__name__}{hint}")
+        why = (
+            transport_reason(exc)
+            if isinstance(exc, requests.ConnectionError)
+            and not isinstance(exc, requests.ConnectTimeout)
+            else type(exc).__name__
+        )
+        return Check("sFOX", False, f"{url} does not answer{sent_from}: {why}{hint}")
     finally:
         session.close()
     status = response.status_code
@@ -357,14 +375,14 @@ def run_checks(
     """
     source = SettingSource(conf, os.environ, app_name)
     yield _check_settings(conf, app_name)
-    yield _check_redis(
+    yield _malformed(conf, app_name, "broker", "broker_url") or _check_redis(
         "broker",
         _url(conf, "broker_url"),
         timeout,
         broker=True,
         master_name=_master_name(conf, "broker_transport_options"),
     )
-    yield _check_redis(
+    yield _malformed(conf, app_name, "backend", "result_backend") or _check_redis(
         "backend",
         _url(conf, "result_backend"),
         timeout,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,44 @@ from .common import (
     mask,
     print_table,
 )
+
+#: Forgets the deadline of every binding table in sorted set KEYS[1] that no longer exists
+#: (the table's key is ARGV[1] followed by the exchange's name): the tables a finished
+#: worker's queues left are gone, and a consumer's refresh adds table and deadline back.
+_FORGET_DEADLINES_OF_GONE_TABLES = """
+for _, exchange in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('EXISTS', ARGV[1] .. exchange) == 0 then
+    redis.call('ZREM', KEYS[1], exchange)
+  end
+end
+"""
+
+
+def remove_private_queue(app: Any, queue: str) -> None:
+    """Delete the demo's queue and its bindings from the user's broker.
+
+    Celery declares the queue on an exchange of the same name; on Redis, kombu keeps that
+    binding in ``_kombu.binding.<queue>`` and ``_kombu.binding_permanent.<queue>`` with no
+    TTL, for a queue that nothing will consume again. Deleting the queue removes both.
+    """
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        channel: Any = connection.default_channel
+        # Declared and bound as Celery did, so the channel knows the bindings to delete.
+        channel.exchange_declare(exchange=queue, type="direct", durable=True, auto_delete=False)
+        channel.queue_declare(queue=queue, durable=True, auto_delete=False)
+        channel.queue_bind(queue=queue, exchange=queue, routing_key=queue)
+        channel.queue_delete(queue=queue)
+        deadlines = getattr(channel, "keyprefix_binding_deadlines", None)
+        if deadlines is not None:  # kombu's Redis transport, 5.7 and later
+            prefix = channel.global_keyprefix
+            with channel.conn_or_acquire() as client:
+                client.eval(
+                    _FORGET_DEADLINES_OF_GONE_TABLES,
+                    1,
+                    prefix + deadlines,
+                    prefix + channel.keyprefix_queue % ("",),
+                )
 
 
 @contextmanager
@@ -73,6 +112,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "sfox_retry_wait_max": 0.5,
         "task_default_queue": queue,
     }
+    # Celery prefers these to the app's configuration: the demo's broker is the one it names.
+    os.environ.pop("CELERY_BROKER_URL", None)
+    os.environ.pop("CELERY_RESULT_BACKEND", None)
     if args.broker:
         settings.update(broker_url=args.broker, result_backend=args.broker)
         settings["sfox_limiter_url"] = (
@@ -88,8 +130,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # One process, one embedded worker: its own budget is the only one.
             sfox_limiter_url=IN_PROCESS_URL,
         )
-        os.environ.pop("CELERY_BROKER_URL", None)
-        os.environ.pop("CELERY_RESULT_BACKEND", None)
         print("broker: embedded in-process broker and worker (pass --broker URL to use yours)")
     app.conf.update(settings)
     reset_runtime()
@@ -99,9 +139,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         with embedded_worker(app, queue):
-            result = mint_user_tokens.apply_async((users,), queue=queue).get(timeout=120)
+            sent = mint_user_tokens.apply_async((users,), queue=queue)
+            result = sent.get(timeout=120)
+            sent.forget()  # the tokens are shown below; nothing else will read them
     finally:
         fake.stop()
+        if args.broker:
+            try:
+                remove_private_queue(app, queue)
+            except Exception as exc:  # the demo's outcome stands; say what was left
+                print(f"could not delete the private queue {queue}: {exc}", file=sys.stderr)
     elapsed = time.monotonic() - started
 
     rows = []

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -53,7 +53,9 @@ __all__ = [
     "Timeouts",
     "http_adapter",
     "normalise_expires",
+    "origin_of",
     "parse_retry_after",
+    "transport_reason",
 ]
 
 logger = logging.getLogger("tasks.client")
@@ -147,6 +149,11 @@ class SfoxClient:
         #: Every session made, and those no request is using now (last used first).
         self._sessions: list[requests.Session] = [first]
         self._idle: list[requests.Session] = [first]
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port`` of sFOX, for messages: never a path, a user or a password."""
+        return origin_of(self.base_url)
 
     def _prepare(self, session: requests.Session) -> requests.Session:
         adapter = http_adapter(self._pool_size, self.source_address)
@@ -270,14 +277,23 @@ class SfoxClient:
                     allow_redirects=False,
                 )
             status = response.status_code
+        except requests.ConnectTimeout:
+            raise TransportError(
+                f"cannot reach sFOX at {self.origin} (no connection within "
+                f"{time.monotonic() - started:.1f} s: connect timeout)"
+            ) from None
         except requests.Timeout as exc:
             raise TransportError(
-                f"sFOX {what} request timed out ({type(exc).__name__}) after "
-                f"{time.monotonic() - started:.1f} s"
+                f"sFOX at {self.origin} did not answer a {what} request within "
+                f"{time.monotonic() - started:.1f} s ({type(exc).__name__})"
+            ) from None
+        except requests.ConnectionError as exc:
+            raise TransportError(
+                f"cannot reach sFOX at {self.origin} ({transport_reason(exc)})"
             ) from None
         except requests.RequestException as exc:
             raise TransportError(
-                f"sFOX {what} request failed in transport: {type(exc).__name__}"
+                f"sFOX {what} request to {self.origin} failed in transport: {type(exc).__name__}"
             ) from None
         finally:
             request_done(endpoint, status, time.monotonic() - started)
@@ -349,6 +365,48 @@ class SfoxClient:
         if self._api_key and self._api_key in text:
             text = text.replace(self._api_key, "[enterprise key]")
         return text
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of ``url`` (the scheme's default port spelt out)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+    except ValueError:
+        return "(an unreadable URL)"
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port}" if port else f"{parts.scheme}://{host}"
+
+
+#: Words in a connection error's text, and what they mean in a message.
+_REASONS = (
+    ("refused", "connection refused"),
+    ("name or service not known", "host name not found"),
+    ("nodename nor servname", "host name not found"),
+    ("temporary failure in name resolution", "host name not found"),
+    ("getaddrinfo failed", "host name not found"),
+    ("no address associated", "host name not found"),
+    ("network is unreachable", "network unreachable"),
+    ("no route to host", "no route to host"),
+    ("cannot assign requested address", "cannot send from the source address"),
+    ("reset by peer", "connection reset"),
+    ("remotedisconnected", "connection closed without an answer"),
+    ("connection aborted", "connection closed without an answer"),
+)
+
+
+def transport_reason(exc: BaseException) -> str:
+    """A few words for why a connection failed: refused, host not found, TLS, reset."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return "proxy error"
+    text = str(exc).lower()
+    for words, reason in _REASONS:
+        if words in text:
+            return reason
+    return type(exc).__name__
 
 
 def _parse_token(entry: Any) -> IssuedToken:

@@ -7,7 +7,9 @@
   (``pytest_plugins = ["tasks.testing.fixtures"]``).
 - ``python -m tasks.testing``: the stand-in as a service.
 
-Standard library only (the fixtures need pytest, and only when used).
+Standard library only (the fixtures need pytest, and only when used). The kit needs no
+Redis; what it tests may: minting in place needs the limiter's Redis (``SFOX_LIMITER_URL``,
+else a Redis broker) or ``SFOX_LIMITER_URL=memory://``, and a worker needs a shared Redis.
 """
 
 from __future__ import annotations

@@ -32,8 +32,17 @@ def build_parser(prog: str = "python -m tasks.testing") -> argparse.ArgumentPars
         prog=prog,
         description="Serve a fake sFOX API (user tokens, orders) with fault injection.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8900, help="0 picks a free port")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; 0.0.0.0 in a container)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8900,
+        help="port to listen on (default: 8900; 0 picks a free one)",
+    )
     parser.add_argument(
         "--api-key",
         default=None,
@@ -42,8 +51,18 @@ def build_parser(prog: str = "python -m tasks.testing") -> argparse.ArgumentPars
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
     parser.add_argument("--rate-limit", type=int, default=None, help="requests per window per IP")
-    parser.add_argument("--rate-window", type=float, default=10.0)
-    parser.add_argument("--rate-penalty", type=float, default=60.0)
+    parser.add_argument(
+        "--rate-window",
+        type=float,
+        default=10.0,
+        help="seconds of the window --rate-limit counts requests in (default: 10)",
+    )
+    parser.add_argument(
+        "--rate-penalty",
+        type=float,
+        default=60.0,
+        help="seconds every request gets 429 after the limit is exceeded (default: 60)",
+    )
     parser.add_argument(
         "--rate-limit-per", choices=sorted(_RATE_LIMIT_PER), default="address",
         help="count the rate limit per client address, as sFOX does (default), or for the "
@@ -53,8 +72,20 @@ def build_parser(prog: str = "python -m tasks.testing") -> argparse.ArgumentPars
         "--retry-after", action="store_true", help="send Retry-After on rate-limit 429s"
     )
     parser.add_argument("--no-shuffle", action="store_true", help="keep token response order")
-    parser.add_argument("--max-batch", type=int, default=None)
-    parser.add_argument("--token-ttl", type=float, default=86400.0)
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a token request for more than N users answers 400 (default: no limit)",
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="lifetime of the tokens it issues (default: 86400, a day)",
+    )
     parser.add_argument(
         "--refuse", action="extend", nargs="+", default=[], metavar="USER_ID",
         help="user ids whose token requests get 404 user not found",

@@ -6,6 +6,13 @@ Load them with ``pytest_plugins = ["tasks.testing.fixtures"]`` in a ``conftest.p
   accepting :data:`FAKE_ENTERPRISE_KEY`;
 - ``sfox_env``: ``SFOX_API_URL`` and ``SFOX_ENTERPRISE_API_KEY`` pointed at it, for code that
   reads the environment (a worker started by the test, say).
+
+Neither fixture needs or starts Redis; the code under test may. A process that mints in
+place (``sfox-tokens mint --local``, eager tasks) needs the rate limiter's Redis:
+``SFOX_LIMITER_URL``, else the app's Redis broker or result backend (``CELERY_BROKER_URL``,
+``redis://localhost:6379/0`` by default), or ``SFOX_LIMITER_URL=memory://`` for its own
+budget and no Redis at all. A worker needs a Redis every worker shares (it refuses
+``memory://``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ def fake_sfox() -> Iterator[FakeSfox]:
 
 @pytest.fixture
 def sfox_env(fake_sfox: FakeSfox, monkeypatch: pytest.MonkeyPatch) -> FakeSfox:
-    """The environment points at ``fake_sfox``; returns it."""
+    """The environment points at ``fake_sfox``; returns it.
+
+    It sets no Redis: set ``SFOX_LIMITER_URL`` (``memory://`` for a test with no Redis)
+    for code that mints in this process.
+    """
     monkeypatch.setenv("SFOX_API_URL", fake_sfox.url)
     monkeypatch.setenv("SFOX_ENTERPRISE_API_KEY", FAKE_ENTERPRISE_KEY)
     return fake_sfox

@@ -17,7 +17,7 @@ from typing import Any
 from celery import signals
 
 from .._exceptions import ConfigurationError
-from .._settings import Settings, is_plain_http_off_host
+from .._settings import Settings, check_celery_urls, is_plain_http_off_host
 from ..minting import MintResult, validate_user_ids
 from .backend import backend_with_ttl
 from .host import package_task, settings_for
@@ -26,7 +26,7 @@ from .redelivery import MintOnce
 from .runtime import get_runtime, reset_runtime
 from .stores import check_stores
 
-__all__ = ["TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
+__all__ = ["PROGRESS_INTERVAL", "TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
 
 logger = logging.getLogger("tasks.mint")
 
@@ -38,6 +38,33 @@ def _describe_ids(user_ids: Any) -> str:
     head = ", ".join(str(u)[:40] for u in user_ids[:3])
     more = f", … +{len(user_ids) - 3}" if len(user_ids) > 3 else ""
     return f"[{len(user_ids)} user IDs: {head}{more}]"
+
+
+#: Least seconds between two PROGRESS states a mint task stores (the last batch always is).
+PROGRESS_INTERVAL = 0.5
+
+
+def _progress_reporter(task: MintTask) -> Any:
+    """A :data:`~tasks.minting.ProgressHook` storing ``PROGRESS {done, total}``, throttled.
+
+    Counts only, never a token; a backend that cannot store it costs the mint nothing.
+    Outside a worker (called directly, eager) there is nobody to tell.
+    """
+    if task.request.called_directly or task.request.is_eager or not task.request.id:
+        return None
+    last = [float("-inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < PROGRESS_INTERVAL:
+            return
+        last[0] = now
+        try:
+            task.update_state(state="PROGRESS", meta={"done": done, "total": total})
+        except Exception as exc:  # the backend is down: the mint itself goes on
+            logger.debug("cannot store the mint's progress: %s", exc)
+
+    return report
 
 
 #: Seconds after which a worker kills a package task that outlived its turn anyway: the
@@ -91,7 +118,7 @@ def mint_user_tokens(
     runtime = get_runtime(self.app)
     distinct = validate_user_ids(user_ids, maximum=runtime.settings.max_user_ids)
     started = time.monotonic()
-    result = runtime.minter().mint(distinct, _resume)
+    result = runtime.minter().mint(distinct, _resume, on_progress=_progress_reporter(self))
     logger.info(
         "mint done for %d user(s) in %.2f s: %s",
         len(distinct),
@@ -116,10 +143,13 @@ def _check_settings(sender: Any = None, **_: Any) -> None:
     A worker needs a Redis that every worker shares, for the limiter and the run
     books: without one each process would spend sFOX's whole budget on its own.
     Only a worker on an in-process broker (``memory://``: nothing else can reach
-    it) may keep an in-process budget.
+    it) may keep an in-process budget. A broker or result backend URL that is no URL
+    at all (``rediss//host``) is refused here, naming the setting, rather than later
+    as a failed host-name lookup.
     """
     app = _worker_app(sender)
     try:
+        check_celery_urls(app.conf, app_name=app.main)
         in_process = str(app.conf.broker_url or "").startswith("memory://")
         settings_for(app).require_limiter_url(shared=not in_process)
     except ConfigurationError as exc:
