@@ -24,10 +24,11 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _wait_finished(run_id: str) -> bool:
+def wait_finished(run_id: str, deadline_s: float = RUN_DEADLINE) -> bool:
+    """Whether the run ``run_id`` finished within ``deadline_s`` seconds."""
     from tasks import run_progress
 
-    deadline = time.monotonic() + RUN_DEADLINE
+    deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if run_progress(run_id).finished:
             return True
@@ -62,7 +63,7 @@ def sidecar(args: dict[str, Any]) -> dict[str, Any]:
         args["fan"], partner.signature("partner.record", args=("sidecar",)), chunk_size=25, ahead=2
     )
     canvas.apply_async()
-    out["finished"] = _wait_finished(canvas.run_id)
+    out["finished"] = wait_finished(canvas.run_id)
     return out
 
 
@@ -83,7 +84,7 @@ def embedded(args: dict[str, Any]) -> dict[str, Any]:
         args["fan"], partner.signature("partner_embedded.record", args=("embedded",)), chunk_size=20
     )
     canvas.apply_async(queue=queue)
-    out["finished"] = _wait_finished(canvas.run_id)
+    out["finished"] = wait_finished(canvas.run_id)
     out["summary"] = partner.send_task(
         "sfox.run_nightly_orders",
         kwargs={"run_date": args["run_date"], "orders_file": args["orders_file"]},

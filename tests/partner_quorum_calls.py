@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
+
+from tests.partner_calls import wait_finished
 
 #: Seconds each call may take before the scenario reports it unfinished.
 DEADLINE = 120.0
-
-
-def _wait_finished(run_id: str) -> bool:
-    from tasks import run_progress
-
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if run_progress(run_id).finished:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def scenario(args: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +34,7 @@ def scenario(args: dict[str, Any]) -> dict[str, Any]:
         args["fan"], partner.signature("partner_quorum.record", args=("quorum",)), chunk_size=20
     )
     canvas.apply_async()
-    out["finished"] = _wait_finished(canvas.run_id)
+    out["finished"] = wait_finished(canvas.run_id)
     out["summary"] = tasks.run_nightly_orders.delay(
         run_date=args["run_date"], orders_file=args["orders_file"]
     ).get(timeout=DEADLINE)

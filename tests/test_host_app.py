@@ -35,6 +35,19 @@ def run_python(code: str, cwd: Path, **env: str) -> str:
     return out.stdout.strip()
 
 
+def tutorial_project(directory: Path) -> None:
+    """A project laid out like Celery's tutorial: its own tasks.py and celeryconfig.py."""
+    (directory / "tasks.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('tutorial')\n"
+        "app.config_from_object('celeryconfig')\n"
+        "@app.task\n"
+        "def add(x, y):\n"
+        "    return x + y\n"
+    )
+    (directory / "celeryconfig.py").write_text('task_default_queue = "tutorial"\n')
+
+
 def test_import_leaves_the_partners_app_current_and_its_shared_tasks_its_own(tmp_path):
     """After `import tasks`, a partner's shared_task and the package's tasks use its app."""
     out = run_python(
@@ -97,15 +110,7 @@ def test_a_celeryconfig_in_the_working_directory_does_not_configure_the_package(
 
 def test_sfox_tokens_is_the_package_beside_a_projects_own_tasks_module(tmp_path):
     """A project laid out like Celery's tutorial (tasks.py, celeryconfig.py) imports sfox_tokens."""
-    (tmp_path / "tasks.py").write_text(
-        "from celery import Celery\n"
-        "app = Celery('tutorial')\n"
-        "app.config_from_object('celeryconfig')\n"
-        "@app.task\n"
-        "def add(x, y):\n"
-        "    return x + y\n"
-    )
-    (tmp_path / "celeryconfig.py").write_text('task_default_queue = "tutorial"\n')
+    tutorial_project(tmp_path)
     out = run_python(
         """
         import tasks, sfox_tokens
@@ -233,15 +238,7 @@ def test_a_sfox_tokens_worker_in_a_tutorial_project_keeps_its_own_queue_and_sett
 
     project = tmp_path / "tutorial"
     project.mkdir()
-    (project / "tasks.py").write_text(
-        "from celery import Celery\n"
-        "app = Celery('tutorial')\n"
-        "app.config_from_object('celeryconfig')\n"
-        "@app.task\n"
-        "def add(x, y):\n"
-        "    return x + y\n"
-    )
-    (project / "celeryconfig.py").write_text('task_default_queue = "tutorial"\n')
+    tutorial_project(project)
     queue = "sfox-tutorial"
     worker = WorkerProcess(
         "tutorial",
