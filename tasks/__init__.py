@@ -32,6 +32,7 @@ from ._exceptions import (
 )
 from .fanout.store import RunProgress
 from .fanout.tasks import run_progress, with_user_tokens
+from .minting import FailedEntry, MintResult, TokenEntry
 from .nightly.tasks import place_user_order, run_nightly_orders
 from .worker.app import app
 from .worker.mint import mint_user_tokens
@@ -40,9 +41,11 @@ from .worker.runtime import unseal
 __all__ = [
     "AuthenticationError",
     "ConfigurationError",
+    "FailedEntry",
     "InvalidArgument",
     "InvalidUserIds",
     "MalformedResponse",
+    "MintResult",
     "PermanentError",
     "RateLimited",
     "RequestRefused",
@@ -51,6 +54,7 @@ __all__ = [
     "SealError",
     "ServerError",
     "SfoxError",
+    "TokenEntry",
     "TokenRejected",
     "TransientError",
     "TransportError",

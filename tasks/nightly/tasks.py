@@ -65,7 +65,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import Task
 
@@ -84,6 +84,9 @@ from ..worker.outcome import ShortRepr, summarise_nightly
 from ..worker.runtime import get_runtime
 from .orders import load_orders
 from .store import Claim, NightlyRun, RunBooks
+
+if TYPE_CHECKING:
+    from ..worker.host import TaskDecorator
 
 __all__ = ["RunState", "place_user_order", "run_nightly_orders", "run_state"]
 
@@ -142,7 +145,11 @@ class _Carried:
     owned: bool = False
 
 
-@package_task(bind=True, base=NightlyTask, name="sfox.run_nightly_orders")
+# Typed for users who have Celery's stubs: ``.get()`` is the summary (tasks.worker.host).
+@cast(
+    "TaskDecorator[..., Mapping[str, Any]]",
+    package_task(bind=True, base=NightlyTask, name="sfox.run_nightly_orders"),
+)
 def run_nightly_orders(
     self: NightlyTask,
     run_date: str | None = None,
@@ -454,7 +461,11 @@ class PlaceTask(SfoxTask):
     time_limit = TASK_TIME_LIMIT
 
 
-@package_task(bind=True, base=PlaceTask, name="sfox.place_user_order")
+# Typed for users who have Celery's stubs: ``.get()`` is the user's outcomes.
+@cast(
+    "TaskDecorator[..., dict[str, Any]]",
+    package_task(bind=True, base=PlaceTask, name="sfox.place_user_order"),
+)
 def place_user_order(
     self: PlaceTask,
     run_date: str,

@@ -25,7 +25,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_task, shared_task
 from celery import _state as celery_state
@@ -34,6 +34,27 @@ from celery.local import Proxy
 from .._settings import Settings
 
 __all__ = ["calling_app", "package_task", "settings_for"]
+
+if TYPE_CHECKING:
+    from typing import ParamSpec, Protocol, TypeVar
+
+    from celery import Task
+
+    _P = ParamSpec("_P")
+    _R_co = TypeVar("_R_co", covariant=True)
+
+    class TaskDecorator(Protocol[_P, _R_co]):
+        """What ``package_task(...)`` returns: it makes a function a ``Task[_P, _R_co]``.
+
+        With Celery's stubs (``celery-types``), ``Task[_P, _R_co]`` types ``.delay(...)``
+        and ``.apply_async(...)`` and the ``.get()`` of their results; without them (this
+        package's own check) it is ``Any``. An exported task is typed for users by casting
+        ``package_task(...)`` to ``TaskDecorator[[<its arguments>], <its result>]``.
+        Nothing of it exists at run time.
+        """
+
+        def __call__(self, fun: Callable[..., Any], /) -> Task[_P, _R_co]: ...
+
 
 #: The package's own app, set by :mod:`tasks.worker.app` once it exists.
 _package_app: Celery | None = None
@@ -70,7 +91,7 @@ def calling_app() -> Celery:
     return _package_app
 
 
-def package_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+def package_task(**options: Any) -> TaskDecorator[..., Any]:
     """Register a task with every Celery app; the name returned resolves to the caller's.
 
     Celery's ``shared_task`` adds the task to each app as it is finalized (a

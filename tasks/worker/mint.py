@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import signals
 
@@ -25,6 +25,9 @@ from .outcome import MintOutcome, summarise
 from .redelivery import MintOnce
 from .runtime import get_runtime, reset_runtime
 from .stores import check_stores
+
+if TYPE_CHECKING:
+    from .host import TaskDecorator
 
 __all__ = ["PROGRESS_INTERVAL", "TASK_TIME_LIMIT", "MintTask", "longest_hold", "mint_user_tokens"]
 
@@ -110,7 +113,12 @@ class MintTask(MintOnce):
         return super().apply_async(args, kwargs, **options)
 
 
-@package_task(bind=True, base=MintTask, name="sfox.mint_user_tokens")
+# Typed for users who have Celery's stubs (celery-types): ``mint_user_tokens.delay([...])
+# .get()`` is a ``MintResult`` (tasks.worker.host.TaskDecorator).
+@cast(
+    "TaskDecorator[[list[str]], MintResult]",
+    package_task(bind=True, base=MintTask, name="sfox.mint_user_tokens"),
+)
 def mint_user_tokens(
     self: MintTask, user_ids: list[str], _resume: dict[str, Any] | None = None
 ) -> MintResult | MintOutcome:
