@@ -196,3 +196,17 @@ def test_a_worker_with_no_redis_for_the_limiter_refuses_to_start(partner, tmp_pa
     )
     with pytest.raises(RuntimeError, match="SFOX_LIMITER_URL"):
         refused.start(timeout=30)
+
+
+def test_a_worker_with_a_broker_url_that_is_no_url_refuses_to_start(partner, tmp_path):
+    """`rediss//...` (no colon): the worker stops at once in one line naming the setting."""
+    env, _ = partner
+    refused = worker(
+        "bad-url",
+        tmp_path,
+        {**env, "CELERY_BROKER_URL": "rediss//:hunter2pass@127.0.0.1:6380/0"},
+    )
+    with pytest.raises(RuntimeError, match="CELERY_BROKER_URL") as failure:
+        refused.start(timeout=30)
+    assert "is not a URL" in str(failure.value)
+    assert "hunter2pass" not in refused.log()
