@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,12 +18,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.composefile import ROOT
 from tests.conftest import REDIS_URL
+from tests.sources import copy_sources
 
 BIN = Path(sys.executable).parent
 #: What the build reads; everything else in the working tree is left out of the copy.
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "tasks")
 
 
 def have(module: str) -> bool:
@@ -41,14 +39,7 @@ needs_build_tools = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, str]:
     """``(dist directory, build output)`` of ``python -m build`` over a copy of the sources."""
-    source = tmp_path_factory.mktemp("source")
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(
-                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-            )
-        else:
-            shutil.copy(ROOT / name, source / name)
+    source = copy_sources(tmp_path_factory.mktemp("source"))
     dist = tmp_path_factory.mktemp("dist")
     env = dict(os.environ)
     # A developer's PYTHONDONTWRITEBYTECODE makes setuptools say "byte-compiling is disabled":

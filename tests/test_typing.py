@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.composefile import ROOT
+from tests.sources import copy_sources
 
 HERE = Path(__file__).parent / "typing"
 #: What the build reads; everything else in the working tree is left out of the copy.
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "tasks")
 UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 
 pytestmark = [
@@ -38,14 +37,7 @@ def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def typing_venv(tmp_path_factory) -> Path:
     """A venv with mypy, celery-types and the package (not editable): its ``bin`` directory."""
-    source = tmp_path_factory.mktemp("source")
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(
-                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-            )
-        else:
-            shutil.copy(ROOT / name, source / name)
+    source = copy_sources(tmp_path_factory.mktemp("source"))
     venv = tmp_path_factory.mktemp("typing") / "venv"
     made = run(UV, "venv", "--quiet", "--python", sys.executable, venv)
     assert made.returncode == 0, made.stderr

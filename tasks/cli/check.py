@@ -375,20 +375,17 @@ def run_checks(
     """
     source = SettingSource(conf, os.environ, app_name)
     yield _check_settings(conf, app_name)
-    yield _malformed(conf, app_name, "broker", "broker_url") or _check_redis(
-        "broker",
-        _url(conf, "broker_url"),
-        timeout,
-        broker=True,
-        master_name=_master_name(conf, "broker_transport_options"),
-    )
-    yield _malformed(conf, app_name, "backend", "result_backend") or _check_redis(
-        "backend",
-        _url(conf, "result_backend"),
-        timeout,
-        broker=False,
-        master_name=_master_name(conf, "result_backend_transport_options"),
-    )
+    for name, setting, options in (
+        ("broker", "broker_url", "broker_transport_options"),
+        ("backend", "result_backend", "result_backend_transport_options"),
+    ):
+        yield _malformed(conf, app_name, name, setting) or _check_redis(
+            name,
+            _url(conf, setting),
+            timeout,
+            broker=name == "broker",
+            master_name=_master_name(conf, options),
+        )
     yield _check_key(source)
     yield _check_sfox(source, timeout)
     yield _check_seal(source)
