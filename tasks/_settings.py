@@ -83,6 +83,12 @@ DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_TASK_TURN = 30.0
 #: The queue the package's tasks are sent to, from any app.
 DEFAULT_QUEUE = "sfox"
+#: What the batch queue's name adds to ``SFOX_QUEUE`` when ``SFOX_BATCH_QUEUE`` is unset.
+BATCH_QUEUE_SUFFIX = ".batch"
+#: Share of every rate-limit window that batch work keeps while on-demand mints wait.
+DEFAULT_BATCH_SHARE = 0.5
+#: The highest ``SFOX_BATCH_SHARE``: on-demand mints always keep a tenth of the window first.
+MAX_BATCH_SHARE = 0.9
 #: When beat fires the nightly run: 02:00 UTC.
 DEFAULT_NIGHTLY_CRON = "0 2 * * *"
 #: Seconds a nightly coordinator's lease lasts without renewal; a crashed run resumes after it.
@@ -201,6 +207,12 @@ class Settings:
     metrics_port: int | None = None
     #: The queue every package task is sent to, from any app (SFOX_QUEUE).
     queue: str = DEFAULT_QUEUE
+    #: The queue batch work is sent to (SFOX_BATCH_QUEUE): ``with_user_tokens``'s chunks and
+    #: the nightly run's tasks; ``""`` means ``SFOX_QUEUE`` + ``.batch`` (:attr:`batch_queue_name`).
+    batch_queue: str = ""
+    #: Share of each rate-limit window batch work keeps while on-demand mints wait
+    #: (SFOX_BATCH_SHARE).
+    batch_share: float = DEFAULT_BATCH_SHARE
     #: The nightly run's orders and pacing.
     nightly: NightlySettings = field(default_factory=lambda: NightlySettings())
     #: Every place the enterprise key was looked for, for the error that says it is missing.
@@ -255,6 +267,10 @@ class Settings:
             _check_sentinel_url(self.limiter_url)
         if not self.queue:
             raise ConfigurationError("SFOX_QUEUE must name a queue")
+        if not 0 <= self.batch_share <= MAX_BATCH_SHARE:
+            raise ConfigurationError(
+                f"SFOX_BATCH_SHARE={self.batch_share!r} must be between 0 and {MAX_BATCH_SHARE}"
+            )
         _positive("SFOX_NIGHTLY_LEASE", self.nightly.lease)
         _positive("SFOX_NIGHTLY_RESEND_AFTER", self.nightly.resend_after)
         retry = self.retry
@@ -331,6 +347,8 @@ class Settings:
                 source_address=(str(get("SFOX_SOURCE_ADDRESS", "")).strip() or None),
                 metrics_port=None if metrics_port is None else int(metrics_port),
                 queue=str(get("SFOX_QUEUE", DEFAULT_QUEUE)).strip(),
+                batch_queue=str(get("SFOX_BATCH_QUEUE", "")).strip(),
+                batch_share=float(get("SFOX_BATCH_SHARE", DEFAULT_BATCH_SHARE)),
                 nightly=NightlySettings(
                     orders_file=get("SFOX_NIGHTLY_ORDERS_FILE", None),
                     orders_source=get("SFOX_NIGHTLY_ORDERS_SOURCE", None),
@@ -344,6 +362,16 @@ class Settings:
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"a numeric SFOX_* setting is not a number: {exc}") from None
+
+    @property
+    def batch_queue_name(self) -> str:
+        """Where batch work goes: ``SFOX_BATCH_QUEUE``, else ``SFOX_QUEUE`` + ``.batch``."""
+        return self.batch_queue or f"{self.queue}{BATCH_QUEUE_SUFFIX}"
+
+    @property
+    def on_demand_cap(self) -> int:
+        """Slots of one window on-demand requests take ahead of batch work waiting for them."""
+        return int(self.rate.limit * (1 - self.batch_share))
 
     def require_api_key(self) -> str:
         """The enterprise key, or a clear error naming every place it was looked for."""

@@ -107,8 +107,10 @@ def test_default_scope_keeps_the_keys_it_had_and_a_scope_gets_its_own(redis_clie
     keys = {k.decode() for k in redis_client.scan_iter(match="sfox:ratelimit:*")}
     assert keys == {
         "sfox:ratelimit:5/10:log",
+        "sfox:ratelimit:5/10:on-demand",
         "sfox:ratelimit:pause",
         "sfox:ratelimit:scope:egress-a:5/10:log",
+        "sfox:ratelimit:scope:egress-a:5/10:on-demand",
         "sfox:ratelimit:scope:egress-a:pause",
     }
 

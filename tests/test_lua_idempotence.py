@@ -60,11 +60,16 @@ def limiter(redis_client: redis.Redis) -> RedisLimiter:
     return RedisLimiter(redis_client, Rate(3, 10.0))
 
 
-def _acquire(limiter: RedisLimiter, slot: str) -> int:
+def _acquire(limiter: RedisLimiter, slot: str, lane: str = "b") -> int:
     return int(
         limiter._acquire(
-            keys=[limiter._log_key, limiter._pause_key],
-            args=[limiter.rate.limit, 10_000_000, slot, 2_000_000],
+            keys=[
+                limiter._log_key,
+                limiter._pause_key,
+                limiter._on_demand_key,
+                limiter._waiting_key,
+            ],
+            args=[limiter.rate.limit, 10_000_000, slot, 2_000_000, lane, 3, 250_000],
         )
     )
 
@@ -83,6 +88,21 @@ def test_limiter_acquire_twice_takes_the_last_slot_once(redis_client, limiter):
     assert first == second == 0
     assert redis_client.zcard(limiter._log_key) == 3
     assert _acquire(limiter, "slot-4") > 0  # the window is full: no slot was spent twice
+
+
+def test_limiter_on_demand_wait_twice_keeps_one_place(redis_client, limiter):
+    """An on-demand request at a full window, asked twice: one place among the waiting.
+
+    Its place is kept until the same moment (the window's next free slot plus the
+    grace): the second run moves it by no more than the script's own rounding.
+    """
+    _acquire(limiter, "slot-1"), _acquire(limiter, "slot-2"), _acquire(limiter, "slot-3")
+    assert _acquire(limiter, "live", "o") > 0
+    [(_, kept)] = redis_client.zrange(limiter._waiting_key, 0, -1, withscores=True)
+    assert _acquire(limiter, "live", "o") > 0
+    [(name, again)] = redis_client.zrange(limiter._waiting_key, 0, -1, withscores=True)
+    assert name == b"live" and abs(again - kept) < 10_000
+    assert redis_client.zcard(limiter._log_key) == 3
 
 
 def test_limiter_release_twice(redis_client, limiter):

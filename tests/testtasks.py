@@ -7,15 +7,22 @@ import time
 from typing import Any
 
 from tasks import app
+from tasks.worker.base import SfoxTask
 from tests.downstream_runs import note_run, runs_by_user
 
-__all__ = ["echo", "flaky_downstream", "note_run", "record_token", "runs_by_user"]
+__all__ = ["batch_step", "echo", "flaky_downstream", "note_run", "record_token", "runs_by_user"]
 
 
 @app.task(name="tests.echo")
 def echo(value: Any) -> Any:
     """Return ``value``: a task with the global result expiry, to compare TTLs."""
     return value
+
+
+@app.task(name="tests.batch_step", base=SfoxTask, ignore_result=True)
+def batch_step(index: int) -> int:
+    """Batch work that does nothing: the lanes' tests queue hundreds of it."""
+    return index
 
 
 def _client() -> Any:

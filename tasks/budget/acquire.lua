@@ -1,8 +1,17 @@
--- KEYS[1] sliding log (zset: slot -> time it counts at), KEYS[2] shared pause.
--- ARGV[1] limit, ARGV[2] period, ARGV[3] unique slot name, ARGV[4] hold; times in microseconds.
+-- KEYS[1] sliding log (zset: slot -> time it counts at), KEYS[2] shared pause,
+-- KEYS[3] the on-demand lane's own log (its slots, as in KEYS[1]),
+-- KEYS[4] on-demand requests waiting for a slot (zset: slot name -> until when it is kept).
+-- ARGV[1] limit, ARGV[2] period, ARGV[3] unique slot name (the same on each try of one
+-- request), ARGV[4] hold, ARGV[5] lane ('o' on demand, 'b' batch), ARGV[6] slots of a
+-- window the on-demand lane takes first, ARGV[7] how long past its wait a waiting
+-- on-demand request keeps its place; times in microseconds.
 -- Returns 0 when a slot was taken, else microseconds to wait: negative for a pause.
 -- A slot in flight counts at the latest time its request may arrive (now + hold); when
 -- every slot is in flight the wait is at least one period from the first release.
+-- Lanes: an on-demand request that finds the window full waits in KEYS[4], and every
+-- other request leaves it a free slot until it comes back for it (or its place lapses).
+-- Once the on-demand lane has taken ARGV[6] slots of the window it waits like batch work,
+-- so batch work always keeps the rest of the window.
 -- Run twice (a retry after a dropped connection): the slot is already in the log, and
 -- the second run says so without taking another one.
 local t = redis.call('TIME')
@@ -17,11 +26,45 @@ end
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local hold = tonumber(ARGV[4])
+local keep = math.floor((period + hold) / 1000) + 1000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
-if redis.call('ZCARD', KEYS[1]) < limit then
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local first = false
+if ARGV[5] == 'o' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - period)
+  first = redis.call('ZCARD', KEYS[3]) < tonumber(ARGV[6])
+end
+local ahead = 0
+if not first then
+  ahead = redis.call('ZCARD', KEYS[4])
+  if redis.call('ZSCORE', KEYS[4], ARGV[3]) then ahead = ahead - 1 end
+end
+local used = redis.call('ZCARD', KEYS[1])
+if used + ahead < limit then
   redis.call('ZADD', KEYS[1], now + hold, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.floor((period + hold) / 1000) + 1000)
+  redis.call('PEXPIRE', KEYS[1], keep)
+  if ARGV[5] == 'o' then
+    redis.call('ZADD', KEYS[3], now + hold, ARGV[3])
+    redis.call('PEXPIRE', KEYS[3], keep)
+    redis.call('ZREM', KEYS[4], ARGV[3])
+  end
   return 0
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, math.min(tonumber(oldest[2]) + period - now, period) + 1)
+-- No slot now. Enough of the oldest slots must leave the window to free one past those
+-- kept for waiting on-demand requests; a place kept for one that lapses frees one too.
+local wait = period
+local leave = used + ahead - limit
+if leave < used then
+  local slot = redis.call('ZRANGE', KEYS[1], leave, leave, 'WITHSCORES')
+  wait = math.min(tonumber(slot[2]) + period - now, period)
+end
+if ahead > 0 then
+  local lapse = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if lapse[2] then wait = math.min(wait, tonumber(lapse[2]) - now) end
+end
+wait = math.max(1, wait + 1)
+if first then
+  redis.call('ZADD', KEYS[4], now + wait + tonumber(ARGV[7]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], math.floor((wait + tonumber(ARGV[7])) / 1000) + 1000)
+end
+return wait

@@ -24,6 +24,15 @@ than its arrival, and no window of arrivals at sFOX holds more than
 A 429 seen by any worker sets a shared *pause* key; every acquire honours it,
 so all workers wait the penalty, not only the one that was punished.
 
+Two lanes share the budget. On-demand requests (a partner's live mint) take
+the next free slot ahead of batch work (the chunks of a fan-out, the nightly
+run): one that finds the window full leaves its name among the *waiting*, and
+every other request leaves it a free slot until it comes back for it, or until
+its place lapses (:data:`WAITING_GRACE` past its wait). Batch work keeps a
+share of every window (``SFOX_BATCH_SHARE``): once on-demand requests have
+taken the rest of it, they wait like batch work, so a steady stream of them
+cannot starve a night.
+
 Waiting for the limiter is not a failure: :meth:`Limiter.acquire` either
 sleeps (up to ``max_wait``) or raises :class:`LimiterWait` with the time left,
 which the caller turns into a broker countdown without spending its retry
@@ -32,21 +41,26 @@ budget.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
 
 import redis
 
 from .._metrics import limiter_waited
 from .._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS, lua, redis_client, script
-from .._settings import Rate
+from .._settings import DEFAULT_BATCH_SHARE, Rate
 
 __all__ = [
+    "BATCH",
+    "ON_DEMAND",
+    "Lane",
     "Limiter",
     "LimiterUnavailable",
     "LimiterWait",
@@ -65,6 +79,20 @@ _LUA = __package__ or "tasks.budget"
 
 #: Key prefix in Redis; the rate is part of the key so that a changed limit starts clean.
 KEY_PREFIX = "sfox:ratelimit"
+
+#: The lane of a partner's live work: its requests take the next free slot first.
+ON_DEMAND: Final = "on_demand"
+#: The lane of batch work (a fan-out's chunks, the nightly run): it keeps its share.
+BATCH: Final = "batch"
+Lane = Literal["on_demand", "batch"]
+
+#: Seconds past its wait that a waiting on-demand request keeps its place in the window.
+WAITING_GRACE = 0.25
+
+
+def on_demand_cap(rate: Rate, batch_share: float) -> int:
+    """Slots of one window the on-demand lane takes ahead of batch work."""
+    return int(rate.limit * (1 - batch_share))
 
 
 def scope_prefix(scope: str = "", prefix: str = KEY_PREFIX) -> str:
@@ -109,9 +137,18 @@ class Limiter(Protocol):
     """What the minting code needs from a limiter."""
 
     rate: Rate
+    lane: Lane
 
-    def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
-        """Take a slot held ``hold`` s ahead: ``(0, False, slot)``, or ``(wait, paused?, "")``."""
+    def try_acquire(self, hold: float = 0.0, slot: str = "") -> tuple[float, bool, str]:
+        """Take a slot held ``hold`` s ahead: ``(0, False, slot)``, or ``(wait, paused?, "")``.
+
+        ``slot`` names the request across its tries (a new name when empty): an
+        on-demand request keeps its place among the waiting by it.
+        """
+        ...
+
+    def in_lane(self, lane: Lane) -> Limiter:
+        """This limiter, for requests of ``lane``."""
         ...
 
     def release(self, slot: str) -> None:
@@ -138,8 +175,9 @@ def acquire(
 
     Raises :class:`LimiterWait` when the next wait is longer than ``max_wait``.
     """
+    name = uuid.uuid4().hex
     while True:
-        wait, paused, slot = limiter.try_acquire(hold)
+        wait, paused, slot = limiter.try_acquire(hold, name)
         if wait <= 0:
             return slot
         limiter_waited(wait)  # slept here, or as the broker countdown LimiterWait asks for
@@ -186,41 +224,70 @@ class RedisLimiter:
         *,
         prefix: str = KEY_PREFIX,
         scope: str = "",
+        lane: Lane = ON_DEMAND,
+        batch_share: float = DEFAULT_BATCH_SHARE,
+        grace: float = WAITING_GRACE,
     ) -> None:
         self.rate = rate
         #: The budget this limiter counts against; ``""`` is the one everyone shares.
         self.scope = scope
+        #: The lane this limiter's requests wait in.
+        self.lane: Lane = lane
+        self.batch_share = batch_share
+        #: Seconds past its wait a waiting on-demand request keeps its place.
+        self.grace = grace
         self._client = client
         prefix = scope_prefix(scope, prefix)
-        self._log_key = f"{prefix}:{rate.limit}/{rate.period:g}:log"
+        window = f"{prefix}:{rate.limit}/{rate.period:g}"
+        self._log_key = f"{window}:log"
         self._pause_key = f"{prefix}:pause"
+        self._on_demand_key = f"{window}:on-demand"
+        self._waiting_key = f"{window}:waiting"
         self._acquire = script(client, lua(_LUA, "acquire"))
         self._release = script(client, lua(_LUA, "release"))
         self._pause = script(client, lua(_LUA, "pause"))
 
     @classmethod
-    def from_url(cls, url: str, rate: Rate, *, scope: str = "") -> RedisLimiter:
+    def from_url(
+        cls, url: str, rate: Rate, *, scope: str = "", batch_share: float = DEFAULT_BATCH_SHARE
+    ) -> RedisLimiter:
         """A limiter of ``scope`` on the Redis at ``url`` (its own connection pool)."""
-        return cls(redis_client(url), rate, scope=scope)
+        return cls(redis_client(url), rate, scope=scope, batch_share=batch_share)
+
+    def in_lane(self, lane: Lane) -> RedisLimiter:
+        """The same limiter (its connections, its keys) for requests of ``lane``."""
+        view = copy.copy(self)
+        view.lane = lane
+        return view
 
     def sibling(self, rate: Rate, name: str) -> RedisLimiter:
         """Another limiter on the same Redis connections, e.g. one per sFOX account.
 
         Not scoped: an account's own limit holds wherever its requests come from.
         """
-        return RedisLimiter(self._client, rate, prefix=f"{KEY_PREFIX}:{name}")
+        return RedisLimiter(
+            self._client,
+            rate,
+            prefix=f"{KEY_PREFIX}:{name}",
+            lane=self.lane,
+            batch_share=self.batch_share,
+            grace=self.grace,
+        )
 
-    def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
-        slot = uuid.uuid4().hex
+    def try_acquire(self, hold: float = 0.0, slot: str = "") -> tuple[float, bool, str]:
+        slot = slot or uuid.uuid4().hex
         try:
             wait_us = int(
                 self._acquire(
-                    keys=[self._log_key, self._pause_key],
+                    keys=[self._log_key, self._pause_key, self._on_demand_key, self._waiting_key],
                     args=[
                         self.rate.limit,
                         int(self.rate.period * 1_000_000),
                         slot,
                         max(0, int(hold * 1_000_000)),
+                        "o" if self.lane == ON_DEMAND else "b",
+                        on_demand_cap(self.rate, self.batch_share),
+                        int(self.grace * 1_000_000),
                     ],
                 )
             )
@@ -246,61 +313,113 @@ class RedisLimiter:
                 raise LimiterWait(seconds, paused=True, reason=_unreachable(exc)) from None
 
 
-class LocalLimiter:
-    """The same sliding log in process memory, for the embedded (single-process) mode."""
+@dataclass
+class _Window:
+    """One in-process budget's state, shared by its lanes (``acquire.lua``'s keys)."""
 
-    def __init__(self, rate: Rate, *, clock: Callable[[], float] = time.monotonic) -> None:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: slot -> the time it counts at (in the future while its request is in flight)
+    log: dict[str, float] = field(default_factory=dict)
+    on_demand: dict[str, float] = field(default_factory=dict)
+    #: waiting on-demand slot -> until when its place is kept
+    waiting: dict[str, float] = field(default_factory=dict)
+    paused_until: float = 0.0
+
+    def prune(self, now: float, period: float) -> None:
+        for book, cutoff in ((self.log, now - period), (self.on_demand, now - period)):
+            for slot in [s for s, at in book.items() if at <= cutoff]:
+                del book[slot]
+        for slot in [s for s, until in self.waiting.items() if until <= now]:
+            del self.waiting[slot]
+
+
+class LocalLimiter:
+    """The same sliding log and lanes in process memory, for one process alone."""
+
+    def __init__(
+        self,
+        rate: Rate,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        lane: Lane = ON_DEMAND,
+        batch_share: float = DEFAULT_BATCH_SHARE,
+    ) -> None:
         self.rate = rate
+        self.lane: Lane = lane
+        self.batch_share = batch_share
         self._clock = clock
-        self._lock = threading.Lock()
-        #: slot -> the time it counts at (in the future while its request is in flight)
-        self._log: dict[str, float] = {}
-        self._paused_until = 0.0
+        self._window = _Window()
         self._siblings: dict[str, LocalLimiter] = {}
 
-    def try_acquire(self, hold: float = 0.0) -> tuple[float, bool, str]:
-        with self._lock:
+    def in_lane(self, lane: Lane) -> LocalLimiter:
+        view = copy.copy(self)
+        view.lane = lane
+        return view
+
+    def try_acquire(self, hold: float = 0.0, slot: str = "") -> tuple[float, bool, str]:
+        slot = slot or uuid.uuid4().hex
+        w, period, limit = self._window, self.rate.period, self.rate.limit
+        with w.lock:
             now = self._clock()
-            if self._paused_until > now:
-                return self._paused_until - now, True, ""
-            cutoff = now - self.rate.period
-            self._log = {slot: at for slot, at in self._log.items() if at > cutoff}
-            if len(self._log) < self.rate.limit:
-                slot = uuid.uuid4().hex
-                self._log[slot] = now + max(0.0, hold)
+            if slot in w.log:
                 return 0.0, False, slot
-            oldest = min(self._log.values())
-            return min(oldest + self.rate.period - now, self.rate.period) + 1e-6, False, ""
+            if w.paused_until > now:
+                return w.paused_until - now, True, ""
+            w.prune(now, period)
+            on_demand = self.lane == ON_DEMAND
+            first = on_demand and len(w.on_demand) < on_demand_cap(self.rate, self.batch_share)
+            ahead = 0 if first else len(w.waiting) - (slot in w.waiting)
+            if len(w.log) + ahead < limit:
+                w.log[slot] = now + max(0.0, hold)
+                if on_demand:
+                    w.on_demand[slot] = w.log[slot]
+                    w.waiting.pop(slot, None)
+                return 0.0, False, slot
+            leave = len(w.log) + ahead - limit
+            times = sorted(w.log.values())
+            wait = min(times[leave] + period - now, period) if leave < len(times) else period
+            if ahead > 0 and w.waiting:
+                wait = min(wait, min(w.waiting.values()) - now)
+            wait = max(wait, 0.0) + 1e-6
+            if first:
+                w.waiting[slot] = now + wait + WAITING_GRACE
+            return wait, False, ""
 
     def release(self, slot: str) -> None:
-        with self._lock:
+        w = self._window
+        with w.lock:
             now = self._clock()
-            if self._log.get(slot, now) > now:
-                self._log[slot] = now
+            if w.log.get(slot, now) > now:
+                w.log[slot] = now
 
     def pause(self, seconds: float) -> None:
-        with self._lock:
-            self._paused_until = max(self._paused_until, self._clock() + seconds)
+        w = self._window
+        with w.lock:
+            w.paused_until = max(w.paused_until, self._clock() + seconds)
 
     def sibling(self, rate: Rate, name: str) -> LocalLimiter:
         """Another in-process limiter, e.g. one per sFOX account (kept, so it remembers)."""
-        with self._lock:
+        with self._window.lock:
             limiter = self._siblings.get(name)
             if limiter is None:
-                limiter = self._siblings[name] = LocalLimiter(rate, clock=self._clock)
-            return limiter
+                limiter = self._siblings[name] = LocalLimiter(
+                    rate, clock=self._clock, lane=self.lane, batch_share=self.batch_share
+                )
+            return limiter.in_lane(self.lane)
 
 
 #: ``SFOX_LIMITER_URL`` for a limiter of this process alone: tests and eager mode only.
 IN_PROCESS_URL = "memory://"
 
 
-def limiter_for(url: str, rate: Rate, *, scope: str = "") -> Limiter:
+def limiter_for(
+    url: str, rate: Rate, *, scope: str = "", batch_share: float = DEFAULT_BATCH_SHARE
+) -> Limiter:
     """The shared Redis limiter of ``scope`` at ``url``; ``memory://`` is this process's own.
 
     An in-process limiter is one process's own budget: it has no scope to share,
     and workers refuse it (several processes would each spend the whole budget).
     """
     if url == IN_PROCESS_URL:
-        return LocalLimiter(rate)
-    return RedisLimiter.from_url(url, rate, scope=scope)
+        return LocalLimiter(rate, batch_share=batch_share)
+    return RedisLimiter.from_url(url, rate, scope=scope, batch_share=batch_share)

@@ -4,9 +4,11 @@ Each task of the package is a :class:`SfoxTask`, in ``tasks.app`` or in a
 partner's app that imports ``tasks`` (registered with every app, bound to each:
 :mod:`tasks.worker.host`). The class owns what they have in common:
 
-- **the queue.** Every task is sent to ``SFOX_QUEUE`` (default ``sfox``) as the
-  app at hand resolves it, so a partner's workers on Celery's default queue never
-  receive one; the app's own declaration of that queue (``task_queues``) applies;
+- **the queue and the lane.** A task of the on-demand lane is sent to ``SFOX_QUEUE``
+  (default ``sfox``) as the app at hand resolves it, batch work to the batch queue
+  declared like it (:mod:`tasks.worker.lanes`), so a partner's workers on Celery's
+  default queue never receive one; the app's own declaration of that queue
+  (``task_queues``) applies. A message's ``sfox_lane`` header overrides the class's lane;
 - **acks late, no Celery retry count.** A crash redelivers the message; the
   carried budgets (:mod:`tasks.budget.retry`) bound retries instead of ``max_retries``;
 - **waits at the broker.** A run that must wait longer than a worker slot
@@ -42,8 +44,9 @@ except ImportError:  # Celery 5.4: countdowns stay in the worker, fractions and 
     detect_quorum_queues = None
 
 from .._redis import REDIS_OUTAGE_COUNTDOWN, STORE_ERRORS
+from ..budget.ratelimit import BATCH, Lane
 from ..minting import Deferred
-from .host import settings_for
+from .lanes import LANE_HEADER, LANES, queue_for
 
 __all__ = ["OUTAGE_ERRORS", "SfoxTask", "broker_countdown", "delays_at_broker"]
 
@@ -85,12 +88,18 @@ class SfoxTask(Task):  # type: ignore[misc]
     #: Celery's counter is off: carried budgets and deadlines bound the retries.
     max_retries = None
 
+    #: Whose work this is: batch (a fan-out's chunks, the nightly run) unless a task says.
+    lane: Lane = BATCH
+
     @property
-    def queue(self) -> str:
-        """``SFOX_QUEUE`` as this task's app resolves it: every package task goes there."""
-        return settings_for(self.app).queue
+    def queue(self) -> Any:
+        """Where this task's lane goes, as this task's app resolves and declares it."""
+        return queue_for(self.app, self.lane)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        marked = (options.get("headers") or {}).get(LANE_HEADER)
+        if marked in LANES and not options.get("queue"):
+            options["queue"] = queue_for(self.app, marked)
         countdown = options.get("countdown")
         if countdown and countdown > 0 and delays_at_broker(self.app):
             options["countdown"] = broker_countdown(countdown)

@@ -18,6 +18,7 @@ from celery import signals
 
 from .._exceptions import ConfigurationError
 from .._settings import Settings, check_celery_urls, is_plain_http_off_host
+from ..budget.ratelimit import ON_DEMAND
 from ..minting import MintResult, validate_user_ids
 from .backend import backend_with_ttl
 from .host import package_task, settings_for
@@ -79,6 +80,8 @@ class MintTask(MintOnce):
     """Base of ``sfox.mint_user_tokens``: runs once per task id, validates early, short results."""
 
     time_limit = TASK_TIME_LIMIT
+    #: A partner's live mint: ahead of batch work, at the broker and at the limiter.
+    lane = ON_DEMAND
     #: Keep the human "succeeded" line and task events short: a result holds ciphertext.
     resultrepr_maxsize = 160
 

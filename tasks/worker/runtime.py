@@ -19,7 +19,7 @@ from celery import Celery
 
 from .._redis import redis_client
 from .._settings import Settings
-from ..budget.ratelimit import Limiter, limiter_for
+from ..budget.ratelimit import Lane, Limiter, limiter_for
 from ..budget.retry import RetryPolicy
 from ..minting import Minter, RequestThreads
 from ..sealing import Sealer
@@ -27,6 +27,7 @@ from ..sfox.access import SfoxAccess
 from ..sfox.client import SfoxClient, Timeouts
 from ..sfox.orders import OrderPlacer
 from .host import calling_app, forget_settings, settings_for
+from .lanes import lane_at_hand
 
 __all__ = ["Runtime", "get_runtime", "reset_runtime", "unseal"]
 
@@ -65,7 +66,10 @@ class Runtime:
             if self._limiter is None:
                 s = self.settings
                 self._limiter = limiter_for(
-                    s.require_limiter_url(), s.rate, scope=s.rate_limit_scope
+                    s.require_limiter_url(),
+                    s.rate,
+                    scope=s.rate_limit_scope,
+                    batch_share=s.batch_share,
                 )
             return self._limiter
 
@@ -93,11 +97,14 @@ class Runtime:
             turn=self.settings.task_turn if turn else None,
         )
 
-    def access(self, *, turn: bool) -> SfoxAccess:
-        """This process's client, limiter and sealer, with a retry policy for one task run."""
+    def access(self, *, turn: bool, lane: Lane | None = None) -> SfoxAccess:
+        """This process's client, limiter and sealer, with a retry policy for one task run.
+
+        Requests wait at the limiter in ``lane``: by default the lane of the task at hand.
+        """
         return SfoxAccess(
             self.client,
-            self.limiter,
+            self.limiter.in_lane(lane or lane_at_hand()),
             self.policy(turn=turn),
             self.sealer,
             rate_limit_penalty=self.settings.rate_limit_penalty,

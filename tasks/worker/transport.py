@@ -78,6 +78,7 @@ from .._redis import STORE_ERRORS, OutOfMemoryError, lua, report_full, script
 
 __all__ = [
     "AMQP",
+    "LAST_QUEUES",
     "ONCE_HEADER",
     "RESTORE_HEADER",
     "SEEN_TTL",
@@ -103,6 +104,13 @@ ONCE_HEADER = "sfox_once"
 ONCE_TTL = 86400
 #: A header each message put back gets a new value of, telling it from the first delivery.
 RESTORE_HEADER = "sfox_restore"
+
+#: Queues taken from only when the consumer's other queues are empty: the batch queue
+#: (:mod:`tasks.worker.lanes`), so that on-demand work never waits behind batch work.
+LAST_QUEUES: set[str] = set()
+#: Seconds an idle consumer with one of :data:`LAST_QUEUES` waits on its first queue
+#: before it looks at all of them again: how late batch work may start on an idle worker.
+LAST_QUEUE_WAIT = 0.2
 
 #: Pop the first message of the consumer's queues and record it as unacked, in one step
 #: (``take.lua``, which names its keys and arguments).
@@ -331,13 +339,20 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
+        first = [q for q in queues if q not in LAST_QUEUES]
+        queues = first + [q for q in queues if q in LAST_QUEUES]
         connection = self.client.connection
         self._in_poll = connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
         if self._waiting:
             self._pending = "WAIT"
             self._wait_turn += 1
-            key = self._key(queues[self._wait_turn % len(queues)], 0)
+            # BLMOVE waits on one key: on the first queues, and not for long while a
+            # last queue (batch work) may fill meanwhile.
+            waited = first or queues
+            key = self._key(waited[self._wait_turn % len(waited)], 0)
+            if len(waited) < len(queues):
+                timeout = min(timeout or LAST_QUEUE_WAIT, LAST_QUEUE_WAIT)
             # A full Redis refuses BLMOVE (a write) at once: wait on the idle key meanwhile,
             # so that the consumer does not spin.
             full = monotonic() - self._full_at < FULL_WAIT

@@ -40,14 +40,18 @@ def test_a_script_is_registered_once_per_client():
 
 
 def test_the_limiters_scripts_get_log_and_pause_keys():
-    """acquire: KEYS log, pause; ARGV limit, period us, slot, hold us. pause: ms."""
+    """acquire: KEYS log, pause, on-demand log, waiting; ARGV limit, period us, slot,
+    hold us, lane, on-demand cap, grace us. pause: ms."""
     client = RecordingClient()
-    limiter = RedisLimiter(client, Rate.parse("240/10s"), prefix="p")
+    limiter = RedisLimiter(client, Rate.parse("240/10s"), prefix="p", batch_share=0.25)
     assert limiter.try_acquire(hold=0.5)[0] == 0.0
     source, keys, args = client.calls[-1]
     assert source == lua("tasks.budget", "acquire")
-    assert keys == ["p:240/10:log", "p:pause"]
+    assert keys == ["p:240/10:log", "p:pause", "p:240/10:on-demand", "p:240/10:waiting"]
     assert args[:2] == [240, 10_000_000] and args[3] == 500_000
+    assert args[4:] == ["o", 180, 250_000]
+    limiter.in_lane("batch").try_acquire(slot="s1")
+    assert client.calls[-1][2][2] == "s1" and client.calls[-1][2][4] == "b"
     limiter.release(args[2])
     assert client.calls[-1][1:] == (["p:240/10:log"], [args[2]])
     limiter.pause(1.5)
