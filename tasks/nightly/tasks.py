@@ -127,6 +127,9 @@ class NightlyTask(SfoxTask):
     """Base of the coordinator: its turns are retries of one task id."""
 
     time_limit = TASK_TIME_LIMIT
+    #: The run's own bound (``RUN_DEADLINE``) ends it as ``unfinished``; this one, an hour
+    #: later, ends a coordinator that cannot even reach its books (Redis away) to say so.
+    resume_deadline = RUN_DEADLINE + 3600.0
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         options.setdefault("kwargsrepr", _kwargsrepr(kwargs or {}))
@@ -405,7 +408,11 @@ def _next_turn(
     if orders_file:
         kwargs["orders_file"] = orders_file
     return task.retry(
-        kwargs=kwargs, countdown=countdown, kwargsrepr=_kwargsrepr(kwargs), throw=False
+        kwargs=kwargs,
+        countdown=countdown,
+        kwargsrepr=_kwargsrepr(kwargs),
+        headers=task.resume_headers(),
+        throw=False,
     )
 
 
