@@ -108,4 +108,3 @@ def waits_past_its_deadline(self: Any, tag: str, _resume: dict[str, Any] | None 
     runs = int((_resume or {}).get("runs", 0)) + 1
     _client().incr(f"tests:resumes:{tag}")
     raise Deferred(0.25, "a wait that never ends (tests)", {"runs": runs}, False)
-
