@@ -565,3 +565,35 @@ def test_cli_says_when_no_orders_are_configured(nightly_workers, fake_sfox, redi
     assert out.returncode == 2
     assert "not_configured" in out.stdout and "SFOX_NIGHTLY_ORDERS_FILE" in out.stdout
     assert nightly_keys(redis_client, "2026-12-07") == []
+
+
+def _results_of(redis_client, task_result_has) -> list[dict]:
+    """The stored results (Redis backend) for which ``task_result_has`` holds."""
+    found = []
+    for key in redis_client.scan_iter("celery-task-meta-*"):
+        meta = json.loads(redis_client.get(key) or b"{}")
+        result = meta.get("result")
+        if isinstance(result, dict) and task_result_has(result):
+            found.append(result)
+    return found
+
+
+def test_an_order_task_sent_again_runs_and_places_nothing_twice(
+    nightly_workers, fake_sfox, redis_client, tmp_path
+):
+    """The resend of a user's order task (a new id) runs, finds the order placed, places none."""
+    from tasks import app
+    from tasks.fanout.api import FanOut
+
+    users = [f"resend-{i}" for i in range(5)]
+    day = "2026-11-21"
+    assert run(day, write_orders(tmp_path, users)).get(timeout=60)["placed"] == 5
+    night = NightlyRun(redis_client, date.fromisoformat(day))
+    FanOut(app, night.fanout_id).resend(["resend-2"])  # what a stalled night sends
+    assert eventually(
+        lambda: _results_of(
+            redis_client, lambda r: r.get("user_id") == "resend-2" and "done before" in r
+        ),
+        timeout=30,
+    )
+    assert_each_order_once(fake_sfox, users)

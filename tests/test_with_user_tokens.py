@@ -192,3 +192,53 @@ def test_every_end_of_a_downstream_task_marks_its_user_done(
     time.sleep(1.0)  # let the last events arrive
     # Only the failures sent a sfox.jit_done task: every other end was marked in place.
     assert _jit_done_runs(events, run_id) == len(fails)
+
+
+def _attempts(redis_client, tag: str) -> dict[str, int]:
+    raw = redis_client.hgetall(f"tests:flaky-attempts:{tag}")
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _finished_run(redis_client, tag: str, ids: list[str]) -> str:
+    """A finished run of flaky_downstream over ``ids`` (one chunk of 10 each): its id."""
+    run_id = f"wut-{tag}-{time.time_ns()}"
+    with_user_tokens(ids, flaky_downstream.s(tag), run_id=run_id, chunk_size=10).apply_async()
+    assert eventually(lambda: JitRun(redis_client, run_id).progress().finished, timeout=60)
+    assert eventually(lambda: set(_attempts(redis_client, tag)) == set(ids), timeout=10)
+    return run_id
+
+
+def test_a_chunk_task_that_runs_again_sends_no_user_twice(worker, fake_sfox, redis_client):
+    """A second chunk task (a new id, its tokens in hand) finds every user recorded as sent."""
+    from tasks.fanout.store import Chunk
+    from tasks.fanout.tasks import jit_mint_chunk
+
+    ids = [f"again-{i}" for i in range(10)]
+    run_id = _finished_run(redis_client, "chunk-again", ids)
+    minted = {
+        "tokens": [{"partner_user_id": u, "token": "", "expires": ""} for u in ids],
+        "failed": [],
+    }
+    # As a chunk task taking over a stale chunk, or redelivered after minting, would run.
+    again = jit_mint_chunk.apply_async(
+        (run_id, Chunk(0, ids).encode()), kwargs={"_resume": {"minted": minted}}
+    ).get(timeout=30)
+    assert again["sent"] == 0  # counted by the sending loop: nothing was published
+    assert set(_attempts(redis_client, "chunk-again").values()) == {1}
+
+
+def test_a_user_sent_again_on_purpose_runs_again(worker, fake_sfox, redis_client):
+    """The nightly run's resend (a new id, the same user) runs: the transport drops none."""
+    from tasks import app
+    from tasks.fanout.api import FanOut
+
+    ids = [f"resent-{i}" for i in range(10)]
+    run_id = _finished_run(redis_client, "resend", ids)
+    FanOut(app, run_id).resend(["resent-3", "resent-7"])
+    assert eventually(
+        lambda: (
+            _attempts(redis_client, "resend")
+            == {u: 2 if u in ("resent-3", "resent-7") else 1 for u in ids}
+        ),
+        timeout=30,
+    )

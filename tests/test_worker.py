@@ -15,7 +15,7 @@ import tasks
 from tasks import AuthenticationError, ConfigurationError, mint_user_tokens, unseal
 from tasks.testing import Fault
 from tests.conftest import ENTERPRISE_KEY
-from tests.testtasks import echo
+from tests.testtasks import SHORT_RESUME_DEADLINE, echo, waits_past_its_deadline
 from tests.workers import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -55,6 +55,20 @@ def test_long_wait_goes_back_to_the_broker_and_completes(worker, fake_sfox):
     assert len(result["tokens"]) == 2
     assert time.monotonic() - started >= 1.9
     assert fake_sfox.count("/v1/enterprise/user-tokens") == 2
+
+
+def test_a_task_that_keeps_waiting_fails_at_its_resume_deadline(worker, redis_client):
+    """Resumed from the broker until its resume deadline, then failed naming what it awaited."""
+    result = waits_past_its_deadline.delay("deadline")
+    with pytest.raises(Exception) as failed:
+        result.get(timeout=30)
+    assert type(failed.value).__name__ == "RetriesExhausted"
+    message = str(failed.value)
+    assert f"its {SHORT_RESUME_DEADLINE:g} s resume deadline" in message
+    assert message.endswith("it was waiting for: a wait that never ends (tests)")
+    # Resumed, with its first run's time carried: each run starts 0.25 s after the last.
+    runs = int(redis_client.get("tests:resumes:deadline"))
+    assert 2 <= runs <= SHORT_RESUME_DEADLINE / 0.25 + 1
 
 
 def test_401_fails_the_task_fast_with_one_request(worker, fake_sfox):

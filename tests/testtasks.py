@@ -7,10 +7,19 @@ import time
 from typing import Any
 
 from tasks import app
+from tasks.minting import Deferred
 from tasks.worker.base import SfoxTask
 from tests.downstream_runs import note_run, runs_by_user
 
-__all__ = ["batch_step", "echo", "flaky_downstream", "note_run", "record_token", "runs_by_user"]
+__all__ = [
+    "batch_step",
+    "echo",
+    "flaky_downstream",
+    "note_run",
+    "record_token",
+    "runs_by_user",
+    "waits_past_its_deadline",
+]
 
 
 @app.task(name="tests.echo")
@@ -86,3 +95,23 @@ def flaky_downstream(
         raise self.retry(countdown=retry_countdown, max_retries=1)
     client.sadd(f"tests:flaky-ok:{tag}", user_id)
     return user_id
+
+
+#: The resume deadline of ``tests.waits_past_its_deadline``: a few short resumes.
+SHORT_RESUME_DEADLINE = 2.0
+
+
+@app.task(
+    bind=True,
+    base=SfoxTask,
+    name="tests.waits_past_its_deadline",
+    resume_deadline=SHORT_RESUME_DEADLINE,
+)
+def waits_past_its_deadline(self: Any, tag: str, _resume: dict[str, Any] | None = None) -> None:
+    """A package task whose wait never ends: each run goes back to the broker for 0.25 s.
+
+    Counts its runs in ``tests:resumes:<tag>`` (and in its carried state).
+    """
+    runs = int((_resume or {}).get("runs", 0)) + 1
+    _client().incr(f"tests:resumes:{tag}")
+    raise Deferred(0.25, "a wait that never ends (tests)", {"runs": runs}, False)

@@ -24,8 +24,16 @@ Every counter moves in one Lua script, and moves once however often Celery
 redelivers a task or a call is made again after a dropped Redis connection:
 segments stage once, chunks finish once, users are done once. A chunk is
 minted by one chunk task only, and a chunk task that went back to the broker
-after minting resumes with its tokens, sending no downstream task twice. The
-run's keys expire after :data:`RUN_TTL` seconds.
+after minting resumes with its tokens. Whether a user's downstream task was
+sent is the run's books' to say (:mod:`tasks.fanout.dispatched`), not the
+transport's: a chunk task that runs again, redelivered or taking over a stale
+chunk, skips the users recorded as sent, on any broker. The run's keys expire
+after :data:`RUN_TTL` seconds.
+
+Deadlines: a chunk task mints within ``SFOX_RETRY_DEADLINE`` (its carried
+budget); a segment or a done mark, which only write the books, go back to the
+broker while Redis is away for at most :data:`BOOKS_DEADLINE` s, then fail
+naming the outage (their ``resume_deadline``).
 
 Public here are :func:`with_user_tokens` and :func:`run_progress` (exported by
 ``tasks``) and the tasks, by their ``sfox.*`` names. The package's other parts
@@ -52,7 +60,7 @@ from ..worker.base import SfoxTask
 from ..worker.host import calling_app, package_task, settings_for
 from ..worker.mint import TASK_TIME_LIMIT
 from ..worker.runtime import get_runtime
-from ..worker.transport import ONCE_HEADER
+from .dispatched import Dispatched
 from .store import Chunk, JitRun, RunProgress
 
 __all__ = ["run_progress", "with_user_tokens"]
@@ -69,6 +77,10 @@ MAX_RUN_USERS = 1_000_000
 DONE_HEADER = "sfox_jit"
 #: The task that marks a downstream task's user done.
 DONE_TASK = "sfox.jit_done"
+#: Seconds from its first run a segment or a done mark may wait at the broker for Redis
+#: (the run's books) before it fails: its run then stands unfinished, which
+#: ``run_progress`` shows.
+BOOKS_DEADLINE = 3600.0
 
 
 def run_for(run_id: str, app: Any = None) -> JitRun:
@@ -247,7 +259,7 @@ def send_chunks(run: JitRun, chunks: Sequence[Chunk], *, sender: str = "") -> No
         run.sent([chunk], sender=sender)
 
 
-@package_task(bind=True, base=SfoxTask, name="sfox.jit_segment")
+@package_task(bind=True, base=SfoxTask, name="sfox.jit_segment", resume_deadline=BOOKS_DEADLINE)
 def jit_segment(
     self: SfoxTask, run_id: str, segment: int, chunks: list[str], spec: dict[str, Any]
 ) -> dict[str, Any]:
@@ -270,9 +282,10 @@ def jit_mint_chunk(
 ) -> dict[str, Any]:
     """Mint one chunk of a run, send each granted user's downstream, release more.
 
-    ``_resume`` is the mint's progress while minting, then ``{"minted": result,
-    "sent": n}`` once minted: a return to the broker after that (an outage)
-    mints nothing again and sends no downstream task twice.
+    ``_resume`` is the mint's progress while minting, then ``{"minted": result}``
+    once minted: a return to the broker after that (an outage) mints nothing
+    again. Users whose downstream task the run's books record as sent are
+    skipped, whichever task sent it.
     """
     chunk = Chunk.decode(encoded)
     run = run_for(run_id, self.app)
@@ -288,12 +301,9 @@ def jit_mint_chunk(
             )
             return {"run": run_id, "chunk": chunk.index, "sent": 0, "failed": [], "skipped": True}
         result = get_runtime(self.app).minter().mint(chunk.user_ids, _resume)
-    self.checkpoint({"minted": result, "sent": int(resume.get("sent", 0))})
-    downstream, route = downstream_of(run, self.app)
+    self.checkpoint({"minted": result})
     tokens = result["tokens"]
-    for position in range(int(resume.get("sent", 0)), len(tokens)):
-        send_downstream(run_id, downstream, tokens[position], route)
-        self.checkpoint({"minted": result, "sent": position + 1})
+    sent = send_unsent(self.app, run, chunk, tokens)
     if result["failed"]:
         run.record_failed(result["failed"])
         logger.warning(
@@ -307,9 +317,32 @@ def jit_mint_chunk(
     return {
         "run": run_id,
         "chunk": chunk.index,
-        "sent": len(tokens),
+        "sent": sent,
         "failed": [f["user_id"] for f in result["failed"]],
     }
+
+
+def send_unsent(app: Any, run: JitRun, chunk: Chunk, tokens: Sequence[Mapping[str, Any]]) -> int:
+    """Send the downstream task of each of ``tokens``' users the books do not record as sent.
+
+    Returns how many this call sent.
+    """
+    sent = Dispatched(run.client, run.run_id)
+    before = sent.among(str(entry["partner_user_id"]) for entry in tokens)
+    if before:
+        logger.info(
+            "run %s: chunk %d: %d user(s) sent before, by this task or another: not sent again",
+            run.run_id[:12],
+            chunk.index,
+            len(before),
+        )
+    downstream, route = downstream_of(run, app)
+    for entry in tokens:
+        user_id = str(entry["partner_user_id"])
+        if user_id not in before:
+            send_downstream(run.run_id, downstream, entry, route)
+            sent.record(user_id)
+    return len(tokens) - len(before)
 
 
 def _done_signature(run_id: str, user_id: str) -> Signature:
@@ -326,14 +359,17 @@ def send_downstream(
     done = _done_signature(run_id, user_id)
     sig.link(done)
     sig.link_error(done)
-    # ONCE_HEADER: a copy of this user's task sent by a chunk task that ran again (its
-    # worker died, or Redis dropped the line before it noted its progress) is dropped by
-    # the package's transport, if another task of this user was handed over first.
-    sig.set(headers={DONE_HEADER: [run_id, user_id], ONCE_HEADER: f"{run_id}:{user_id}"}, **route)
+    sig.set(headers={DONE_HEADER: [run_id, user_id]}, **route)
     sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
 
 
-@package_task(bind=True, base=SfoxTask, name="sfox.jit_done", ignore_result=True)
+@package_task(
+    bind=True,
+    base=SfoxTask,
+    name="sfox.jit_done",
+    ignore_result=True,
+    resume_deadline=BOOKS_DEADLINE,
+)
 def jit_done(self: SfoxTask, run_id: str, user_id: str, *_: Any) -> None:
     """A downstream task ended: mark its user done and release more chunks."""
     run = run_for(run_id, self.app)

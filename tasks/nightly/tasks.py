@@ -127,6 +127,9 @@ class NightlyTask(SfoxTask):
     """Base of the coordinator: its turns are retries of one task id."""
 
     time_limit = TASK_TIME_LIMIT
+    #: The run's own bound (``RUN_DEADLINE``) ends it as ``unfinished``; this one, an hour
+    #: later, ends a coordinator that cannot even reach its books (Redis away) to say so.
+    resume_deadline = RUN_DEADLINE + 3600.0
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         options.setdefault("kwargsrepr", _kwargsrepr(kwargs or {}))
@@ -369,7 +372,10 @@ def _resend_if_stalled(fan: FanOut, run: NightlyRun, progress: RunProgress, afte
     """Send again the order tasks of users not done, once the run has stood still ``after`` s.
 
     Only once every chunk is minted (a chunk still minting is the fan-out's to
-    finish); the clock restarts at each user done, and at each resend.
+    finish); the clock restarts at each user done, and at each resend. Each goes
+    out as a new task, and runs: one whose first task was only slow runs twice,
+    and its orders are still placed once (outcomes recorded once, sFOX refusing
+    a reused ``client_order_id``).
     """
     if progress.queued_chunks or progress.inflight > 0:
         return
@@ -405,7 +411,11 @@ def _next_turn(
     if orders_file:
         kwargs["orders_file"] = orders_file
     return task.retry(
-        kwargs=kwargs, countdown=countdown, kwargsrepr=_kwargsrepr(kwargs), throw=False
+        kwargs=kwargs,
+        countdown=countdown,
+        kwargsrepr=_kwargsrepr(kwargs),
+        headers=task.resume_headers(),
+        throw=False,
     )
 
 
@@ -474,9 +484,10 @@ def place_user_order(
 ) -> dict[str, Any]:
     """Place the user's nightly order(s) with the user's token, each exactly once.
 
-    ``_resume`` carries the user's (sealed) token and the outcomes not yet
-    recorded when the task went back to the broker (a long wait, the end of its
-    turn, a Redis outage): an order placed before is recorded, never sent again.
+    ``_resume`` carries the user's (sealed) token, the outcomes not yet recorded
+    and the retry budget of the order in progress when the task went back to the
+    broker (a long wait, the end of its turn, a Redis outage): an order placed
+    before is recorded, never sent again, and a resumed order keeps its deadline.
     """
     if not isinstance(user_token, dict) or not user_token.get("partner_user_id"):
         raise InvalidArgument("place_user_order needs user_token=<an entry from 'tokens'>")
@@ -488,6 +499,9 @@ def place_user_order(
     holder = TokenHolder(user_id, resume.get("token") or user_token)
     holder.reminted = bool(resume.get("reminted"))
     unrecorded: dict[str, list[str]] = dict(resume.get("unrecorded") or {})
+    placer = runtime.placer(on_remint=run.count_remint)
+    # The budget of the order in progress (SFOX_RETRY_DEADLINE from its first attempt).
+    budget = placer.budget(resume["budget"]) if resume.get("budget") else None
 
     def checkpoint() -> None:
         self.checkpoint(
@@ -495,11 +509,11 @@ def place_user_order(
                 "token": {"token": holder.sealed, "expires": holder.expires},
                 "reminted": holder.reminted,
                 "unrecorded": dict(unrecorded),
+                "budget": budget.to_json() if budget is not None else None,
             }
         )
 
     checkpoint()
-    placer = runtime.placer(on_remint=run.count_remint)
     counts: dict[str, int] = defaultdict(int)
     for coid, (status, reason) in list(unrecorded.items()):
         run.record(coid, user_id, OrderOutcome(status, reason))
@@ -510,8 +524,9 @@ def place_user_order(
         if run.outcome(coid) is not None:
             counts["done before"] += 1
             continue
+        budget = budget or placer.budget()
         try:
-            outcome = placer.place(holder, order.side, order.body(day))
+            outcome = placer.place(holder, order.side, order.body(day), budget)
         except (Defer, LimiterWait) as wait:
             # Placing never mints a list, so these two are the only long waits it meets.
             checkpoint()
@@ -519,6 +534,7 @@ def place_user_order(
             raise Deferred(countdown, wait.reason, self.last_checkpoint() or {}, False) from None
         except SfoxError as exc:
             outcome = OrderOutcome("failed", exc.message)
+        budget = None  # the next order's attempts and deadline are its own
         unrecorded[coid] = [outcome.status, outcome.reason]
         checkpoint()
         run.record(coid, user_id, outcome)

@@ -7,7 +7,10 @@ call goes through the shared per-IP limiter and the user's own per-account
 limiter (sFOX allows 60 order requests per second per account), and through
 the same retry policy as minting. A timeout after sending is safe to retry:
 the ``client_order_id`` makes sFOX refuse a second copy, which is recorded as
-"already placed".
+"already placed". An order's retry :class:`~tasks.budget.retry.Budget` is the
+caller's to carry across a wait taken outside the worker (a long
+``Retry-After``): resumed with it, the order keeps its first attempt's
+``SFOX_RETRY_DEADLINE`` instead of starting a new one.
 """
 
 from __future__ import annotations
@@ -89,9 +92,19 @@ class OrderPlacer:
         self._clock = access.clock
         self._on_remint = on_remint
 
-    def place(self, holder: TokenHolder, side: str, body: dict[str, Any]) -> OrderOutcome:
-        """Place one order; an :class:`OrderOutcome` for every outcome but a deferral."""
-        budget = Budget(started_at=self._clock())
+    def budget(self, carried: dict[str, Any] | None = None) -> Budget:
+        """An order's retry budget: the one ``carried`` from an earlier run, else a new one."""
+        return Budget.from_json(carried, now=self._clock())
+
+    def place(
+        self, holder: TokenHolder, side: str, body: dict[str, Any], budget: Budget | None = None
+    ) -> OrderOutcome:
+        """Place one order; an :class:`OrderOutcome` for every outcome but a deferral.
+
+        ``budget`` is this order's, spent in place: on a deferral it holds what to
+        carry (:meth:`Budget.to_json`) to the resumed call, whose deadline it keeps.
+        """
+        budget = budget if budget is not None else self.budget()
         what = f"order {body.get('client_order_id')} for {holder.user_id}"
         for _ in range(2):  # the second pass only after one re-mint
             token = self._plaintext(holder, budget)

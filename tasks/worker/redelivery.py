@@ -132,11 +132,11 @@ class MintOnce(SfoxTask):
             raise
 
     def _resume_later(
-        self, kwargs: dict[str, Any], state: dict[str, Any] | None, countdown: float
+        self, kwargs: dict[str, Any], state: dict[str, Any] | None, countdown: float, reason: str
     ) -> Exception:
-        # Given up before the retry is sent, so that the retry never finds it held.
+        # Given up before the retry is sent (or the task fails), so that no run finds it held.
         self._give_up_claim()
-        return super()._resume_later(kwargs, state, countdown)
+        return super()._resume_later(kwargs, state, countdown, reason)
 
     def _give_up_claim(self) -> None:
         claim: Lock | None = getattr(self.request, _CLAIM, None)

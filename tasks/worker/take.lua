@@ -1,8 +1,9 @@
 -- Pop the first message of KEYS[4..] and record it as unacknowledged, in one step.
 -- KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
 -- ARGV[1] now, ARGV[2] tag of the message last received through this inbox ("" none),
--- ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL,
--- ARGV[6] ONCE_HEADER, ARGV[7] prefix of its keys, ARGV[8] ONCE_TTL.
+-- ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL.
+-- Only copies of one publish are dropped: what a task does, and whether it may run again,
+-- is for the books that own that work, not for the transport.
 -- Returns nil (nothing waiting), or {queue key, message, tag, copies dropped, again}:
 -- ``again`` is 1 when this is the message of a take whose answer never arrived, and
 -- then ``message`` is its unacked record ``[message, exchange, routing key]``.
@@ -25,23 +26,11 @@ for i = 4, #KEYS do
       redis.call('DEL', KEYS[3])
       return {KEYS[i], item, false, dropped, 0}
     end
-    local fresh = true
     local at = string.find(item, tag, 1, true)
     local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
-    if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then fresh = false end
-    local headers = msg['headers']
-    if fresh and type(headers) == 'table' and type(headers['id']) == 'string'
-        and type(headers[ARGV[6]]) == 'string' then
-      local once = ARGV[7] .. headers[ARGV[6]]
-      local holder = redis.call('GET', once)
-      if not holder then
-        redis.call('SET', once, headers['id'], 'EX', ARGV[8])
-      elseif holder ~= headers['id'] then
-        fresh = false
-      end
-    end
-    if not fresh then dropped = dropped + 1 end
-    if fresh then
+    if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then
+      dropped = dropped + 1
+    else
       local info = props['delivery_info']
       if type(info) ~= 'table' then info = {} end
       local record = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','

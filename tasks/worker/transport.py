@@ -47,10 +47,10 @@ hands over, by a hash of its content less its delivery tag, for
 :data:`SEEN_TTL` seconds, and drops another delivery of the same content. A
 message this channel puts back (after a crash, a lost connection, a reject)
 gets a header of its own (:data:`RESTORE_HEADER`), so each return is handed
-over again; a task's retry is a new message (its retry count goes up). And a
-message may name, in its :data:`ONCE_HEADER` header, a piece of work that must
-run as one task: a ``with_user_tokens`` downstream task names its run and user,
-so that a chunk task that ran twice cannot run a user's task twice.
+over again; a task's retry is a new message (its retry count goes up). The
+transport knows nothing of what a task does: whether a user's work may run
+again is the business of the books that own it (a ``with_user_tokens`` run's,
+the nightly run's), never of which messages the transport hands over.
 
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
@@ -79,7 +79,6 @@ from .._redis import STORE_ERRORS, OutOfMemoryError, lua, report_full, script
 __all__ = [
     "AMQP",
     "LAST_QUEUES",
-    "ONCE_HEADER",
     "RESTORE_HEADER",
     "SEEN_TTL",
     "TAKE",
@@ -97,11 +96,6 @@ logger = logging.getLogger(__name__)
 SEEN_TTL = 900
 #: Seconds a consumer's inbox (the message it was last handed) outlives its last take.
 INBOX_TTL = 3600
-#: A message header naming a piece of work that must run as one task: the first task
-#: id handed over for it holds it for ONCE_TTL seconds, and a message of another task id
-#: for it is dropped. Its retries, its replacement and its redeliveries keep its id.
-ONCE_HEADER = "sfox_once"
-ONCE_TTL = 86400
 #: A header each message put back gets a new value of, telling it from the first delivery.
 RESTORE_HEADER = "sfox_restore"
 
@@ -291,9 +285,6 @@ class Channel(kombu_redis.Channel):
             "sfox:seen:",
             SEEN_TTL,
             INBOX_TTL,
-            ONCE_HEADER,
-            "sfox:once:",
-            ONCE_TTL,
         ]
         return [self.unacked_key, self.unacked_index_key, inbox, *keys], args
 

@@ -1,0 +1,52 @@
+"""Which users of a ``with_user_tokens`` run have had their downstream task published.
+
+The one record that keeps a chunk task that runs again from sending a user's
+downstream task twice: redelivered after its worker died, back from the broker
+after an outage, or a new chunk task that took over a chunk gone stale. A chunk
+task records each user right after publishing the user's task, and skips the
+users recorded already. Only a user whose publish landed and whose record did
+not (the worker died, or Redis stayed away past the retries in place, in
+between) is sent twice; a downstream task must be idempotent for that, as for
+any redelivery.
+
+The record is the run's, in the run's hash slot (``sfox:jit:{<run_id>}:sent-users``),
+and lives as long as the run's other books. Sending a user's task again on
+purpose (the nightly run's resend of lost users) does not look here. Nothing
+here knows Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis
+
+from .store import RUN_TTL
+
+__all__ = ["Dispatched"]
+
+
+class Dispatched:
+    """The users of one run whose downstream task was published."""
+
+    def __init__(self, client: redis.Redis[bytes], run_id: str) -> None:
+        self.client = client
+        self.key = f"sfox:jit:{{{run_id}}}:sent-users"
+
+    def among(self, user_ids: Iterable[str]) -> set[str]:
+        """Those of ``user_ids`` whose downstream task was published already."""
+        users = list(user_ids)
+        if not users:
+            return set()
+        with self.client.pipeline(transaction=False) as pipe:
+            for user_id in users:
+                pipe.sismember(self.key, user_id)
+            found = pipe.execute()
+        return {user for user, sent in zip(users, found, strict=True) if sent}
+
+    def record(self, user_id: str) -> None:
+        """``user_id``'s downstream task is out: no chunk task sends it again."""
+        with self.client.pipeline() as pipe:
+            pipe.sadd(self.key, user_id)
+            pipe.expire(self.key, RUN_TTL)
+            pipe.execute()
