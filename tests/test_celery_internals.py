@@ -52,6 +52,13 @@ INTERNALS = [
     ),
     Internal("celery.app.task:Task._backend", "worker/mint.py: the task's own backend"),
     Internal(
+        "celery.app.amqp:Queues.new_missing",
+        "worker/lanes.py: SFOX_QUEUE as an app would create it, copied for the batch queue",
+        kind="method",
+        params=("self", "name"),
+    ),
+    Internal("kombu.entity:Queue.attrs", "worker/lanes.py: the declaration the batch queue copies"),
+    Internal(
         "celery.app.base:Celery._get_backend",
         "worker/app.py: the package app's TTL backend",
         kind="method",
