@@ -49,7 +49,7 @@ PYTEST_ARGS ?=
 FLOORS := .venv-floors
 FLOOR_TESTS := tests/test_mint.py tests/test_with_user_tokens.py tests/test_nightly.py \
 	tests/test_worker.py tests/test_redis_transport.py tests/test_metrics.py \
-	tests/test_tls_redis.py tests/test_celery_internals.py
+	tests/test_tls_redis.py tests/test_celery_internals.py tests/test_lanes.py
 # Left out at the floors: the whole-worker crash test. Before kombu 5.7 kombu sweeps for a
 # dead worker's messages only every ~100 s, so it passes there, but 100 s later
 # (docs/reference/supported-versions.md).
