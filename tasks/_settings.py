@@ -368,11 +368,6 @@ class Settings:
         """Where batch work goes: ``SFOX_BATCH_QUEUE``, else ``SFOX_QUEUE`` + ``.batch``."""
         return self.batch_queue or f"{self.queue}{BATCH_QUEUE_SUFFIX}"
 
-    @property
-    def on_demand_cap(self) -> int:
-        """Slots of one window on-demand requests take ahead of batch work waiting for them."""
-        return int(self.rate.limit * (1 - self.batch_share))
-
     def require_api_key(self) -> str:
         """The enterprise key, or a clear error naming every place it was looked for."""
         if not self.api_key:

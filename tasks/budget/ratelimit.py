@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 import uuid
@@ -91,8 +92,11 @@ WAITING_GRACE = 0.25
 
 
 def on_demand_cap(rate: Rate, batch_share: float) -> int:
-    """Slots of one window the on-demand lane takes ahead of batch work."""
-    return int(rate.limit * (1 - batch_share))
+    """Slots of one window the on-demand lane takes ahead of batch work.
+
+    Rounded down, past the float's own error (100 * (1 - 0.9) is 9.999...).
+    """
+    return math.floor(rate.limit * (1 - batch_share) + 1e-9)
 
 
 def scope_prefix(scope: str = "", prefix: str = KEY_PREFIX) -> str:

@@ -87,3 +87,37 @@ def test_lanes_share_one_window_and_one_pause():
     fill(clock, on_demand, 1)
     fill(clock, batch, 1)
     assert on_demand.try_acquire()[0] > 0 and batch.try_acquire()[0] > 0
+
+
+# ---- the lanes' settings -----------------------------------------------------------------
+
+
+def settings(**environ: str):
+    from tasks._settings import Settings
+
+    return Settings.from_conf({}, environ, app_name="test")
+
+
+def test_the_batch_queue_follows_sfox_queue_unless_named():
+    assert settings().batch_queue_name == "sfox.batch"
+    assert settings(SFOX_QUEUE="ours").batch_queue_name == "ours.batch"
+    assert settings(SFOX_BATCH_QUEUE="bulk").batch_queue_name == "bulk"
+    assert settings(SFOX_BATCH_QUEUE="sfox").batch_queue_name == "sfox"  # one queue again
+
+
+@pytest.mark.parametrize("share", ["-0.1", "0.95", "1"])
+def test_a_batch_share_out_of_bounds_is_refused_naming_the_setting(share):
+    from tasks._exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="SFOX_BATCH_SHARE"):
+        settings(SFOX_BATCH_SHARE=share)
+
+
+def test_the_on_demand_lane_goes_first_for_the_rest_of_the_window():
+    def cap(**environ: str) -> int:
+        s = settings(**environ)
+        return on_demand_cap(s.rate, s.batch_share)
+
+    assert cap() == 120  # 240/10s, half kept for batch work
+    assert cap(SFOX_BATCH_SHARE="0") == 240
+    assert cap(SFOX_BATCH_SHARE="0.9", SFOX_RATE_LIMIT="100/10s") == 10
