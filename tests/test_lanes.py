@@ -19,7 +19,8 @@ from celery import _state as celery_state
 
 from tasks._settings import Rate
 from tasks.budget.ratelimit import BATCH, RedisLimiter
-from tasks.fanout.store import JitRun
+from tasks.fanout.store import Chunk, JitRun
+from tasks.fanout.tasks import send_chunks
 from tests.conftest import REDIS_URL
 from tests.services import eventually
 from tests.workers import WorkerProcess
@@ -74,6 +75,30 @@ def test_batch_tasks_go_to_the_batch_queue_and_a_mint_to_sfox_queue(redis_client
         )
     assert redis_client.llen(QUEUE) == 1
     assert redis_client.llen(BATCH_QUEUE) == 2
+
+
+def test_a_fan_out_is_batch_work_unless_marked_on_demand(redis_client):
+    """with_user_tokens' segments go to the batch queue; lane="on_demand" sends them to
+    SFOX_QUEUE, and the chunk tasks a run sends later follow the lane its books keep."""
+    from tasks import with_user_tokens
+    from tasks._exceptions import InvalidArgument
+    from tests.testtasks import record_token
+
+    app = partner_app()
+    with current(app):
+        with_user_tokens(["a", "b"], record_token.s("x"), run_id="bulk").apply_async()
+        assert (redis_client.llen(QUEUE), redis_client.llen(BATCH_QUEUE)) == (0, 1)
+        live = with_user_tokens(["c"], record_token.s("x"), run_id="live", lane="on_demand")
+        live.apply_async()
+        assert (redis_client.llen(QUEUE), redis_client.llen(BATCH_QUEUE)) == (1, 1)
+        with pytest.raises(InvalidArgument, match="lane"):
+            with_user_tokens(["d"], record_token.s("x"), lane="urgent")  # type: ignore[arg-type]
+        redis_client.delete(QUEUE, BATCH_QUEUE)
+        for run_id, lane in (("bulk", "batch"), ("live", "on_demand")):
+            run = JitRun(redis_client, run_id)
+            redis_client.hset(run.state, "lane", lane)
+            send_chunks(run, [Chunk(0, ["a"])])
+        assert (redis_client.llen(QUEUE), redis_client.llen(BATCH_QUEUE)) == (1, 1)
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])

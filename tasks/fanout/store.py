@@ -187,6 +187,11 @@ class JitRun:
         raw = self.client.hgetall(self.state)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
+    def spec_field(self, name: str) -> str | None:
+        """One field of the run's spec (see :meth:`spec`), or None."""
+        raw = self.client.hget(self.state, name)
+        return None if raw is None else raw.decode()
+
     def progress(self) -> RunProgress:
         with self.client.pipeline() as pipe:
             pipe.hmget(self.state, "total", "dispatched", "failed", "inflight")

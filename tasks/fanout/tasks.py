@@ -55,9 +55,11 @@ from celery.canvas import Signature
 from kombu.entity import Exchange, Queue
 
 from .._exceptions import InvalidArgument
+from ..budget.ratelimit import BATCH, Lane
 from ..minting import MintResult, validate_user_ids
 from ..worker.base import SfoxTask
 from ..worker.host import calling_app, package_task, settings_for
+from ..worker.lanes import LANE_HEADER, LANES, lane_of
 from ..worker.mint import TASK_TIME_LIMIT
 from ..worker.runtime import get_runtime
 from .dispatched import Dispatched
@@ -125,10 +127,17 @@ def segments(user_ids: Iterable[str], chunk_size: int) -> Iterator[list[Chunk]]:
 
 
 def run_spec(
-    app: Any, downstream: Signature, *, total: int, chunk_size: int, ahead: int
+    app: Any,
+    downstream: Signature,
+    *,
+    total: int,
+    chunk_size: int,
+    ahead: int,
+    lane: Lane = BATCH,
 ) -> dict[str, Any]:
-    """What a run's books keep of it: its size, its budget, its downstream and its route."""
+    """What a run's books keep of it: its size, its budget, its downstream, its route, its lane."""
     return {
+        "lane": lane,
         "total": total,
         "budget": ahead * chunk_size,
         "stale_after": stale_after(app),
@@ -208,6 +217,7 @@ def with_user_tokens(
     ahead: int = DEFAULT_AHEAD,
     chunk_size: int | None = None,
     run_id: str | None = None,
+    lane: Lane = BATCH,
 ) -> Signature:
     """A canvas that mints tokens for ``user_ids`` and calls ``downstream`` once per user.
 
@@ -217,6 +227,11 @@ def with_user_tokens(
     and kept with the run. At most ``ahead`` chunks are minted ahead of the
     downstream tasks' progress. Bad ``user_ids`` raise :class:`ValueError`
     here, before anything is sent.
+
+    ``lane`` is whose work it is: ``"batch"`` (the default) goes to the batch queue
+    and waits in the batch lane at the limiter; ``"on_demand"`` marks a small,
+    interactive run (a user waits for it) to go ahead of batch work, as a
+    ``sfox.mint_user_tokens`` call does.
 
     A downstream task marks its user done when it ends, on any worker: one
     that imports ``tasks`` does it in place (one Redis call), any other sends a
@@ -231,13 +246,16 @@ def with_user_tokens(
         )
     if ahead < 1:
         raise InvalidArgument(f"ahead={ahead!r} must be at least 1 chunk")
+    if lane not in LANES:
+        raise InvalidArgument(f"lane={lane!r} must be one of {', '.join(LANES)}")
     app = calling_app()
     size = chunk_size or settings_for(app).batch_size
     run = run_id or uuid.uuid4().hex
-    spec = run_spec(app, downstream, total=len(ids), chunk_size=size, ahead=ahead)
+    spec = run_spec(app, downstream, total=len(ids), chunk_size=size, ahead=ahead, lane=lane)
     canvas = group(
         jit_segment.si(run, index, [c.encode() for c in segment], spec).set(
-            argsrepr=f"[run {run[:12]}, segment {index}, {_users(segment)} users]"
+            argsrepr=f"[run {run[:12]}, segment {index}, {_users(segment)} users]",
+            headers={LANE_HEADER: lane},
         )
         for index, segment in enumerate(segments(ids, size))
     )
@@ -250,11 +268,15 @@ def _users(chunks: Sequence[Chunk]) -> int:
 
 
 def send_chunks(run: JitRun, chunks: Sequence[Chunk], *, sender: str = "") -> None:
-    """Publish a chunk task for each of ``chunks``, confirming each once it is out."""
+    """Publish a chunk task for each of ``chunks``, in the run's lane, confirming each once out."""
+    if not chunks:
+        return
+    lane = lane_of(run.spec_field("lane"), BATCH)
     for chunk in chunks:
         jit_mint_chunk.apply_async(
             (run.run_id, chunk.encode()),
             argsrepr=f"[run {run.run_id[:12]}, chunk {chunk.index}, {len(chunk.user_ids)} users]",
+            headers={LANE_HEADER: lane},
         )
         run.sent([chunk], sender=sender)
 
