@@ -211,6 +211,13 @@ def _announce_settings(sender: Any = None, instance: Any = None, **_: Any) -> No
         settings.mint_concurrency,
         settings.result_ttl,
     )
+    logger.info(
+        "lanes: on-demand mints on %s go ahead of batch work on %s; batch work keeps %g%% "
+        "of each window",
+        settings.queue,
+        settings.batch_queue_name,
+        settings.batch_share * 100,
+    )
     _check_stores(conf, settings)
 
 
