@@ -2,8 +2,14 @@
 -- 1 state hash, 2 queue list, 3 done set, 4 released hash (chunk index -> chunk),
 -- 5 released-at zset, 6 finished set, 7 taken hash (chunk index -> id of the task that
 -- took it and has not yet confirmed it sent), 8 staged set, 9 owners hash (chunk index ->
--- id of the chunk task minting it).
+-- id of the chunk task minting it), 10 failed hash (user id -> the user's `failed` entry).
 -- ARGV[1] is the keys' TTL, ARGV[2] the calling task's id ('' outside a task).
+--
+-- The books carry no TTL while the run is active (touch() PERSISTs them): volatile-lru
+-- evicts only keys that have one. The script that ends the run gives them ARGV[1] and
+-- answers 'ended' after its chunks. The state hash counts what the other keys hold
+-- (`segments` staged, `queued` chunks, `done_count` users done) from its start (`counted`,
+-- stage.lua): a read that finds the two apart knows that a key was lost (JitRun.progress).
 --
 -- A chunk is handed out in two steps. release() *takes* chunks for the caller (at most
 -- `budget` users released but unfinished); the caller publishes each chunk task and then
@@ -46,6 +52,7 @@ local function release(out)
     if not chunk then break end
     local index, n = string.match(chunk, '^(%d+)|(%d+)|')
     redis.call('HINCRBY', KEYS[1], 'inflight', tonumber(n))
+    redis.call('HINCRBY', KEYS[1], 'queued', -1)
     redis.call('HSET', KEYS[4], index, chunk)
     redis.call('ZADD', KEYS[5], now(), index)
     redis.call('HSET', KEYS[7], index, SENDER)
@@ -77,6 +84,23 @@ local function stale(out, limit)
   end
   return out
 end
-local function touch(ttl)
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+local function ended()
+  local state = redis.call('HMGET', KEYS[1], 'total', 'failed', 'inflight')
+  local total = tonumber(state[1] or '0')
+  return total > 0
+    and redis.call('SCARD', KEYS[3]) + tonumber(state[2] or '0') >= total
+    and redis.call('LLEN', KEYS[2]) == 0
+    and tonumber(state[3] or '0') <= 0
+end
+-- No TTL while the run is active, `ttl` from its end on; `moved`: the script's own step
+-- happened (not a second run), stamped as the run's last change. Adds 'ended' to `out`
+-- when the run has ended, so that the caller moves it in the registry of runs.
+local function touch(ttl, out, moved)
+  if moved then redis.call('HSET', KEYS[1], 'changed', tostring(now())) end
+  local over = ended()
+  for i = 1, #KEYS do
+    if over then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+  end
+  if over then table.insert(out, 'ended') end
+  return out
 end
