@@ -2,9 +2,13 @@
 -- one run: HSETNX finds the order staged and changes nothing; a placement written again
 -- is the same value; a lease taken again is found already ours.
 --
--- KEYS: outcomes. ARGV: client_order_id, outcome json, 1 if it must win.
+-- KEYS: outcomes, meta. ARGV: client_order_id, outcome json, 1 if it must win. The meta's
+-- `recorded` counts the orders that have an outcome: fewer outcomes than that were lost.
+local new
 if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return 1
+  new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+else
+  new = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 end
-return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if new == 1 then redis.call('HINCRBY', KEYS[2], 'recorded', 1) end
+return new
