@@ -3,13 +3,15 @@
 -- 5 released-at zset, 6 finished set, 7 taken hash (chunk index -> id of the task that
 -- took it and has not yet confirmed it sent), 8 staged set, 9 owners hash (chunk index ->
 -- id of the chunk task minting it), 10 failed hash (user id -> the user's `failed` entry).
--- ARGV[1] is the keys' TTL, ARGV[2] the calling task's id ('' outside a task).
+-- ARGV[1] is the calling task's id ('' outside a task).
 --
 -- The books carry no TTL while the run is active (touch() PERSISTs them): volatile-lru
--- evicts only keys that have one. The script that ends the run gives them ARGV[1] and
--- answers 'ended' after its chunks. The state hash counts what the other keys hold
--- (`segments` staged, `queued` chunks, `done_count` users done) from its start (`counted`,
--- stage.lua): a read that finds the two apart knows that a key was lost (JitRun.progress).
+-- evicts only keys that have one. The script that ends the run answers 'ended' after
+-- its chunks, and leaves them so: the caller keeps the run's final progress, then gives
+-- the books their TTL (JitRun._ended), so that nothing of them goes before that. The
+-- state hash counts what the other keys hold (`segments` staged, `queued` chunks,
+-- `done_count` users done) from its start (`counted`, stage.lua): a read that finds the
+-- two apart knows that a key was lost (JitRun.progress).
 --
 -- A chunk is handed out in two steps. release() *takes* chunks for the caller (at most
 -- `budget` users released but unfinished); the caller publishes each chunk task and then
@@ -24,7 +26,7 @@
 -- staging is guarded by the staged set, finishing by the finished set, a user's end by the
 -- done set, and what the first run took comes back from mine() in the second.
 
-local SENDER = ARGV[2]
+local SENDER = ARGV[1]
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -84,23 +86,25 @@ local function stale(out, limit)
   end
   return out
 end
+-- A run a coordinator drives (`coordinated`, the nightly run's) ends when it says so
+-- (JitRun.close): its books outlive the last user's end until its summary is written.
 local function ended()
-  local state = redis.call('HMGET', KEYS[1], 'total', 'failed', 'inflight')
+  local state = redis.call('HMGET', KEYS[1], 'total', 'failed', 'inflight', 'coordinated')
   local total = tonumber(state[1] or '0')
-  return total > 0
+  return total > 0 and state[4] ~= '1'
     and redis.call('SCARD', KEYS[3]) + tonumber(state[2] or '0') >= total
     and redis.call('LLEN', KEYS[2]) == 0
     and tonumber(state[3] or '0') <= 0
 end
--- No TTL while the run is active, `ttl` from its end on; `moved`: the script's own step
--- happened (not a second run), stamped as the run's last change. Adds 'ended' to `out`
--- when the run has ended, so that the caller moves it in the registry of runs.
-local function touch(ttl, out, moved)
+-- No TTL while the run is active; `moved`: the script's own step happened (not a second
+-- run), stamped as the run's last change. Adds 'ended' to `out` once the run has ended
+-- (its books untouched: the caller gives them their TTL).
+local function touch(out, moved)
   if moved then redis.call('HSET', KEYS[1], 'changed', tostring(now())) end
-  local over = ended()
-  for i = 1, #KEYS do
-    if over then redis.call('EXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+  if ended() then
+    table.insert(out, 'ended')
+    return out
   end
-  if over then table.insert(out, 'ended') end
+  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
   return out
 end

@@ -6,8 +6,10 @@ connection. Nothing here knows Celery: the tasks in :mod:`tasks.fanout.tasks`
 drive it, and :mod:`tasks.fanout.api` for the package's other parts.
 
 Eviction. The books carry no TTL while their run is active, so that a Redis on
-``volatile-lru`` (which evicts only keys that have one) leaves them alone; the
-script that ends the run gives them :data:`RUN_TTL`. What bounds a run nobody
+``volatile-lru`` (which evicts only keys that have one) leaves them alone; once
+the script that ends the run says so (or the coordinator of a ``coordinated``
+run closes it), the run's final progress is kept in the registry and the books
+get :data:`RUN_TTL`. What bounds a run nobody
 drives any more is the registry of runs (``sfox:jit:runs``): each staging sweeps
 it, and a run unchanged for :data:`ABANDONED_AFTER` gets its TTL there. What is
 lost anyway (``allkeys-lru`` evicts any key) is found by :meth:`JitRun.progress`:
@@ -22,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -47,6 +49,11 @@ _PREFIX = "sfox:jit"
 #: each), and ended ones (scored by when their books expire). Neither carries a TTL.
 ACTIVE_RUNS = f"{_PREFIX}:runs"
 ENDED_RUNS = f"{_PREFIX}:ended"
+#: Each ended run's final progress (a hash, no TTL, kept as long as it is in ENDED_RUNS):
+#: a run whose books expired or were evicted after its end still reads as finished.
+FINAL_PROGRESS = f"{_PREFIX}:final"
+#: Most ended runs one sweep forgets.
+_FORGET_LIMIT = 1000
 #: What a script adds to its answer when the run has ended.
 _ENDED = b"ended"
 
@@ -195,12 +202,16 @@ class JitRun:
         The run's coordinator calls it while it watches the run: the run stays in
         (or comes back to) the registry's active runs.
         """
-        self._register()
-        return self._chunks("sweep", sender)
+        with self.client.pipeline() as pipe:
+            self._register(pipe)
+            self._call("sweep", sender, client=pipe)
+            answer = pipe.execute()[-1]
+        return [Chunk.decode(c) for c in answer]
 
-    def _call(self, name: str, sender: str, *args: Any) -> Any:
+    def _call(self, name: str, sender: str, *args: Any, **on: Any) -> Any:
+        """Run the script ``name``; ``on`` may name a pipeline (``client=pipe``) to queue it on."""
         return script_for(self.client, _SCRIPTS[name])(
-            keys=self.keys(), args=[RUN_TTL, sender or "", *args]
+            keys=self.keys(), args=[sender or "", *args], **on
         )
 
     def _chunks(self, name: str, sender: str, *args: Any) -> list[Chunk]:
@@ -215,18 +226,38 @@ class JitRun:
             answer.pop()
         return [Chunk.decode(c) for c in answer], ended
 
-    def _register(self) -> None:
-        """The run is active: in the registry (checked once :data:`ABANDONED_AFTER` passed)."""
-        with self.client.pipeline() as pipe:
-            pipe.zadd(ACTIVE_RUNS, {self.run_id: time.time() + ABANDONED_AFTER}, nx=True)
-            pipe.zrem(ENDED_RUNS, self.run_id)
-            pipe.execute()
+    def _register(self, pipe: Any = None) -> None:
+        """The run is active: in the registry (checked once :data:`ABANDONED_AFTER` passed).
+
+        Queued on ``pipe`` if given, else sent at once.
+        """
+        if pipe is None:
+            with self.client.pipeline() as own:
+                self._register(own)
+                own.execute()
+            return
+        pipe.zadd(ACTIVE_RUNS, {self.run_id: time.time() + ABANDONED_AFTER}, nx=True)
+        pipe.zrem(ENDED_RUNS, self.run_id)
+        pipe.hdel(FINAL_PROGRESS, self.run_id)
+
+    def close(self) -> None:
+        """The coordinator of a ``coordinated`` run is done with it (any other run ends
+        when its last script says so): see :meth:`_ended`."""
+        self._ended()
 
     def _ended(self) -> None:
-        """The run ended (its books expire in :data:`RUN_TTL`): ended in the registry."""
+        """The run ended: its final progress is kept, it is ended in the registry, and
+        then only its books get :data:`RUN_TTL`, so that none of them goes before."""
+        final = self.progress()  # the final progress already, if it ended before
         with self.client.pipeline() as pipe:
+            if not final.lost:
+                fields = asdict(final)
+                del fields["lost"]
+                pipe.hsetnx(FINAL_PROGRESS, self.run_id, json.dumps(fields))
             pipe.zrem(ACTIVE_RUNS, self.run_id)
             pipe.zadd(ENDED_RUNS, {self.run_id: time.time() + RUN_TTL})
+            for key in self.keys():
+                pipe.expire(key, RUN_TTL)
             pipe.execute()
 
     def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
@@ -265,16 +296,24 @@ class JitRun:
             pipe.scard(self.done_set)
             pipe.llen(self.queue)
             pipe.scard(self.staged)
+            pipe.exists(self.state)
             pipe.zscore(ACTIVE_RUNS, self.run_id)
             pipe.zscore(ENDED_RUNS, self.run_id)
-            state, done, queued, staged, active, ended = pipe.execute()
+            pipe.hget(FINAL_PROGRESS, self.run_id)
+            state, done, queued, staged, any_state, active, ended, final = pipe.execute()
+        if final is not None:
+            # The run ended: what it ended with, whatever of its books expired or was
+            # evicted since (they carry their TTL from then on).
+            return RunProgress(**json.loads(final))
         total, dispatched, failed, inflight, done_count, segments, queued_count = (
             int(v or 0) for v in state[:7]
         )
-        known = active is not None or (ended is not None and float(ended) > time.time())
+        # The run existed: the registry knows it, a segment was staged, or a user's end
+        # was written into a state that no longer has the run's size.
+        known = active is not None or staged > 0 or any_state > 0
         lost = missing_books(
             has_state=state[0] is not None,
-            known=known or staged > 0,
+            known=known or (ended is not None and float(ended) > time.time()),
             counted=state[7].decode() if state[7] is not None else None,
             counts=(done_count, segments, queued_count),
             found=(int(done), int(staged), int(queued)),
@@ -340,7 +379,12 @@ def sweep_registry(client: redis.Redis[bytes], now: float | None = None) -> None
     books expired. At most :data:`_SWEEP_LIMIT` runs a call: each staging sweeps.
     """
     now = time.time() if now is None else now
-    client.zremrangebyscore(ENDED_RUNS, "-inf", now)
+    gone = client.zrangebyscore(ENDED_RUNS, "-inf", now, start=0, num=_FORGET_LIMIT)
+    if gone:
+        with client.pipeline() as pipe:
+            pipe.zrem(ENDED_RUNS, *gone)
+            pipe.hdel(FINAL_PROGRESS, *gone)
+            pipe.execute()
     for raw in client.zrangebyscore(ACTIVE_RUNS, "-inf", now, start=0, num=_SWEEP_LIMIT):
         _look_at(JitRun(client, raw.decode()), now)
 

@@ -347,6 +347,7 @@ def _finish(run: NightlyRun, fan: FanOut) -> dict[str, Any]:
     if lost:
         summary.update(_lost(run.day, lost))
     run.close(summary)
+    fan.close()
     logger.info(
         "nightly run for %s %s: %d placed, %d already placed, %d failed, %d users",
         run.day,
