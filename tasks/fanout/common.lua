@@ -98,13 +98,15 @@ local function ended()
 end
 -- No TTL while the run is active; `moved`: the script's own step happened (not a second
 -- run), stamped as the run's last change. Adds 'ended' to `out` once the run has ended
--- (its books untouched: the caller gives them their TTL).
+-- (its books untouched: the caller gives them their TTL), or 'revived' when the books of
+-- a run found abandoned move again (the caller puts it back among the active runs).
 local function touch(out, moved)
   if moved then redis.call('HSET', KEYS[1], 'changed', tostring(now())) end
   if ended() then
     table.insert(out, 'ended')
     return out
   end
+  if redis.call('TTL', KEYS[1]) > 0 then table.insert(out, 'revived') end
   for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
   return out
 end

@@ -9,9 +9,9 @@ Eviction. The books carry no TTL while their run is active, so that a Redis on
 ``volatile-lru`` (which evicts only keys that have one) leaves them alone; once
 the script that ends the run says so (or the coordinator of a ``coordinated``
 run closes it), the run's final progress is kept in the registry and the books
-get :data:`RUN_TTL`. What bounds a run nobody
-drives any more is the registry of runs (``sfox:jit:runs``): each staging sweeps
-it, and a run unchanged for :data:`ABANDONED_AFTER` gets its TTL there. What is
+get :data:`RUN_TTL`. What bounds a run nobody drives any more is the registry of
+runs (``sfox:jit:runs``): each staging sweeps it, and a run unchanged for
+:data:`ABANDONED_AFTER` gets its TTL there (and loses it if it moves again). What is
 lost anyway (``allkeys-lru`` evicts any key) is found by :meth:`JitRun.progress`:
 the state hash counts what the other keys hold, and the registry remembers the
 runs whose books must exist; a run found short is :attr:`RunProgress.lost`, never
@@ -54,8 +54,9 @@ ENDED_RUNS = f"{_PREFIX}:ended"
 FINAL_PROGRESS = f"{_PREFIX}:final"
 #: Most ended runs one sweep forgets.
 _FORGET_LIMIT = 1000
-#: What a script adds to its answer when the run has ended.
+#: What a script adds to its answer when the run has ended, or an abandoned run moved.
 _ENDED = b"ended"
+_REVIVED = b"revived"
 
 # The scripts live in this folder's .lua files: common.lua names every script's KEYS and
 # ARGV[1..2], and how a chunk is handed out; each script's own file its other ARGV. Every
@@ -220,11 +221,12 @@ class JitRun:
     def _answer(self, name: str, sender: str, *args: Any) -> tuple[list[Chunk], bool]:
         """The chunks a script hands out, and whether the run has ended (then noted)."""
         answer = list(self._call(name, sender, *args))
-        ended = bool(answer) and answer[-1] == _ENDED
-        if ended:
+        mark = answer.pop() if answer and answer[-1] in (_ENDED, _REVIVED) else None
+        if mark == _ENDED:
             self._ended()
-            answer.pop()
-        return [Chunk.decode(c) for c in answer], ended
+        elif mark == _REVIVED:
+            self._register()
+        return [Chunk.decode(c) for c in answer], mark == _ENDED
 
     def _register(self, pipe: Any = None) -> None:
         """The run is active: in the registry (checked once :data:`ABANDONED_AFTER` passed).
