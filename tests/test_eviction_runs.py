@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from datetime import date
 from itertools import count
 
@@ -19,7 +20,7 @@ import pytest
 import redis
 
 from tasks import run_nightly_orders, with_user_tokens
-from tasks.fanout.store import ACTIVE_RUNS, JitRun
+from tasks.fanout.store import ABANDONED_AFTER, ACTIVE_RUNS, RUN_TTL, Chunk, JitRun, sweep_registry
 from tasks.nightly.store import NightlyRun
 from tests.services import wait_until
 from tests.test_eviction import ConfiguredRedis
@@ -227,3 +228,95 @@ def test_allkeys_lru_loss_is_reported_lost_never_done(
     progress = fan.progress()
     assert not progress.finished and "the run's state" in progress.lost[0]
     assert any(f"run {run_id} is lost" in r.getMessage() for r in caplog.records)
+
+
+# The books' own logic on the suite's Redis: no worker, a clock given to the sweeps.
+
+SPEC = {"total": 4, "budget": 10, "stale_after": 3600, "downstream": "{}"}
+
+
+def ttls(client: redis.Redis, keys: list[str]) -> list[int]:
+    """The TTL of each of ``keys`` that exists."""
+    return [client.ttl(key) for key in keys if client.exists(key)]
+
+
+def staged_run(client: redis.Redis, run_id: str) -> JitRun:
+    run = JitRun(client, run_id)
+    for chunk in run.stage(0, [Chunk(0, ["a", "b"]), Chunk(1, ["c", "d"])], SPEC):
+        run.finish_chunk(chunk, dispatched=2, failed=0)
+    return run
+
+
+def test_fan_out_books_short_of_their_counts_are_lost_and_an_ended_run_stays_finished(
+    redis_client, caplog
+):
+    """A set evicted, or the state: lost, with what; an ended run reads finished without books."""
+    run = staged_run(redis_client, "books-lost")
+    run.user_done("a")
+    assert run.progress().lost == ()
+    redis_client.delete(run.done_set)
+    with caplog.at_level(logging.ERROR, logger="tasks.jit"):
+        assert run.progress().lost == ("the users done: 1 counted, 0 found",)
+    redis_client.delete(run.state)
+    progress = run.progress()
+    assert progress.lost == ("the run's state (its size, counts and downstream)",)
+    assert not progress.finished
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.ERROR]
+    assert "run books-lost is lost" in caplog.records[0].getMessage()
+
+    ended = staged_run(redis_client, "books-ended")
+    for user in "abcd":
+        ended.user_done(user)
+    assert all(0 < ttl <= RUN_TTL for ttl in ttls(redis_client, ended.keys()))
+    redis_client.delete(*ended.keys())  # evicted after the end
+    assert ended.progress().finished and ended.progress().done == 4
+
+
+def test_an_abandoned_fan_out_gets_its_ttl_and_loses_it_when_it_moves(redis_client, caplog):
+    """No change for a day: the next staging's sweep gives its books the TTL; a user's end
+    makes them persistent and active again."""
+    run = staged_run(redis_client, "books-abandoned")
+    assert set(ttls(redis_client, run.keys())) == {-1}
+    sweep_registry(redis_client, now=time.time() + ABANDONED_AFTER - 60)
+    assert redis_client.ttl(run.state) == -1  # not yet a day
+    with caplog.at_level(logging.WARNING, logger="tasks.jit"):
+        sweep_registry(redis_client, now=time.time() + ABANDONED_AFTER + 60)
+    assert "run books-abandoned abandoned" in caplog.text
+    assert 0 < redis_client.ttl(run.state) <= RUN_TTL
+    assert redis_client.zscore(ACTIVE_RUNS, run.run_id) is None
+    run.user_done("a")
+    assert redis_client.ttl(run.state) == -1
+    assert redis_client.zscore(ACTIVE_RUNS, run.run_id) is not None
+
+
+def test_nightly_records_lost_abandoned_and_closed(redis_client, caplog):
+    """lost() names what is short; a date with no coordinator for a day gets the TTL; close
+    gives every record the TTL and keeps the date known as ended."""
+    from tasks.nightly.orders import Order
+    from tasks.nightly.store import ABANDONED_AFTER as NIGHT_ABANDONED
+    from tasks.nightly.store import sweep_registry as sweep_nights
+
+    night = NightlyRun(redis_client, date(2026, 10, 13))
+    assert night.take("owner-task", "tok", 30).verdict == "owner"
+    night.activate()
+    night.stage([Order(f"u{i}", "buy", "btcusd", 100, None, None, None, "#1", 2) for i in range(3)])
+    night.mark_staged()
+    assert night.lost() == () and redis_client.ttl(night.owner) == -1
+    redis_client.delete(night.users)
+    assert night.lost() == ("users: 3 written, 0 found",)
+    redis_client.delete(night.meta)
+    assert night.lost() == ("every record of the run: its staged orders, outcomes and flags",)
+    night.mark_staged()  # the records back, for the sweep below
+    night.drop_lease("tok")
+    with caplog.at_level(logging.WARNING, logger="tasks.nightly"):
+        sweep_nights(redis_client, now=time.time() + NIGHT_ABANDONED + 60)
+    assert "nightly run for 2026-10-13 abandoned" in caplog.text
+    assert 0 < redis_client.ttl(night.meta) <= RUN_TTL
+    assert night.take("owner-task", "tok-2", 30).verdict == "owner"
+    night.activate()  # resumed: persistent again
+    assert redis_client.ttl(night.meta) == -1 and redis_client.ttl(night.orders) == -1
+    night.close({"status": "done", "lost": []})
+    records = [key for key in night.records() if redis_client.exists(key)]
+    assert records and all(0 < redis_client.ttl(key) <= RUN_TTL for key in records)
+    redis_client.delete(*night.records())  # evicted after the end: the registry still knows
+    assert night.lost(staged=False) != ()
