@@ -299,14 +299,16 @@ def test_nightly_records_lost_abandoned_and_closed(redis_client, caplog):
     night = NightlyRun(redis_client, date(2026, 10, 13))
     assert night.take("owner-task", "tok", 30).verdict == "owner"
     night.activate()
-    night.stage([Order(f"u{i}", "buy", "btcusd", 100, None, None, None, "#1", 2) for i in range(3)])
-    night.mark_staged()
+    orders = [Order(f"u{i}", "buy", "btcusd", 100, None, None, None, "#1", 2) for i in range(3)]
+    assert 0 < redis_client.ttl(night.owner) <= RUN_TTL  # a TTL until the orders are staged
+    assert night.stage(orders) == (3, 0)
+    night.mark_staged(3)
     assert night.lost() == () and redis_client.ttl(night.owner) == -1
     redis_client.delete(night.users)
     assert night.lost() == ("users: 3 written, 0 found",)
     redis_client.delete(night.meta)
     assert night.lost() == ("every record of the run: its staged orders, outcomes and flags",)
-    night.mark_staged()  # the records back, for the sweep below
+    night.mark_staged(3)  # the records back, for the sweep below
     night.drop_lease("tok")
     with caplog.at_level(logging.WARNING, logger="tasks.nightly"):
         sweep_nights(redis_client, now=time.time() + NIGHT_ABANDONED + 60)

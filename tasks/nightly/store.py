@@ -9,9 +9,11 @@ between turns; a run whose lease is gone while unfinished has lost its
 coordinator, and the next trigger takes it over (:meth:`NightlyRun.take`). The
 tasks in :mod:`tasks.nightly.tasks` drive it; the fan-out keeps books of its own.
 
-Eviction. The records carry no TTL while the run is active (each take by the owner
-makes them persistent), so a Redis on ``volatile-lru`` leaves them alone; they get
-:data:`RUN_TTL` when the run ends (:meth:`NightlyRun.close`). A staged run is in the
+Eviction. Once the orders are staged (:meth:`NightlyRun.mark_staged`), the records
+carry no TTL while the run is active, so a Redis on ``volatile-lru`` leaves them
+alone; they get :data:`RUN_TTL` when the run ends (:meth:`NightlyRun.close`). Before
+that, each carries :data:`RUN_TTL`, so that a run abandoned while staging leaves
+nothing that lives forever. A staged run is in the
 registry of runs (``sfox:nightly:runs``); each take sweeps it, and a run with no
 coordinator for :data:`ABANDONED_AFTER` gets its TTL there. Whatever is lost anyway
 (``allkeys-lru`` evicts any key) is found by :meth:`NightlyRun.lost`: staging writes
@@ -143,7 +145,8 @@ class NightlyRun:
         finished, nor while another task's lease is live.
         """
         verdict, owner = script(self.client, lua(_LUA, "take"))(
-            keys=[self.owner, self.lease, self.meta], args=[task_id, token, int(seconds * 1000)]
+            keys=[self.owner, self.lease, self.meta],
+            args=[task_id, token, int(seconds * 1000), RUN_TTL],
         )
         return Claim(_text(verdict), _text(owner))
 
@@ -161,15 +164,14 @@ class NightlyRun:
         ]
 
     def activate(self) -> None:
-        """A coordinator works on the run (it took the date): its records lose any TTL (an
-        abandoned run resumed), a staged run is active in the registry again, and the
-        registry is swept."""
-        with self.client.pipeline() as pipe:
-            for key in self.records():
-                pipe.persist(key)
-            pipe.hexists(self.meta, "staged")
-            staged = pipe.execute()[-1]
-        if staged:
+        """A coordinator works on the run (it took the date): a staged run's records lose
+        any TTL (an abandoned run resumed) and it is active in the registry again; then
+        the registry is swept. Before staging, every record keeps its TTL."""
+        if self.client.hexists(self.meta, "staged"):
+            with self.client.pipeline() as pipe:
+                for key in self.records():
+                    pipe.persist(key)
+                pipe.execute()
             self._register()
         sweep_registry(self.client)
 
@@ -213,13 +215,14 @@ class NightlyRun:
         return value.decode() if value is not None else None
 
     def set_flag(self, name: str, value: str) -> None:
-        self.client.hset(self.meta, name, value)
+        script(self.client, lua(_LUA, "flag"))(keys=[self.meta], args=[name, value, RUN_TTL])
 
-    def mark_staged(self) -> None:
-        """The orders are staged: flag it with their counts, and enter the registry."""
-        script(self.client, lua(_LUA, "staged"))(
-            keys=[self.meta, self.orders, self.users, self.errors], args=[]
-        )
+    def mark_staged(self, orders: int) -> None:
+        """The ``orders`` read are staged: flag it with the counts, make every record
+        persistent while the run is active, and enter the registry."""
+        counted = [self.meta, self.orders, self.users, self.errors]
+        others = [key for key in self.records() if key not in counted]
+        script(self.client, lua(_LUA, "staged"))(keys=[*counted, *others], args=[orders])
         self._register()
 
     def close(self, summary: Mapping[str, Any]) -> None:
@@ -288,10 +291,18 @@ class NightlyRun:
                 )
             pending += 1
             if pending >= _STAGE_BATCH:
+                self._bound(pipe)
                 pipe.execute()
                 pending = 0
+        self._bound(pipe)
         pipe.execute()
         return orders, errors
+
+    def _bound(self, pipe: Any) -> None:
+        """Until :meth:`mark_staged`, the staged records carry :data:`RUN_TTL`: a run
+        abandoned while staging leaves nothing that lives forever."""
+        for key in (self.orders, self.user_orders, self.users, self.errors):
+            pipe.expire(key, RUN_TTL)
 
     def user_count(self) -> int:
         return int(self.client.llen(self.users))
@@ -331,13 +342,18 @@ class NightlyRun:
         value = json.dumps({"user_id": user_id, "status": outcome.status, "reason": outcome.reason})
         script(self.client, lua(_LUA, "record"))(
             keys=[self.outcomes, self.meta],
-            args=[coid, value, "1" if outcome.status == "placed" else "0"],
+            args=[coid, value, "1" if outcome.status == "placed" else "0", RUN_TTL],
         )
 
     def count_remint(self, user_id: str) -> None:
         """Note that ``user_id``'s token was minted again (a set: once per user, however
         often the note is made)."""
-        self.client.sadd(self.reminted, user_id)
+        with self.client.pipeline() as pipe:
+            pipe.sadd(self.reminted, user_id)
+            pipe.ttl(self.meta)
+            meta_ttl = pipe.execute()[-1]
+        if meta_ttl != -1:  # the run is not active: nothing of it lives forever
+            self.client.expire(self.reminted, RUN_TTL)
 
     def remints(self) -> int:
         return int(self.client.scard(self.reminted))

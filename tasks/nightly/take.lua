@@ -1,4 +1,5 @@
--- KEYS: owner, lease, meta. ARGV: task id, lease token, lease milliseconds.
+-- KEYS: owner, lease, meta. ARGV: task id, lease token, lease milliseconds, owner ttl seconds
+-- (until the orders are staged: staged.lua makes every record persistent).
 -- Who runs the date now; returns {verdict, owner before the call ('' if none)}:
 --   finished   the summary is written: nothing to do;
 --   owner      the caller owns the run (first to claim it, or its own next turn) and holds
@@ -23,7 +24,7 @@ if owner == ARGV[1] then
   return {'busy', owner}
 end
 if lease then return {'under_way', owner} end
-redis.call('SET', KEYS[1], ARGV[1])  -- no TTL while the run is active
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if owner == '' then return {'owner', owner} end
 return {'took', owner}

@@ -381,7 +381,7 @@ def _stage(
         except STORE_ERRORS:  # the lease expires by itself; a later trigger takes the date
             logger.warning("nightly run for %s: could not give the date up", run.day)
         raise
-    run.mark_staged()
+    run.mark_staged(orders)
     logger.info(
         "nightly run for %s: %d order(s) for %d user(s) staged, %d row(s) skipped",
         run.day,

@@ -11,7 +11,7 @@ from tasks._redis import lua
 from tasks.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from tasks.cli.nightly import print_nightly
 from tasks.fanout.tasks import CHUNKS_PER_SEGMENT, segments
-from tasks.nightly.store import NightlyRun, RunBooks
+from tasks.nightly.store import RUN_TTL, NightlyRun, RunBooks
 
 
 class RecordingClient:
@@ -29,15 +29,15 @@ class RecordingClient:
         return run
 
 
-def test_take_passes_owner_lease_meta_then_task_token_ms():
-    """take.lua: KEYS owner, lease, meta; ARGV task id, token, milliseconds."""
+def test_take_passes_owner_lease_meta_then_task_token_ms_ttl():
+    """take.lua: KEYS owner, lease, meta; ARGV task id, token, milliseconds, owner TTL."""
     client = RecordingClient([b"took", b"gone"])
     run = NightlyRun(client, date(2026, 12, 1))
     assert run.take("task-2", "tok", 2.5) == ("took", "gone")
     source, keys, args = client.calls[-1]
     assert source == lua("tasks.nightly", "take")
     assert keys == [run.owner, run.lease, run.meta]
-    assert args == ["task-2", "tok", 2500]
+    assert args == ["task-2", "tok", 2500, RUN_TTL]
 
 
 def test_hand_over_and_release_name_their_keys():
