@@ -45,6 +45,7 @@ _VERDICT_EXIT = {
     "handed_over": EXIT_OK,
     "not_configured": EXIT_USAGE,
     "unfinished": EXIT_FAILED,
+    "lost": EXIT_FAILED,
 }
 
 #: How ``--state`` names each phase of a run.

@@ -62,7 +62,12 @@ class FanOut:
         users (a coordinator that resumes): a segment staged before is not staged
         twice, and the chunks taken before but never sent go out now.
         """
-        spec = run_spec(self.app, downstream, total=total, chunk_size=chunk_size, ahead=ahead)
+        # Coordinated: the books outlive the last user's end until the coordinator closes
+        # the run (close), so that it reads them whole.
+        spec = {
+            **run_spec(self.app, downstream, total=total, chunk_size=chunk_size, ahead=ahead),
+            "coordinated": 1,
+        }
         for index, segment in enumerate(segments(user_ids, chunk_size)):
             self._send(self._books.stage(index, segment, spec, sender=self._sender))
 
@@ -89,6 +94,10 @@ class FanOut:
         for user_id in user_ids:
             entry = {"partner_user_id": user_id, "token": "", "expires": ""}
             send_downstream(self.run_id, downstream, entry, route)
+
+    def close(self) -> None:
+        """The coordinator is done with the run: its books expire in three days."""
+        self._books.close()
 
     def ended(self) -> set[str]:
         """Users whose downstream task ended, and users sFOX refused a token."""

@@ -2,8 +2,16 @@
 -- 1 state hash, 2 queue list, 3 done set, 4 released hash (chunk index -> chunk),
 -- 5 released-at zset, 6 finished set, 7 taken hash (chunk index -> id of the task that
 -- took it and has not yet confirmed it sent), 8 staged set, 9 owners hash (chunk index ->
--- id of the chunk task minting it).
--- ARGV[1] is the keys' TTL, ARGV[2] the calling task's id ('' outside a task).
+-- id of the chunk task minting it), 10 failed hash (user id -> the user's `failed` entry).
+-- ARGV[1] is the calling task's id ('' outside a task).
+--
+-- The books carry no TTL while the run is active (touch() PERSISTs them): volatile-lru
+-- evicts only keys that have one. The script that ends the run answers 'ended' after
+-- its chunks, and leaves them so: the caller keeps the run's final progress, then gives
+-- the books their TTL (JitRun._ended), so that nothing of them goes before that. The
+-- state hash counts what the other keys hold (`segments` staged, `queued` chunks,
+-- `done_count` users done) from its start (`counted`, stage.lua): a read that finds the
+-- two apart knows that a key was lost (JitRun.progress).
 --
 -- A chunk is handed out in two steps. release() *takes* chunks for the caller (at most
 -- `budget` users released but unfinished); the caller publishes each chunk task and then
@@ -18,7 +26,7 @@
 -- staging is guarded by the staged set, finishing by the finished set, a user's end by the
 -- done set, and what the first run took comes back from mine() in the second.
 
-local SENDER = ARGV[2]
+local SENDER = ARGV[1]
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -46,6 +54,7 @@ local function release(out)
     if not chunk then break end
     local index, n = string.match(chunk, '^(%d+)|(%d+)|')
     redis.call('HINCRBY', KEYS[1], 'inflight', tonumber(n))
+    redis.call('HINCRBY', KEYS[1], 'queued', -1)
     redis.call('HSET', KEYS[4], index, chunk)
     redis.call('ZADD', KEYS[5], now(), index)
     redis.call('HSET', KEYS[7], index, SENDER)
@@ -77,6 +86,27 @@ local function stale(out, limit)
   end
   return out
 end
-local function touch(ttl)
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+-- A run a coordinator drives (`coordinated`, the nightly run's) ends when it says so
+-- (JitRun.close): its books outlive the last user's end until its summary is written.
+local function ended()
+  local state = redis.call('HMGET', KEYS[1], 'total', 'failed', 'inflight', 'coordinated')
+  local total = tonumber(state[1] or '0')
+  return total > 0 and state[4] ~= '1'
+    and redis.call('SCARD', KEYS[3]) + tonumber(state[2] or '0') >= total
+    and redis.call('LLEN', KEYS[2]) == 0
+    and tonumber(state[3] or '0') <= 0
+end
+-- No TTL while the run is active; `moved`: the script's own step happened (not a second
+-- run), stamped as the run's last change. Adds 'ended' to `out` once the run has ended
+-- (its books untouched: the caller gives them their TTL), or 'revived' when the books of
+-- a run found abandoned move again (the caller puts it back among the active runs).
+local function touch(out, moved)
+  if moved then redis.call('HSET', KEYS[1], 'changed', tostring(now())) end
+  if ended() then
+    table.insert(out, 'ended')
+    return out
+  end
+  if redis.call('TTL', KEYS[1]) > 0 then table.insert(out, 'revived') end
+  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+  return out
 end

@@ -10,9 +10,10 @@ between) is sent twice; a downstream task must be idempotent for that, as for
 any redelivery.
 
 The record is the run's, in the run's hash slot (``sfox:jit:{<run_id>}:sent-users``),
-and lives as long as the run's other books. Sending a user's task again on
-purpose (the nightly run's resend of lost users) does not look here. Nothing
-here knows Celery.
+and lives as long as the run's other books: no TTL while the run is active (a Redis on
+``volatile-lru`` evicts only keys with one), the run's TTL from its end. Sending a
+user's task again on purpose (the nightly run's resend of lost users) does not look
+here. Nothing here knows Celery.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 
 import redis
 
-from .store import RUN_TTL
+from .store import RUN_TTL, JitRun
 
 __all__ = ["Dispatched"]
 
@@ -31,7 +32,9 @@ class Dispatched:
 
     def __init__(self, client: redis.Redis[bytes], run_id: str) -> None:
         self.client = client
-        self.key = f"sfox:jit:{{{run_id}}}:sent-users"
+        books = JitRun(client, run_id)
+        self.key = books.sent_users
+        self._state = books.state
 
     def among(self, user_ids: Iterable[str]) -> set[str]:
         """Those of ``user_ids`` whose downstream task was published already."""
@@ -45,8 +48,14 @@ class Dispatched:
         return {user for user, sent in zip(users, found, strict=True) if sent}
 
     def record(self, user_id: str) -> None:
-        """``user_id``'s downstream task is out: no chunk task sends it again."""
+        """``user_id``'s downstream task is out: no chunk task sends it again.
+
+        Persistent while the run is; a record made after its end (a chunk task that
+        ran again late) takes the run's TTL, so that nothing is left behind.
+        """
         with self.client.pipeline() as pipe:
             pipe.sadd(self.key, user_id)
-            pipe.expire(self.key, RUN_TTL)
-            pipe.execute()
+            pipe.ttl(self._state)
+            _, state_ttl = pipe.execute()
+        if state_ttl != -1:
+            self.client.expire(self.key, RUN_TTL)

@@ -1,10 +1,10 @@
--- ARGV: ttl, sender, chunk index, users, dispatched, failed.
+-- ARGV: sender, chunk index, users, dispatched, failed.
 local out = mine()
-if redis.call('SADD', KEYS[6], ARGV[3]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'inflight', -tonumber(ARGV[4]))
-  redis.call('HINCRBY', KEYS[1], 'dispatched', tonumber(ARGV[5]))
-  redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[6]))
+local moved = redis.call('SADD', KEYS[6], ARGV[2]) == 1
+if moved then
+  redis.call('HINCRBY', KEYS[1], 'inflight', -tonumber(ARGV[3]))
+  redis.call('HINCRBY', KEYS[1], 'dispatched', tonumber(ARGV[4]))
+  redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[5]))
 end
-forget(ARGV[3])
-touch(tonumber(ARGV[1]))
-return release(out)
+forget(ARGV[2])
+return touch(release(out), moved)

@@ -1,6 +1,6 @@
--- ARGV: ttl, sender, chunk indexes... The caller published these chunks' tasks.
-for i = 3, #ARGV do
-  if redis.call('HGET', KEYS[7], ARGV[i]) == ARGV[2] then
+-- ARGV: sender, chunk indexes... The caller published these chunks' tasks.
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[7], ARGV[i]) == ARGV[1] then
     redis.call('HDEL', KEYS[7], ARGV[i])
   end
 end

@@ -1,2 +1,2 @@
--- ARGV: ttl, sender.
+-- ARGV: sender.
 return stale(release(mine()), 100)

@@ -8,11 +8,23 @@ run again. Who runs the date is two keys: the *owner* (a task id) and a short
 between turns; a run whose lease is gone while unfinished has lost its
 coordinator, and the next trigger takes it over (:meth:`NightlyRun.take`). The
 tasks in :mod:`tasks.nightly.tasks` drive it; the fan-out keeps books of its own.
+
+Eviction. Once the orders are staged (:meth:`NightlyRun.mark_staged`), the records
+carry no TTL while the run is active, so a Redis on ``volatile-lru`` leaves them
+alone; they get :data:`RUN_TTL` when the run ends (:meth:`NightlyRun.close`). Before
+that, each carries :data:`RUN_TTL`, so that a run abandoned while staging leaves
+nothing that lives forever. A staged run is in the
+registry of runs (``sfox:nightly:runs``); each take sweeps it, and a run with no
+coordinator for :data:`ABANDONED_AFTER` gets its TTL there. Whatever is lost anyway
+(``allkeys-lru`` evicts any key) is found by :meth:`NightlyRun.lost`: staging writes
+its counts into the meta, each outcome is counted, and the registry remembers which
+dates must have records; a run found short is reported ``lost``, never ``done``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,10 +38,22 @@ from .._redis import lua, script
 from ..sfox.orders import OrderOutcome
 from .orders import Order, OrderError, client_order_id
 
-__all__ = ["RUN_TTL", "Claim", "NightlyRun", "RunBooks"]
+__all__ = ["ABANDONED_AFTER", "RUN_TTL", "Claim", "NightlyRun", "RunBooks"]
 
-#: Seconds the run's records stay in Redis (the summary lives in the result backend).
+logger = logging.getLogger("tasks.nightly")
+
+#: Seconds the run's records stay in Redis once it ended or was abandoned (the summary
+#: lives in the result backend too).
 RUN_TTL = 3 * 86400
+#: Seconds a staged, unfinished run may go without a coordinator's take before it counts
+#: as abandoned: its records get :data:`RUN_TTL` (a later trigger still resumes it).
+ABANDONED_AFTER = 86400
+#: The registry of staged runs: active dates (scored by when a sweep next looks at each)
+#: and ended ones (scored by when their records expire). Neither carries a TTL.
+ACTIVE_RUNS = "sfox:nightly:runs"
+ENDED_RUNS = "sfox:nightly:ended"
+#: Most dates one sweep of the registry looks at.
+_SWEEP_LIMIT = 20
 
 #: Most user IDs listed under one failure reason in the summary.
 MAX_IDS_PER_REASON = 1000
@@ -126,6 +150,37 @@ class NightlyRun:
         )
         return Claim(_text(verdict), _text(owner))
 
+    def records(self) -> list[str]:
+        """Every key of the run but its lease (which has a TTL of its own)."""
+        return [
+            self.owner,
+            self.meta,
+            self.orders,
+            self.user_orders,
+            self.users,
+            self.outcomes,
+            self.errors,
+            self.reminted,
+        ]
+
+    def activate(self) -> None:
+        """A coordinator works on the run (it took the date): a staged run's records lose
+        any TTL (an abandoned run resumed) and it is active in the registry again; then
+        the registry is swept. Before staging, every record keeps its TTL."""
+        if self.client.hexists(self.meta, "staged"):
+            with self.client.pipeline() as pipe:
+                for key in self.records():
+                    pipe.persist(key)
+                pipe.execute()
+            self._register()
+        sweep_registry(self.client)
+
+    def _register(self) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.zadd(ACTIVE_RUNS, {self.day.isoformat(): time.time() + ABANDONED_AFTER})
+            pipe.zrem(ENDED_RUNS, self.day.isoformat())
+            pipe.execute()
+
     def lease_for(self, token: str, seconds: float) -> bool:
         """Take the lease for ``token``, or renew it if it is ``token``'s already."""
         return bool(
@@ -160,10 +215,59 @@ class NightlyRun:
         return value.decode() if value is not None else None
 
     def set_flag(self, name: str, value: str) -> None:
+        script(self.client, lua(_LUA, "flag"))(keys=[self.meta], args=[name, value, RUN_TTL])
+
+    def mark_staged(self, orders: int) -> None:
+        """The ``orders`` read are staged: flag it with the counts, make every record
+        persistent while the run is active, and enter the registry."""
+        counted = [self.meta, self.orders, self.users, self.errors]
+        others = [key for key in self.records() if key not in counted]
+        script(self.client, lua(_LUA, "staged"))(keys=[*counted, *others], args=[orders])
+        self._register()
+
+    def close(self, summary: Mapping[str, Any]) -> None:
+        """The run ended: keep its summary; its records expire in :data:`RUN_TTL`."""
         with self.client.pipeline() as pipe:
-            pipe.hset(self.meta, name, value)
-            pipe.expire(self.meta, RUN_TTL)
+            pipe.hset(self.meta, "summary", json.dumps(summary))
+            for key in self.records():
+                pipe.expire(key, RUN_TTL)
+            pipe.zrem(ACTIVE_RUNS, self.day.isoformat())
+            pipe.zadd(ENDED_RUNS, {self.day.isoformat(): time.time() + RUN_TTL})
             pipe.execute()
+
+    def lost(self, *, staged: bool = False) -> tuple[str, ...]:
+        """What of the run's records Redis lost; empty when they are whole (or finished).
+
+        A date with no staged meta has lost every record when the registry knows it,
+        or when the caller does (``staged``: its coordinator staged it, or saw it
+        staged); else each key is checked against the count staging (or recording)
+        wrote. Counts a run staged before they existed are not there, and not checked.
+        """
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.meta)
+            pipe.hlen(self.orders)
+            pipe.llen(self.users)
+            pipe.hlen(self.errors)
+            pipe.hlen(self.outcomes)
+            pipe.zscore(ACTIVE_RUNS, self.day.isoformat())
+            pipe.zscore(ENDED_RUNS, self.day.isoformat())
+            raw_meta, *sizes, active, ended = pipe.execute()
+        meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
+        if "summary" in meta:
+            return ()
+        if "staged" not in meta:
+            known = staged or active is not None
+            known = known or (ended is not None and float(ended) > time.time())
+            return (
+                ("every record of the run: its staged orders, outcomes and flags",) if known else ()
+            )
+        counted = ("staged_orders", "staged_users", "staged_errors", "recorded")
+        names = ("staged orders", "users", "skipped rows", "order outcomes")
+        return tuple(
+            f"{name}: {meta[count]} written, {size} found"
+            for name, count, size in zip(names, counted, sizes, strict=True)
+            if count in meta and size < int(meta[count])
+        )
 
     # -- staging ---------------------------------------------------------------------
 
@@ -187,12 +291,18 @@ class NightlyRun:
                 )
             pending += 1
             if pending >= _STAGE_BATCH:
+                self._bound(pipe)
                 pipe.execute()
                 pending = 0
-        for key in (self.orders, self.user_orders, self.users, self.errors):
-            pipe.expire(key, RUN_TTL)
+        self._bound(pipe)
         pipe.execute()
         return orders, errors
+
+    def _bound(self, pipe: Any) -> None:
+        """Until :meth:`mark_staged`, the staged records carry :data:`RUN_TTL`: a run
+        abandoned while staging leaves nothing that lives forever."""
+        for key in (self.orders, self.user_orders, self.users, self.errors):
+            pipe.expire(key, RUN_TTL)
 
     def user_count(self) -> int:
         return int(self.client.llen(self.users))
@@ -231,17 +341,19 @@ class NightlyRun:
     def record(self, coid: str, user_id: str, outcome: OrderOutcome) -> None:
         value = json.dumps({"user_id": user_id, "status": outcome.status, "reason": outcome.reason})
         script(self.client, lua(_LUA, "record"))(
-            keys=[self.outcomes], args=[coid, value, "1" if outcome.status == "placed" else "0"]
+            keys=[self.outcomes, self.meta],
+            args=[coid, value, "1" if outcome.status == "placed" else "0", RUN_TTL],
         )
-        self.client.expire(self.outcomes, RUN_TTL)
 
     def count_remint(self, user_id: str) -> None:
         """Note that ``user_id``'s token was minted again (a set: once per user, however
         often the note is made)."""
         with self.client.pipeline() as pipe:
             pipe.sadd(self.reminted, user_id)
-            pipe.expire(self.reminted, RUN_TTL)
-            pipe.execute()
+            pipe.ttl(self.meta)
+            meta_ttl = pipe.execute()[-1]
+        if meta_ttl != -1:  # the run is not active: nothing of it lives forever
+            self.client.expire(self.reminted, RUN_TTL)
 
     def remints(self) -> int:
         return int(self.client.scard(self.reminted))
@@ -307,6 +419,7 @@ class NightlyRun:
             },
             "failed_orders": sum(len(ids) for ids in failed.values()),
             "skipped_rows": errors,
+            "lost": [],
             "duration_s": round(time.time() - started, 1) if started else None,
         }
 
@@ -349,3 +462,47 @@ def _text(value: bytes | str) -> str:
 
 #: The reason given for a staged order that no task recorded an outcome for.
 _NO_OUTCOME = "no outcome recorded: the order task ended without placing or refusing it"
+
+
+def sweep_registry(client: redis.Redis[bytes], now: float | None = None) -> None:
+    """Look at the registry's dates that are due: bound the abandoned, forget the ended.
+
+    A staged run whose lease no coordinator held for :data:`ABANDONED_AFTER` is
+    abandoned: its records get :data:`RUN_TTL`. One whose records are gone is
+    reported lost. Ended dates leave the registry once their records expired. At
+    most :data:`_SWEEP_LIMIT` dates a call: each take sweeps.
+    """
+    now = time.time() if now is None else now
+    client.zremrangebyscore(ENDED_RUNS, "-inf", now)
+    for raw in client.zrangebyscore(ACTIVE_RUNS, "-inf", now, start=0, num=_SWEEP_LIMIT):
+        _look_at(NightlyRun(client, date.fromisoformat(raw.decode())), now)
+
+
+def _look_at(run: NightlyRun, now: float) -> None:
+    with run.client.pipeline() as pipe:
+        pipe.pttl(run.lease)
+        pipe.hexists(run.meta, "staged")
+        pipe.ttl(run.meta)
+        lease_ms, staged, ttl = pipe.execute()
+    day = run.day.isoformat()
+    if lease_ms > 0 and ttl == -1:
+        run.client.zadd(ACTIVE_RUNS, {day: now + ABANDONED_AFTER}, xx=True)
+        return
+    if not staged:
+        logger.error("nightly run for %s is lost: Redis evicted its records before it ended", day)
+    elif ttl == -1:
+        logger.warning(
+            "nightly run for %s abandoned: no coordinator for %.0f s; its records expire in %d s "
+            "unless a trigger resumes it",
+            day,
+            ABANDONED_AFTER,
+            RUN_TTL,
+        )
+        with run.client.pipeline() as pipe:
+            for key in run.records():
+                pipe.expire(key, RUN_TTL)
+            pipe.execute()
+    with run.client.pipeline() as pipe:
+        pipe.zrem(ACTIVE_RUNS, day)
+        pipe.zadd(ENDED_RUNS, {day: now + (ttl if ttl > 0 else RUN_TTL)})
+        pipe.execute()

@@ -1,4 +1,5 @@
--- KEYS: owner, lease, meta. ARGV: task id, lease token, lease milliseconds, owner ttl seconds.
+-- KEYS: owner, lease, meta. ARGV: task id, lease token, lease milliseconds, owner ttl seconds
+-- (until the orders are staged: staged.lua makes every record persistent).
 -- Who runs the date now; returns {verdict, owner before the call ('' if none)}:
 --   finished   the summary is written: nothing to do;
 --   owner      the caller owns the run (first to claim it, or its own next turn) and holds

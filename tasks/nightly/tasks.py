@@ -41,7 +41,11 @@ What a trigger returns, by ``status``:
   or started, and one warning says which settings to set;
 - ``unfinished``: one coordinator watched the run for :data:`RUN_DEADLINE` s
   and it is still not finished: it stops, and the next trigger for the date
-  resumes it.
+  resumes it;
+- ``lost``: Redis evicted part of the run's records (or of its fan-out's books):
+  the summary's ``lost`` lists what, its counts are what was left, and every later
+  trigger for the date says ``lost`` too, never ``done`` (its records would not
+  tell which orders were placed).
 
 Every verdict but ``done`` carries a ``reason``. A failure (a bad orders file, a
 bad source) fails the task.
@@ -146,6 +150,8 @@ class _Carried:
     deadline: float
     #: Whether this task owns the run (it took the date in an earlier turn).
     owned: bool = False
+    #: Whether this task saw the run's orders staged: records found missing then are lost.
+    staged: bool = False
 
 
 # Typed for users who have Celery's stubs: ``.get()`` is the summary (tasks.worker.host).
@@ -171,6 +177,7 @@ def run_nightly_orders(
         ).isoformat(),
         deadline=float(resume.get("deadline") or time.time() + RUN_DEADLINE),
         owned=bool(resume.get("owned")),
+        staged=bool(resume.get("staged")),
     )
     self.checkpoint(asdict(carried))
     day = date.fromisoformat(carried.run_date)
@@ -183,11 +190,12 @@ def run_nightly_orders(
     task_id = self.request.id or uuid.uuid4().hex
     token = uuid.uuid4().hex
     claim = run.take(task_id, token, settings.nightly.lease)
-    found = _nothing_to_do(day, claim, carried.owned)
+    found = _nothing_to_do(run, claim, carried.owned)
     if found is not None:
         return _short(self, found)
     carried.owned = True
     self.checkpoint(asdict(carried))
+    run.activate()
     if claim.verdict == "busy":
         # Another copy of this very task holds the lease (a redelivery): let it work.
         logger.info("nightly run for %s: another copy is working; checking again later", day)
@@ -214,9 +222,13 @@ def _not_configured(day: date) -> dict[str, Any]:
     return _verdict(day, "not_configured", f"no nightly orders are configured: {_WHERE_ORDERS}")
 
 
-def _nothing_to_do(day: date, claim: Claim, owned: bool) -> dict[str, Any] | None:
+def _nothing_to_do(run: NightlyRun, claim: Claim, owned: bool) -> dict[str, Any] | None:
     """What a trigger that may not run the date returns (and logs); None if it may."""
+    day = run.day
     if claim.verdict == "finished":
+        lost = json.loads(run.flag("summary") or "{}").get("lost")
+        if lost:
+            return _lost(day, lost)
         logger.warning(
             "nightly run for %s is done already (task %s): nothing to do", day, claim.owner
         )
@@ -254,7 +266,12 @@ def _coordinate(
         if time.time() >= carried.deadline:
             return _short(task, _unfinished(run.day))
         if run.flag("staged") is None:
+            if run.lost(staged=carried.staged):
+                # Staging again would place the date's orders again, blind: the run ends
+                # lost, and its summary tells every later trigger so.
+                return _short(task, _finish(run, FanOut(task.app, run.fanout_id)))
             _stage(run, task_id, token, orders_file, settings)
+        carried.staged = True
         fan = FanOut(task.app, run.fanout_id)
         if run.flag("dispatched") is None:
             downstream = task.app.signature(
@@ -301,7 +318,7 @@ def _watch(
             state="PROGRESS", meta={"run_date": run.day.isoformat(), "done": done, "total": total}
         )
         task.send_event("task-progress", done=done, total=total)
-        if total == 0 or progress.finished:
+        if total == 0 or progress.finished or progress.lost:
             return "finished"
         sent = fan.sweep()
         if sent:
@@ -317,18 +334,27 @@ def _watch(
 
 
 def _finish(run: NightlyRun, fan: FanOut) -> dict[str, Any]:
-    """Write the finished run's summary (from then on every trigger is skipped); return it."""
+    """Write the finished run's summary (from then on every trigger is skipped); return it.
+
+    A run whose records (or fan-out books) Redis lost ends ``lost``, never ``done``.
+    """
     started = run.flag("started")
+    progress = fan.progress()
+    lost = [*run.lost(staged=True), *(f"fan-out: {what}" for what in progress.lost)]
     summary = run.summary(
-        "done",
+        "lost" if lost else "done",
         float(started) if started else None,
         refused=fan.refused(),
-        tokens_dispatched=fan.progress().dispatched,
+        tokens_dispatched=progress.dispatched,
     )
-    run.set_flag("summary", json.dumps(summary))
+    if lost:
+        summary.update(_lost(run.day, lost))
+    run.close(summary)
+    fan.close()
     logger.info(
-        "nightly run for %s done: %d placed, %d already placed, %d failed, %d users",
+        "nightly run for %s %s: %d placed, %d already placed, %d failed, %d users",
         run.day,
+        summary["status"],
         summary["placed"],
         summary["already_placed"],
         summary["failed_orders"],
@@ -358,7 +384,7 @@ def _stage(
         except STORE_ERRORS:  # the lease expires by itself; a later trigger takes the date
             logger.warning("nightly run for %s: could not give the date up", run.day)
         raise
-    run.set_flag("staged", "1")
+    run.mark_staged(orders)
     logger.info(
         "nightly run for %s: %d order(s) for %d user(s) staged, %d row(s) skipped",
         run.day,
@@ -439,6 +465,20 @@ def _unfinished(day: date) -> dict[str, Any]:
         f"to go on (sfox-tokens nightly --date {day} --resume)"
     )
     return _verdict(day, "unfinished", reason)
+
+
+def _lost(day: date, lost: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A run Redis lost records of: logged at ERROR, and what every trigger says of it."""
+    logger.error(
+        "nightly run for %s is lost: Redis evicted %s; set its maxmemory-policy to noeviction",
+        day,
+        "; ".join(lost),
+    )
+    reason = (
+        f"Redis evicted records of the run for {day} ({'; '.join(lost)}): which orders were "
+        "placed is not known from them; see sFOX's orders for the date"
+    )
+    return {**_verdict(day, "lost", reason), "lost": list(lost)}
 
 
 def _short(task: Task, summary: dict[str, Any]) -> Mapping[str, Any]:

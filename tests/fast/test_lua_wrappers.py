@@ -7,7 +7,7 @@ from datetime import date
 from tasks._redis import lua, script
 from tasks._settings import Rate
 from tasks.budget.ratelimit import RedisLimiter
-from tasks.fanout.store import RUN_TTL, Chunk, JitRun
+from tasks.fanout.store import Chunk, JitRun
 from tasks.nightly.store import NightlyRun
 
 
@@ -58,18 +58,18 @@ def test_the_limiters_scripts_get_log_and_pause_keys():
     assert client.calls[-1][1:] == (["p:pause"], [1500])
 
 
-def test_every_fan_out_script_gets_all_the_runs_keys_then_ttl_and_sender():
-    """KEYS are the run's nine keys in common.lua's order; ARGV starts ttl, sender."""
+def test_every_fan_out_script_gets_all_the_runs_keys_then_the_sender():
+    """KEYS are the run's ten keys in common.lua's order; ARGV starts with the sender."""
     client = RecordingClient(answer=[])
     run = JitRun(client, "r1")
     run.finish_chunk(Chunk(3, ["a", "b"]), dispatched=2, failed=0, sender="t1")
     source, keys, args = client.calls[-1]
     assert source == lua("tasks.fanout", "common", "finish")
     assert keys == run.keys() and all("{r1}" in k for k in keys)
-    assert args == [RUN_TTL, "t1", 3, 2, 2, 0]
+    assert args == ["t1", 3, 2, 2, 0]
     client.answer = 1
     assert run.claim(Chunk(3, ["a"])) is True
-    assert client.calls[-1][2] == [RUN_TTL, "", 3]
+    assert client.calls[-1][2] == ["", 3]
 
 
 def test_the_nightly_lease_gets_its_key_token_and_milliseconds():
