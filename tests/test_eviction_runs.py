@@ -289,12 +289,15 @@ def test_an_abandoned_fan_out_gets_its_ttl_and_loses_it_when_it_moves(redis_clie
     assert redis_client.zscore(ACTIVE_RUNS, run.run_id) is not None
 
 
-def test_nightly_records_lost_abandoned_and_closed(redis_client, caplog):
+def test_nightly_records_lost_abandoned_and_closed(redis_client, caplog, capsys):
     """lost() names what is short; a date with no coordinator for a day gets the TTL; close
     gives every record the TTL and keeps the date known as ended."""
+    from tasks.cli.common import EXIT_FAILED
+    from tasks.cli.nightly import show_state
     from tasks.nightly.orders import Order
     from tasks.nightly.store import ABANDONED_AFTER as NIGHT_ABANDONED
     from tasks.nightly.store import sweep_registry as sweep_nights
+    from tasks.nightly.tasks import run_state
 
     night = NightlyRun(redis_client, date(2026, 10, 13))
     assert night.take("owner-task", "tok", 30).verdict == "owner"
@@ -306,6 +309,9 @@ def test_nightly_records_lost_abandoned_and_closed(redis_client, caplog):
     assert night.lost() == () and redis_client.ttl(night.owner) == -1
     redis_client.delete(night.users)
     assert night.lost() == ("users: 3 written, 0 found",)
+    assert run_state(night.day).lost == ("users: 3 written, 0 found",)
+    assert show_state(night.day) == EXIT_FAILED  # `sfox-tokens nightly --state` says so
+    assert "records lost (evicted): users: 3 written, 0 found" in capsys.readouterr().out
     redis_client.delete(night.meta)
     assert night.lost() == ("every record of the run: its staged orders, outcomes and flags",)
     night.mark_staged(3)  # the records back, for the sweep below

@@ -152,6 +152,9 @@ def show_state(day: date) -> int:
     books = state.books
     print(f"nightly run for {day}: {_PHASES[books.phase]}")
     if books.phase == "not_started":
+        if state.lost:
+            print(f"records lost (evicted): {', '.join(state.lost)}")
+            return EXIT_FAILED
         return EXIT_OK
     lease = f"live, {books.lease_left:.1f} s left" if books.lease_left > 0 else "none"
     facts = [
@@ -175,11 +178,13 @@ def show_state(day: date) -> int:
         ("already placed", str(outcomes.get("already_placed", 0))),
         ("failed", str(outcomes.get("failed", 0))),
     ]
+    if state.lost:
+        facts.append(("records lost (evicted)", ", ".join(state.lost)))
     for name, value in facts:
         print(f"{name}: {value}")
     if books.summary is not None:
         print_nightly(books.summary)
-    return EXIT_OK
+    return EXIT_FAILED if state.lost else EXIT_OK
 
 
 def _when(stamp: float | None) -> str:

@@ -494,6 +494,8 @@ class RunState:
 
     books: RunBooks
     progress: RunProgress | None
+    #: What of the run's records Redis lost (evicted); empty when they are whole.
+    lost: tuple[str, ...] = ()
 
 
 def run_state(day: date, app: Any = None) -> RunState:
@@ -502,7 +504,7 @@ def run_state(day: date, app: Any = None) -> RunState:
     run = NightlyRun(get_runtime(app).redis, day)
     books = run.books()
     progress = FanOut(app, run.fanout_id).progress() if books.dispatched else None
-    return RunState(books, progress)
+    return RunState(books, progress, run.lost())
 
 
 class PlaceTask(SfoxTask):
