@@ -11,7 +11,7 @@ from typing import Any
 from bench._infra import DEFAULT_REDIS_URL, ROOT, UNLIMITED_RATE
 
 #: Config fields given as comma-separated whole numbers.
-_INT_LISTS = ("sizes", "grid_concurrency", "nightly_sizes", "egress_counts")
+_INT_LISTS = ("sizes", "grid_concurrency", "nightly_sizes", "egress_counts", "lanes_sizes")
 
 
 @dataclass
@@ -40,6 +40,10 @@ class Config:
     egress_batch: int
     egress_chunk: int
     egress_concurrency: int
+    lanes_sizes: list[int]
+    lanes_every: float
+    lanes_idle: int
+    lanes_burst: int
     sections: list[str]
     redis_url: str
     out: Path
@@ -99,9 +103,22 @@ def parse_args(argv: list[str] | None) -> Config:
     add("--egress-chunk", type=int, default=100, help="users per mint task in the egress runs")
     add("--egress-concurrency", type=int, default=2, help="pool processes per egress worker")
     add(
+        "--lanes-sizes",
+        default="2400,10000",
+        help="users per night beside on-demand mints (the smallest also alone and with a burst)",
+    )
+    add("--lanes-every", type=float, default=3.0, help="seconds between on-demand mints")
+    add("--lanes-idle", type=int, default=10, help="on-demand mints timed with no night")
+    add(
+        "--lanes-burst",
+        type=int,
+        default=50,
+        help="on-demand mints sent at once mid-night (0: none)",
+    )
+    add(
         "--sections",
-        default="rate,grid,profile,nightly,egress",
-        help="any of rate, grid, profile, nightly, egress",
+        default="rate,grid,profile,nightly,egress,lanes",
+        help="any of rate, grid, profile, nightly, egress, lanes",
     )
     add(
         "--redis-url",
@@ -144,4 +161,9 @@ def parse_args(argv: list[str] | None) -> Config:
         # Tasks of one request each: with no limit a task ends in milliseconds, and with
         # only a few tasks one worker could take them all before its twin wakes.
         config.egress_chunk = config.egress_batch
+        # A night of 200 lasts seconds without limits: mints every 0.25 s land inside it.
+        config.lanes_sizes = [200]
+        config.lanes_every = 0.25
+        config.lanes_idle = 3
+        config.lanes_burst = 5
     return config

@@ -310,7 +310,8 @@ class Workers:
         quiet = 0
         while time.monotonic() < deadline:
             queue = self.env.get("SFOX_QUEUE") or "sfox"
-            busy = self.redis.llen(queue) + self.redis.hlen("unacked")
+            batch = self.env.get("SFOX_BATCH_QUEUE") or f"{queue}.batch"
+            busy = self.redis.llen(queue) + self.redis.llen(batch) + self.redis.hlen("unacked")
             quiet = quiet + 1 if busy == 0 else 0
             if quiet >= 3:
                 return True

@@ -35,6 +35,7 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,9 +58,12 @@ __all__ = [
     "APPROACH_NIGHTLY_PACKAGE",
     "APPROACH_NIGHTLY_PLAIN",
     "EGRESS_ADDRESSES",
+    "FIRST_RUN_DATE",
     "NIGHTLY_TASK",
+    "count_at_the_stand_in",
     "section_egress",
     "section_nightly",
+    "wait_for",
 ]
 
 #: The package's nightly task, sent by name like any partner app would.
@@ -74,9 +78,13 @@ FIRST_RUN_DATE = date(2030, 1, 1)
 #: Seconds between progress lines while a long nightly run goes on.
 PROGRESS_EVERY_S = 30.0
 ORDERS_PATH = "/v1/orders"
+#: Seconds between two looks at whether the nightly task has ended.
+READY_EVERY_S = 0.05
+#: Seconds between two calls of a waiting ``tick``.
+TICK_S = 0.005
 
 
-def _count_at_the_stand_in(row: Row, stats: dict[str, Any], started_at: float) -> None:
+def count_at_the_stand_in(row: Row, stats: dict[str, Any], started_at: float) -> None:
     """Requests by kind, 429s, tokens issued twice and token ages, as the stand-in saw them."""
     by_path = stats["requests_by_path"]
     tokens_all = int(stats["requests"][TOKENS_PATH])
@@ -106,8 +114,28 @@ def _addresses(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
     }
 
 
-def _wait_for(bench: Bench, result: Any, timeout: float) -> dict[str, Any]:
-    """The task's result, saying how far it got now and then while it runs."""
+def _pause(seconds: float, tick: Callable[[], None] | None) -> None:
+    """Sleep ``seconds``, calling ``tick`` every :data:`TICK_S` meanwhile if given."""
+    if tick is None:
+        time.sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while True:
+        tick()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(TICK_S, left))
+
+
+def wait_for(
+    bench: Bench, result: Any, timeout: float, tick: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """The task's result, saying how far it got now and then while it runs.
+
+    ``tick`` is called every :data:`TICK_S` while waiting (the lanes section sends
+    and times on-demand mints from it, in this one thread).
+    """
     deadline = time.monotonic() + timeout
     said = time.monotonic()
     while not result.ready():
@@ -121,7 +149,7 @@ def _wait_for(bench: Bench, result: Any, timeout: float) -> dict[str, Any]:
             else:  # RETRY: the coordinator's turn ended, it resumes from the broker
                 bench.log(f"    {result.state}")
             said = now
-        time.sleep(0.05)
+        _pause(READY_EVERY_S, tick)
     try:
         summary: dict[str, Any] = dict(result.get(timeout=10))
     except Exception as exc:
@@ -150,8 +178,8 @@ def run_nightly_package(bench: Bench, users: int, orders: Path, run_date: date) 
         result = app.send_task(
             NIGHTLY_TASK, kwargs={"run_date": run_date.isoformat(), "orders_file": str(orders)}
         )
-        summary = _wait_for(bench, result, 3 * row.bound_s + 180)
-    _count_at_the_stand_in(row, bench.fake.stats(), started_at)
+        summary = wait_for(bench, result, 3 * row.bound_s + 180)
+    count_at_the_stand_in(row, bench.fake.stats(), started_at)
     row.placed = int(summary.get("placed", 0))
     row.tokens = row.placed + int(summary.get("already_placed", 0))
     if summary.get("status") != "done":
@@ -179,7 +207,7 @@ def run_nightly_plain(bench: Bench, users: int, orders: Path) -> Row:
         "--threads", str(threads),
     ]  # fmt: skip
     outcome = bench.loop_process(row, args, timeout=3 * row.bound_s + 180)
-    _count_at_the_stand_in(row, bench.fake.stats(), float(outcome["started_at"]))
+    count_at_the_stand_in(row, bench.fake.stats(), float(outcome["started_at"]))
     row.placed = row.tokens = int(outcome["placed"])
     return bench.record(row)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import _report_nightly
+from bench import _report_lanes, _report_nightly
 from bench._report_cpu import cpu_paragraph, profile_section, worker_cpu_per_batch
 from bench._report_nightly import _n, _s, section_rows
 
@@ -457,6 +457,10 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         _report_nightly.egress_table(results),
         "",
+        _report_lanes.HEADING,
+        "",
+        _report_lanes.section(results),
+        "",
         "## Targets",
         "",
         "| target | measured | verdict |",
@@ -474,8 +478,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    """``RESULTS.md`` and ``chart.png`` in ``out``."""
+    """``RESULTS.md``, ``chart.png`` and (if the lanes section ran) ``lanes.png`` in ``out``."""
     chart(results, out / "chart.png")
+    _report_lanes.chart(results, out / _report_lanes.CHART_NAME)
     (out / "RESULTS.md").write_text(markdown(results))
 
 

@@ -19,9 +19,11 @@ against a stand-in with no latency. Then the nightly run, the job partners
 run, at sFOX's rule: ``sfox.run_nightly_orders`` against a plain nightly loop
 and the bound; and budgets per egress address: mint tasks from 1, 2 and 4
 loopback source addresses, each with a limiter scope of its own
-(``bench._nightly``). Writes ``RESULTS.md``, ``chart.png`` and
-``out/results.json`` under ``--out``. ``--smoke`` does all of it at tiny N,
-with no rate-limit waits, in a minute or two.
+(``bench._nightly``). Last, the lanes: on-demand mint latency idle and during
+nights, and the night's time beside on-demand mints (``bench._lanes``). Writes
+``RESULTS.md``, ``chart.png``, ``lanes.png`` and ``out/results.json`` under
+``--out``. ``--smoke`` does all of it at tiny N, with no rate-limit waits, in a
+minute or two.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 
 import psutil
 
-from bench import _cpu, _nightly, _report
+from bench import _cpu, _lanes, _nightly, _report
 from bench._config import Config, parse_args
 from bench._infra import (
     ROOT,
@@ -91,6 +93,8 @@ class Bench:
         self.profile: dict[str, Any] = {}
         #: Load average (1, 5, 15 min) when each section started: the machine may be shared.
         self.load: dict[str, list[float]] = {}
+        #: The lanes section's runs and on-demand samples (``bench._lanes``), if it ran.
+        self.lanes: dict[str, Any] = {}
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -397,6 +401,7 @@ class Bench:
                 "profile": lambda: _cpu.section_profile(self),
                 "nightly": lambda: _nightly.section_nightly(self),
                 "egress": lambda: _nightly.section_egress(self),
+                "lanes": lambda: _lanes.section_lanes(self),
             }
             for name, section in sections.items():
                 if name in self.config.sections:
@@ -444,12 +449,17 @@ class Bench:
                 "egress_batch": c.egress_batch,
                 "egress_chunk": c.egress_chunk,
                 "egress_concurrency": c.egress_concurrency,
+                "lanes_sizes": c.lanes_sizes,
+                "lanes_every": c.lanes_every,
+                "lanes_idle": c.lanes_idle,
+                "lanes_burst": c.lanes_burst,
                 "smoke": c.smoke,
                 "command": "python -m bench.run " + " ".join(sys.argv[1:]),
             },
             "load": self.load,
             "rows": [row.as_json() for row in self.rows],
             "profile": self.profile,
+            "lanes": self.lanes,
         }
 
 

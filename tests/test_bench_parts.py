@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bench._lanes import on_demand_bound_s, percentiles, slot_s
 from bench._plain import (
     SlidingWindow,
     nightly_bound_s,
@@ -15,6 +16,7 @@ from bench._plain import (
     write_orders,
 )
 from bench._profile import GLUE, summarize_spy
+from bench._report_lanes import night_table
 from tasks.testing import FakeSfox
 
 
@@ -108,3 +110,54 @@ def test_plain_nightly_loop_places_every_order_once_with_tokens_minted_in_batche
     assert {o["client_order_id"] for o in stats["orders"]} == {
         f"plain-u{i:03d}-nightly" for i in range(50)
     }
+
+
+def test_percentiles_take_the_nearest_rank_and_say_none_for_no_samples() -> None:
+    """p50, p95 and max of on-demand latencies are samples themselves (nearest rank)."""
+    values = [float(v) for v in range(1, 21)]  # 1.0 .. 20.0, shuffled order must not matter
+    assert percentiles(values[::-1]) == {"p50": 10.0, "p95": 19.0, "max": 20.0}
+    assert percentiles([0.3]) == {"p50": 0.3, "p95": 0.3, "max": 0.3}
+    assert percentiles([]) == {"p50": None, "p95": None, "max": None}
+
+
+def test_on_demand_bound_is_one_request_latency_plus_one_slot_of_the_window() -> None:
+    """At 240/10s a slot is 10/240 s; with 50 ms latency an on-demand mint needs 0.0917 s."""
+    assert slot_s("240/10s") == pytest.approx(10 / 240)
+    assert on_demand_bound_s(0.05, "240/10s") == pytest.approx(0.05 + 10 / 240)
+
+
+def test_lanes_night_table_counts_the_on_demand_share_against_the_night_alone() -> None:
+    """Beside 30 on-demand mints a night shows their share (30 slots) and its time over alone."""
+
+    # Given a lanes result: a night alone and the same night beside a stream of 30 mints
+    def night(wall: float) -> dict[str, object]:
+        return {"wall_s": wall, "bound_s": 91.0, "rate_limited": 0, "notes": []}
+
+    results = {
+        "config": {"latency": 0.05, "rate": "240/10s", "batch_size": 100},
+        "lanes": {
+            "slot_s": 10 / 240,
+            "latency_bound_s": 0.05 + 10 / 240,
+            "runs": [
+                {"name": "alone", "users": 2400, "night": night(100.0)},
+                {
+                    "name": "stream",
+                    "users": 2400,
+                    "every_s": 3.0,
+                    "on_demand_requests": 30,
+                    "night": night(102.5),
+                },
+            ],
+        },
+    }
+
+    # When the report's table is made
+    rows = night_table(results).splitlines()
+
+    # Then the stream's row shows 30 requests, 1.25 s of share, and 2.5 s over the night alone
+    stream = next(row for row in rows if "one every 3 s" in row)
+    cells = [cell.strip() for cell in stream.strip("|").split("|")]
+    assert cells[7:11] == ["30", "1.25", "90%", "+2.5"]
+    assert cells[4] == f"{91.0 / 102.5:.0%}"
+    # And the sliding-window minimum of 2,424 requests: 10 whole windows after the first
+    assert cells[5:7] == ["100.0", f"{100 / 102.5:.0%}"]
