@@ -108,9 +108,11 @@ def test_default_scope_keeps_the_keys_it_had_and_a_scope_gets_its_own(redis_clie
     assert keys == {
         "sfox:ratelimit:5/10:log",
         "sfox:ratelimit:5/10:on-demand",
+        "sfox:ratelimit:5/10:pace",
         "sfox:ratelimit:pause",
         "sfox:ratelimit:scope:egress-a:5/10:log",
         "sfox:ratelimit:scope:egress-a:5/10:on-demand",
+        "sfox:ratelimit:scope:egress-a:5/10:pace",
         "sfox:ratelimit:scope:egress-a:pause",
     }
 
@@ -205,7 +207,10 @@ def test_two_egress_addresses_each_spend_their_own_budget_with_no_429(redis_clie
     for address in EGRESS:
         client = client_from(limited_fake, address)
         try:
-            limiter = RedisLimiter.from_url(REDIS_URL, rate, scope=f"egress-{address}")
+            # One lane, never paced: each scope's window alone.
+            limiter = RedisLimiter.from_url(
+                REDIS_URL, rate, scope=f"egress-{address}", batch_share=0.0
+            )
             sent[address] = send_until_the_limiter_says_wait(limiter, client)
         finally:
             client.close()
@@ -222,7 +227,9 @@ def test_scopes_behind_one_nat_overrun_the_shared_ip(redis_client, limited_fake)
     for address in EGRESS:
         client = client_from(limited_fake, address)
         try:
-            limiter = RedisLimiter.from_url(REDIS_URL, rate, scope=f"nat-{address}")
+            limiter = RedisLimiter.from_url(
+                REDIS_URL, rate, scope=f"nat-{address}", batch_share=0.0
+            )
             send_until_the_limiter_says_wait(limiter, client)
         finally:
             client.close()

@@ -68,8 +68,9 @@ def _acquire(limiter: RedisLimiter, slot: str, lane: str = "b") -> int:
                 limiter._pause_key,
                 limiter._on_demand_key,
                 limiter._waiting_key,
+                limiter._pace_key,
             ],
-            args=[limiter.rate.limit, 10_000_000, slot, 2_000_000, lane, 3, 250_000],
+            args=[limiter.rate.limit, 10_000_000, slot, 2_000_000, lane, 3, 250_000, 4],
         )
     )
 

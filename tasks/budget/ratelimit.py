@@ -33,6 +33,14 @@ share of every window (``SFOX_BATCH_SHARE``): once on-demand requests have
 taken the rest of it, they wait like batch work, so a steady stream of them
 cannot starve a night.
 
+Batch work is also *paced*: it takes slots evenly, one every ``period /
+limit`` (:data:`PACE_AHEAD` ahead at most), never a whole window in one burst.
+A window filled in a burst frees in a burst a period later and stays full in
+between, so an on-demand request would wait seconds for its next free slot;
+paced, slots free one by one and the next is a fraction of a second away. The
+pace costs a run nothing past its first window (the window allows no more on
+average), and every slot taken, an on-demand one too, moves it on.
+
 Waiting for the limiter is not a failure: :meth:`Limiter.acquire` either
 sleeps (up to ``max_wait``) or raises :class:`LimiterWait` with the time left,
 which the caller turns into a broker countdown without spending its retry
@@ -89,6 +97,8 @@ Lane = Literal["on_demand", "batch"]
 
 #: Seconds past its wait that a waiting on-demand request keeps its place in the window.
 WAITING_GRACE = 0.25
+#: Slots batch work may take ahead of its even pace (after a lull, or to catch up).
+PACE_AHEAD = 4
 
 
 def on_demand_cap(rate: Rate, batch_share: float) -> int:
@@ -247,6 +257,7 @@ class RedisLimiter:
         self._pause_key = f"{prefix}:pause"
         self._on_demand_key = f"{window}:on-demand"
         self._waiting_key = f"{window}:waiting"
+        self._pace_key = f"{window}:pace"
         self._acquire = script(client, lua(_LUA, "acquire"))
         self._release = script(client, lua(_LUA, "release"))
         self._pause = script(client, lua(_LUA, "pause"))
@@ -283,7 +294,13 @@ class RedisLimiter:
         try:
             wait_us = int(
                 self._acquire(
-                    keys=[self._log_key, self._pause_key, self._on_demand_key, self._waiting_key],
+                    keys=[
+                        self._log_key,
+                        self._pause_key,
+                        self._on_demand_key,
+                        self._waiting_key,
+                        self._pace_key,
+                    ],
                     args=[
                         self.rate.limit,
                         int(self.rate.period * 1_000_000),
@@ -292,6 +309,7 @@ class RedisLimiter:
                         "o" if self.lane == ON_DEMAND else "b",
                         on_demand_cap(self.rate, self.batch_share),
                         int(self.grace * 1_000_000),
+                        PACE_AHEAD,
                     ],
                 )
             )
@@ -328,6 +346,8 @@ class _Window:
     #: waiting on-demand slot -> until when its place is kept
     waiting: dict[str, float] = field(default_factory=dict)
     paused_until: float = 0.0
+    #: when the next slot is due by the pace
+    due: float = 0.0
 
     def prune(self, now: float, period: float) -> None:
         for book, cutoff in ((self.log, now - period), (self.on_demand, now - period)):
@@ -373,18 +393,24 @@ class LocalLimiter:
             on_demand = self.lane == ON_DEMAND
             first = on_demand and len(w.on_demand) < on_demand_cap(self.rate, self.batch_share)
             ahead = 0 if first else len(w.waiting) - (slot in w.waiting)
-            if len(w.log) + ahead < limit:
+            interval = period / limit
+            due = max(w.due, now)
+            paced = 0.0 if first else due - PACE_AHEAD * interval - now
+            if len(w.log) + ahead < limit and paced <= 0:
+                w.due = due + interval
                 w.log[slot] = now + max(0.0, hold)
                 if on_demand:
                     w.on_demand[slot] = w.log[slot]
                     w.waiting.pop(slot, None)
                 return 0.0, False, slot
+            wait = 0.0
             leave = len(w.log) + ahead - limit
-            times = sorted(w.log.values())
-            wait = min(times[leave] + period - now, period) if leave < len(times) else period
-            if ahead > 0 and w.waiting:
-                wait = min(wait, min(w.waiting.values()) - now)
-            wait = max(wait, 0.0) + 1e-6
+            if leave >= 0:
+                times = sorted(w.log.values())
+                wait = min(times[leave] + period - now, period) if leave < len(times) else period
+                if ahead > 0 and w.waiting:
+                    wait = min(wait, min(w.waiting.values()) - now)
+            wait = max(wait, paced, 0.0) + 1e-6
             if first:
                 w.waiting[slot] = now + wait + WAITING_GRACE
             return wait, False, ""

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 
 from tasks._settings import Rate
-from tasks.budget.ratelimit import BATCH, ON_DEMAND, WAITING_GRACE, LocalLimiter, on_demand_cap
+from tasks.budget.ratelimit import (
+    BATCH,
+    ON_DEMAND,
+    PACE_AHEAD,
+    WAITING_GRACE,
+    LocalLimiter,
+    on_demand_cap,
+)
 
 
 class Clock:
@@ -121,3 +128,46 @@ def test_the_on_demand_lane_goes_first_for_the_rest_of_the_window():
     assert cap() == 120  # 240/10s, half kept for batch work
     assert cap(SFOX_BATCH_SHARE="0") == 240
     assert cap(SFOX_BATCH_SHARE="0.9", SFOX_RATE_LIMIT="100/10s") == 10
+
+
+# ---- the pace of batch work ---------------------------------------------------------------
+
+
+def test_batch_work_takes_its_slots_evenly_not_the_window_at_once():
+    """240/10s: after PACE_AHEAD slots at once, batch work gets one slot every 1/24 s."""
+    clock, _, batch = limiters("240/10s")
+    interval = 10 / 240
+    taken = [batch.try_acquire()[0] == 0 for _ in range(PACE_AHEAD + 1)]
+    assert all(taken)
+    wait, paused, _ = batch.try_acquire()
+    assert not paused and wait == pytest.approx(interval, abs=1e-3)
+    clock.now += wait
+    assert batch.try_acquire()[0] == 0
+    assert batch.try_acquire()[0] > 0
+
+
+def test_on_demand_requests_are_not_paced_but_move_the_pace_on():
+    _, on_demand, batch = limiters("240/10s")
+    for _ in range(20):
+        assert on_demand.try_acquire()[0] == 0  # a burst of live mints goes at once
+    wait, _, _ = batch.try_acquire()
+    # batch work waits for the slots the burst took: 20 - 4 ahead, one every 1/24 s
+    assert wait == pytest.approx((20 - PACE_AHEAD) * 10 / 240, abs=1e-3)
+
+
+def test_a_paced_night_keeps_the_window_free_one_slot_at_a_time():
+    """A full minute of batch work at its pace: never more than the window allows, and
+    at any moment the next slot frees within one interval, for an on-demand request."""
+    clock, on_demand, batch = limiters("240/10s")
+    interval = 10 / 240
+    times = []
+    while clock.now < 60:
+        wait, _, _ = batch.try_acquire()
+        if wait == 0:
+            times.append(clock.now)
+        else:
+            clock.now += wait
+    assert len(times) == pytest.approx(60 / interval, abs=PACE_AHEAD + 2)
+    assert max(sum(1 for t in times if s <= t < s + 10) for s in times) <= 240
+    wait, _, _ = on_demand.try_acquire(slot="live")
+    assert wait <= interval + 1e-3

@@ -6,7 +6,7 @@ from datetime import date
 
 from tasks._redis import lua, script
 from tasks._settings import Rate
-from tasks.budget.ratelimit import RedisLimiter
+from tasks.budget.ratelimit import PACE_AHEAD, RedisLimiter
 from tasks.fanout.store import Chunk, JitRun
 from tasks.nightly.store import NightlyRun
 
@@ -40,16 +40,22 @@ def test_a_script_is_registered_once_per_client():
 
 
 def test_the_limiters_scripts_get_log_and_pause_keys():
-    """acquire: KEYS log, pause, on-demand log, waiting; ARGV limit, period us, slot,
-    hold us, lane, on-demand cap, grace us. pause: ms."""
+    """acquire: KEYS log, pause, on-demand log, waiting, pace; ARGV limit, period us, slot,
+    hold us, lane, on-demand cap, grace us, pace ahead. pause: ms."""
     client = RecordingClient()
     limiter = RedisLimiter(client, Rate.parse("240/10s"), prefix="p", batch_share=0.25)
     assert limiter.try_acquire(hold=0.5)[0] == 0.0
     source, keys, args = client.calls[-1]
     assert source == lua("tasks.budget", "acquire")
-    assert keys == ["p:240/10:log", "p:pause", "p:240/10:on-demand", "p:240/10:waiting"]
+    assert keys == [
+        "p:240/10:log",
+        "p:pause",
+        "p:240/10:on-demand",
+        "p:240/10:waiting",
+        "p:240/10:pace",
+    ]
     assert args[:2] == [240, 10_000_000] and args[3] == 500_000
-    assert args[4:] == ["o", 180, 250_000]
+    assert args[4:] == ["o", 180, 250_000, PACE_AHEAD]
     limiter.in_lane("batch").try_acquire(slot="s1")
     assert client.calls[-1][2][2] == "s1" and client.calls[-1][2][4] == "b"
     limiter.release(args[2])
