@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -51,6 +53,8 @@ class SentinelTopology:
         self.data_ports = [free_port(), free_port()]
         self.sentinel_ports = [free_port(), free_port(), free_port()]
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: Each data port's redis-server and its arguments, to stop, kill and start again.
+        self.servers: dict[int, tuple[subprocess.Popen[bytes], list[str]]] = {}
         self.failovers = 0
 
     @property
@@ -63,15 +67,15 @@ class SentinelTopology:
         """CELERY_BROKER_TRANSPORT_OPTIONS (and the result backend's) for this topology."""
         return json.dumps({"master_name": MASTER_NAME})
 
-    def _spawn(self, args: list[str], name: str) -> None:
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = self.directory / f"{name}.log"
-        self.procs.append(
-            subprocess.Popen(
-                ["redis-server", *args, "--logfile", str(log)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        proc = subprocess.Popen(
+            ["redis-server", *args, "--logfile", str(log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        self.procs.append(proc)
+        return proc
 
     def start(self, timeout: float = 30.0) -> SentinelTopology:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -86,7 +90,7 @@ class SentinelTopology:
             ]  # fmt: skip
             if port == replica_port:
                 args += ["--replicaof", "127.0.0.1", str(master_port)]
-            self._spawn(args, f"redis{index}")
+            self.servers[port] = (self._spawn(args, f"redis{index}"), args)
         for port in self.data_ports:
             _wait(lambda p=port: _client(p).ping(), timeout, f"redis-server on {port}")
         _wait(lambda: self._replica_in_sync(master_port), timeout, "the replica to sync")
@@ -122,6 +126,11 @@ class SentinelTopology:
     def replica_port(self) -> int:
         master = self.master_port()
         return next(p for p in self.data_ports if p != master)
+
+    def wait_in_sync(self, timeout: float = 30.0) -> None:
+        """Back once the replica follows the master and every sentinel knows it."""
+        _wait(lambda: self._replica_in_sync(self.master_port()), timeout, "the replica to sync")
+        _wait(self._sentinels_agree, timeout, "the sentinels to know the replica")
 
     def _replica_in_sync(self, master: int) -> bool:
         replica = next(p for p in self.data_ports if p != master)
@@ -163,6 +172,37 @@ class SentinelTopology:
 
         _wait(switched, timeout, "every sentinel to name the new master")
         _wait(lambda: self._replica_in_sync(new), timeout, "the old master to follow the new one")
+        return new
+
+    def wait_master(self, port: int, timeout: float = 40.0) -> None:
+        """Back once every sentinel names ``port`` as the master's and it says it is one."""
+
+        def named() -> bool:
+            if any(_client(p).sentinel_get_master_addr_by_name(MASTER_NAME)[1] != port
+                   for p in self.sentinel_ports):  # fmt: skip
+                return False
+            return _client(port).info("replication").get("role") == "master"
+
+        _wait(named, timeout, f"every sentinel to name {port} the master")
+
+    def signal(self, port: int, sig: signal.Signals) -> None:
+        """Send ``sig`` to the redis-server on ``port`` (SIGSTOP: a master cut off)."""
+        os.kill(self.servers[port][0].pid, sig)
+
+    def kill_master(self, timeout: float = 60.0) -> int:
+        """SIGKILL the master; back once the replica leads and the killed one follows it, empty.
+
+        The killed server starts again only after the failover: started sooner,
+        empty, it would still be the master and its replica would copy its emptiness.
+        """
+        old = self.master_port()
+        proc, args = self.servers[old]
+        proc.kill()
+        proc.wait(10)
+        new = self.replica_port()
+        self.wait_master(new, timeout)
+        self.servers[old] = (self._spawn(args, f"redis-{old}-again"), args)
+        self.wait_in_sync(timeout)
         return new
 
     def stop(self) -> None:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
-from tasks._redis import redis_client, with_master_name
+from tasks._redis import ReplicatedRedis, redis_client, with_master_name
 from tests.conftest import REDIS_URL
 from tests.sentinel_topology import MASTER_NAME, SentinelTopology
 from tests.services import run_text
@@ -163,3 +165,61 @@ def test_mints_run_through_a_failover_and_keep_their_ttl(topology, fake_sfox, tm
         worker.stop()
         store.close()
         fake_sfox.configure(latency=0.0)
+
+
+@pytest.fixture
+def books(topology):
+    """The package's own client of the topology's master, as the run books use it."""
+    client = redis_client(with_master_name(topology.url, MASTER_NAME))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_only_a_sentinel_client_waits_for_a_replica(books):
+    """Plain Redis gets redis-py's own client (no WAIT); a Sentinel master the waiting one."""
+    plain = redis_client(REDIS_URL)
+    assert type(plain) is redis.Redis
+    assert type(plain.pipeline()) is redis.client.Pipeline
+    assert isinstance(books, ReplicatedRedis)
+    plain.close()
+
+
+def test_a_write_a_cut_off_master_took_is_written_again_on_the_new(topology, books):
+    """A run-book write landing on a master the sentinels replaced is made again on the new one.
+
+    The master is stopped (SIGSTOP: cut off) until its replica is promoted, then
+    let go: for some seconds, until the sentinels turn it into a replica, it takes
+    writes as a master and throws them away at its first sync. A connection it
+    held through all this writes there; no replica acknowledges, and the write is
+    made again on the master the sentinels name.
+    """
+    held = books.client()  # one connection, held: nothing asks the sentinels before the write
+    held.set("sfox:drill:warm", "1")
+    old, new = topology.master_port(), topology.replica_port()
+    topology.signal(old, signal.SIGSTOP)
+    try:
+        topology.wait_master(new)
+    finally:
+        topology.signal(old, signal.SIGCONT)
+    try:
+        assert held.connection.port == old
+        assert held.hset("sfox:drill:books", "chunk", "done") == 1
+        assert held.connection.port == new
+        assert redis.Redis(port=new).hget("sfox:drill:books", "chunk") == b"done"
+    finally:
+        held.close()
+        topology.wait_in_sync()
+
+
+def test_a_master_without_a_replica_still_takes_writes(topology, books):
+    """With no replica to acknowledge, a write stands on the master the sentinels name."""
+    master, replica = topology.master_port(), topology.replica_port()
+    redis.Redis(port=replica).replicaof("NO", "ONE")
+    try:
+        assert books.set("sfox:drill:alone", "1")
+        assert redis.Redis(port=master).get("sfox:drill:alone") == b"1"
+    finally:
+        redis.Redis(port=replica).replicaof("127.0.0.1", master)
+        topology.wait_in_sync()
