@@ -70,6 +70,8 @@ __all__ = [
     "REDIS_SCHEMES",
     "REPLICA_ACK_MS",
     "STORE_ERRORS",
+    "FollowingConnection",
+    "FollowingSSLConnection",
     "OutOfMemoryError",
     "RedisFacts",
     "ReplicatedRedis",
@@ -107,7 +109,7 @@ REPLICA_ACK_MS = 100
 
 
 class UnreplicatedWrite(redis.ConnectionError):
-    """A write no replica acknowledged, on a master a failover is replacing: write it again.
+    """A write no replica acknowledged, that a failover could throw away: write it again.
 
     A ``ConnectionError``: the in-place retry (and, past it, the broker) handles it
     as the outage it is, on a new connection to the master the sentinels name.
@@ -300,7 +302,7 @@ def redis_client(url: str) -> redis.Redis[bytes]:
 MASTER_CHECK_INTERVAL = 1.0
 
 
-class _FollowingConnection(redis.sentinel.SentinelManagedConnection):
+class FollowingConnection(redis.sentinel.SentinelManagedConnection):
     """A master's connection that asks the sentinels where the master is at every connect.
 
     redis-py's asks only when the pool hands the connection out: a command's
@@ -309,15 +311,15 @@ class _FollowingConnection(redis.sentinel.SentinelManagedConnection):
     """
 
     def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
-        if self._sock is None and self.connection_pool.is_master:
+        if getattr(self, "_sock", None) is None and self.connection_pool.is_master:
             # No sentinel answering now is for the connect itself to say.
             with contextlib.suppress(redis.ConnectionError):
                 self.host, self.port = self.connection_pool.get_master_address()
-        super().connect_check_health(*args, **kwargs)
+        super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
 
-class _FollowingSSLConnection(_FollowingConnection, redis.sentinel.SentinelManagedSSLConnection):
-    """:class:`_FollowingConnection` over TLS."""
+class FollowingSSLConnection(FollowingConnection, redis.sentinel.SentinelManagedSSLConnection):
+    """:class:`FollowingConnection` over TLS."""
 
 
 class _FollowingPool(redis.sentinel.SentinelConnectionPool):
@@ -334,7 +336,7 @@ class _FollowingPool(redis.sentinel.SentinelConnectionPool):
 
     def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
         tls = kwargs.pop("ssl", False)
-        kwargs["connection_class"] = _FollowingSSLConnection if tls else _FollowingConnection
+        kwargs["connection_class"] = FollowingSSLConnection if tls else FollowingConnection
         super().__init__(service_name, sentinel_manager, **kwargs)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -391,40 +393,84 @@ def replicated(pool: Any, connection: Any) -> None:
 
     ``WAIT 1`` :data:`REPLICA_ACK_MS` on the connection that wrote. When no
     replica acknowledges in time, the sentinels decide (:func:`stands`): the write
-    stands on the master they name once no failover is under way (a master whose
-    replica is down or catching up: nothing better can be had); else it raises
-    :class:`UnreplicatedWrite`, and the caller's retry writes it again on a new
-    connection, which asks the sentinels for the master.
+    stands on the master they name when no failover is under way and no replica
+    of it is up; else it raises :class:`UnreplicatedWrite`, and the caller's retry
+    writes it again (every write of the package may run twice) on a new
+    connection, which asks the sentinels for the master: past the retries, the
+    task goes back to the broker as for any Redis outage.
     """
     try:
         connection.send_command("WAIT", 1, REPLICA_ACK_MS)
         acked = int(connection.read_response())
     except redis.ResponseError:  # a demoted master, now a replica, refuses WAIT
         acked = 0
-    if acked >= 1 or stands(pool, (connection.host, connection.port)):
+    if acked >= 1:
         return
+    if stands(pool, (connection.host, connection.port)):
+        logger.info(
+            "no replica of the Sentinel master %s took a write within %d ms: it stands there",
+            getattr(pool, "service_name", "?"),
+            REPLICA_ACK_MS,
+        )
+        return
+    logger.info(
+        "a write on %s:%s was taken by no replica within the wait, and the sentinels of %s "
+        "name another master, are failing over or know a replica catching up: it is "
+        "written again",
+        connection.host,
+        connection.port,
+        getattr(pool, "service_name", "?"),
+    )
     raise UnreplicatedWrite(
-        f"no replica took a write within {REPLICA_ACK_MS} ms and the sentinels name another "
-        "master, or are failing over: written again on the master they name"
+        f"no replica took a write within {REPLICA_ACK_MS} ms, and the sentinels name another "
+        "master, are failing over or know a replica catching up: written again"
     )
 
 
-def stands(pool: Any, address: tuple[Any, Any]) -> bool:
-    """Whether a write no replica acknowledged, made at ``address``, survives a failover.
+def stands(pool: Any, address: tuple[Any, Any] | None = None, *, run_id: str | None = None) -> bool:
+    """Whether a write no replica acknowledged, made at ``address`` (or on the server
+    whose ``run_id`` is given), may stand there.
 
-    Only on the master the sentinels name, while none of them is failing over.
-    With no sentinel answering, nothing better can be known: it stands.
+    Only on the master the sentinels name, while none of them is failing over,
+    and when they know no live replica of it: a replica that is up but has not
+    caught up (a resync after a failover or a restart) is waited for, since a
+    failover now would promote it without the write. A master with no replica up
+    and replicating (all down, or an old master the sentinels have not yet turned
+    into one) takes writes alone: nothing better can be had, and the replica that
+    comes copies them in its first sync. With no sentinel answering, nothing better can be
+    known: it stands.
     """
     states = []
     for sentinel in getattr(pool.sentinel_manager, "sentinels", ()):
         with contextlib.suppress(redis.RedisError):
-            states.append(sentinel.sentinel_master(pool.service_name))
+            states.append((sentinel, sentinel.sentinel_master(pool.service_name)))
     if not states:
         return True
-    current = max(states, key=lambda state: int(state.get("config-epoch") or 0))
-    failing_over = any("failover_in_progress" in str(s.get("flags", "")) for s in states)
-    named = (str(current.get("ip")), int(current.get("port") or 0))
-    return not failing_over and named == (str(address[0]), int(address[1] or 0))
+    asked, current = max(states, key=lambda found: int(found[1].get("config-epoch") or 0))
+    failing_over = any("failover_in_progress" in str(s.get("flags", "")) for _, s in states)
+    if address is not None:
+        named = (str(current.get("ip")), int(current.get("port") or 0))
+        elsewhere = named != (str(address[0]), int(address[1] or 0))
+    else:
+        elsewhere = not run_id or str(current.get("runid") or "") != run_id
+    if failing_over or elsewhere:
+        return False
+    try:
+        replicas = asked.sentinel_slaves(pool.service_name)
+    except redis.RedisError:
+        return True
+    return not any(_live(replica) for replica in replicas)
+
+
+def _live(replica: Mapping[str, Any]) -> bool:
+    """Whether the sentinels see a replica up and replicating (if perhaps not caught up).
+
+    An old master not yet turned into a replica (the sentinels do it some seconds
+    after a failover) still reports ``master``: it holds nothing to wait for.
+    """
+    flags = str(replica.get("flags", ""))
+    down = "s_down" in flags or "o_down" in flags or "disconnected" in flags
+    return not down and str(replica.get("role-reported", "slave")) == "slave"
 
 
 class ReplicatedRedis(redis.Redis):  # type: ignore[type-arg]
