@@ -14,8 +14,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
+from celery import Celery
 
 from tasks.testing.process import stop_process
 from tests.services import free_port
@@ -127,15 +129,33 @@ class SentinelTopology:
         master = self.master_port()
         return next(p for p in self.data_ports if p != master)
 
+    def wait_replica_down(self, timeout: float = 30.0) -> None:
+        """Back once every sentinel deems the replica down (s_down)."""
+
+        def down() -> bool:
+            return all(
+                all("s_down" in str(r.get("flags", ""))
+                    for r in _client(p).sentinel_slaves(MASTER_NAME))
+                for p in self.sentinel_ports
+            )  # fmt: skip
+
+        _wait(down, timeout, "the sentinels to deem the replica down")
+
     def wait_in_sync(self, timeout: float = 30.0) -> None:
         """Back once the replica follows the master and every sentinel knows it."""
         _wait(lambda: self._replica_in_sync(self.master_port()), timeout, "the replica to sync")
         _wait(self._sentinels_agree, timeout, "the sentinels to know the replica")
 
     def _replica_in_sync(self, master: int) -> bool:
+        """Whether the replica follows ``master`` and has acknowledged everything it holds."""
         replica = next(p for p in self.data_ports if p != master)
         info = _client(replica).info("replication")
-        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+        if info.get("role") != "slave" or info.get("master_link_status") != "up":
+            return False
+        # A write, then WAIT on the same connection: the replica holds all the master has.
+        with _client(master).pipeline(transaction=False) as pipe:
+            pipe.incr("sentinel-topology:probe").wait(1, 1000)
+            return bool(pipe.execute()[1] >= 1)
 
     def _sentinels_agree(self) -> bool:
         for port in self.sentinel_ports:
@@ -210,3 +230,31 @@ class SentinelTopology:
         for proc in reversed(self.procs):
             stop_process(proc, 10)
         self.procs.clear()
+
+
+class SentinelCaller:
+    """Sends tasks by name through the sentinels, as a partner's app configured for them would.
+
+    With the package's transport (``amqp=...``), as the Redis guide advises a
+    partner: its publishes wait for a replica too.
+    """
+
+    def __init__(self, topo: SentinelTopology, queue: str) -> None:
+        self.queue = queue
+        self.app = Celery(
+            "sentinel-caller", set_as_current=False, amqp="tasks.worker.transport:AMQP"
+        )
+        self.app.conf.update(
+            broker_transport_options={"master_name": MASTER_NAME},
+            task_serializer="json",
+            accept_content=["json"],
+            task_publish_retry_policy={"max_retries": 20, "interval_step": 0.5, "interval_max": 2},
+        )
+        self.connection = self.app.connection_for_write(topo.url)
+
+    def send(self, name: str, **options: Any) -> Any:
+        """The task's AsyncResult."""
+        return self.app.send_task(name, connection=self.connection, queue=self.queue, **options)
+
+    def close(self) -> None:
+        self.connection.release()
