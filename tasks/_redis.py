@@ -26,9 +26,15 @@ with an ERROR line that names memory (:data:`STORE_ERRORS` includes
 
 Redis Sentinel is reached with ``sentinel://h1:p1;sentinel://h2:p2`` and a
 master name (:func:`redis_client`); the client asks the sentinels for the
-master and follows a failover. :func:`inspect_redis` reads what the package
-needs to know about a Redis before relying on it: its eviction policy, and
-whether it is a Cluster node.
+master and follows a failover. Replication is asynchronous, and a failover
+throws away what the old master took that no replica had: so on a
+Sentinel-managed master every write of the package's clients waits for a
+replica to acknowledge it (``WAIT``, :func:`replicated`), and a write none
+acknowledged, made to a master the sentinels no longer name or during a
+failover, is an outage like a dropped connection: written again, on the master
+the sentinels name. Plain Redis sends no ``WAIT``. :func:`inspect_redis` reads
+what the package needs to know about a Redis before relying on it: its
+eviction policy, and whether it is a Cluster node.
 
 Celery's own Redis use (publishing, acknowledgements, results) is covered by
 Celery's and kombu's settings in ``celeryconfig.py``.
@@ -62,15 +68,21 @@ __all__ = [
     "REDIS_OUTAGE_COUNTDOWN",
     "REDIS_RETRIES",
     "REDIS_SCHEMES",
+    "REPLICA_ACK_MS",
     "STORE_ERRORS",
+    "FollowingConnection",
+    "FollowingSSLConnection",
     "OutOfMemoryError",
     "RedisFacts",
+    "ReplicatedRedis",
+    "UnreplicatedWrite",
     "inspect_redis",
     "is_sentinel",
     "lua",
     "masked_url",
     "probe_client",
     "redis_client",
+    "replicated",
     "report_full",
     "script",
     "sentinel_master_name",
@@ -91,6 +103,18 @@ REDIS_OUTAGE_COUNTDOWN = 5.0
 #: Seconds one command may wait for its answer, and to connect.
 REDIS_SOCKET_TIMEOUT = 5.0
 REDIS_CONNECT_TIMEOUT = 2.0
+
+#: Milliseconds a write on a Sentinel-managed master waits for a replica's acknowledgement.
+REPLICA_ACK_MS = 100
+
+
+class UnreplicatedWrite(redis.ConnectionError):
+    """A write no replica acknowledged, that a failover could throw away: write it again.
+
+    A ``ConnectionError``: the in-place retry (and, past it, the broker) handles it
+    as the outage it is, on a new connection to the master the sentinels name.
+    """
+
 
 #: What Redis raises for an outage (``BusyLoadingError``, a restart loading its data,
 #: is a ``ConnectionError``; a failover's ``ReadOnlyError`` from the old master becomes
@@ -265,6 +289,7 @@ def redis_client(url: str) -> redis.Redis[bytes]:
     where = _where(url, sentinel_master_name(url))
     return _client(
         url,
+        redis_class=ReplicatedRedis,
         retry=_StoreRetry(where),
         retry_on_error=list(STORE_ERRORS),
         socket_timeout=REDIS_SOCKET_TIMEOUT,
@@ -275,6 +300,26 @@ def redis_client(url: str) -> redis.Redis[bytes]:
 
 #: Seconds between two questions to the sentinels about where the master is, per pool.
 MASTER_CHECK_INTERVAL = 1.0
+
+
+class FollowingConnection(redis.sentinel.SentinelManagedConnection):
+    """A master's connection that asks the sentinels where the master is at every connect.
+
+    redis-py's asks only when the pool hands the connection out: a command's
+    retry in place reconnects to the address it had, a master that has died or
+    been demoted, until its retries run out.
+    """
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_sock", None) is None and self.connection_pool.is_master:
+            # No sentinel answering now is for the connect itself to say.
+            with contextlib.suppress(redis.ConnectionError):
+                self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+
+class FollowingSSLConnection(FollowingConnection, redis.sentinel.SentinelManagedSSLConnection):
+    """:class:`FollowingConnection` over TLS."""
 
 
 class _FollowingPool(redis.sentinel.SentinelConnectionPool):
@@ -288,6 +333,11 @@ class _FollowingPool(redis.sentinel.SentinelConnectionPool):
     """
 
     _checked_at = -MASTER_CHECK_INTERVAL
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        tls = kwargs.pop("ssl", False)
+        kwargs["connection_class"] = FollowingSSLConnection if tls else FollowingConnection
+        super().__init__(service_name, sentinel_manager, **kwargs)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         now = time.monotonic()
@@ -306,7 +356,7 @@ def probe_client(url: str, timeout: float) -> redis.Redis[bytes]:
     )
 
 
-def _client(url: str, **options: Any) -> redis.Redis[bytes]:
+def _client(url: str, *, redis_class: Any = redis.Redis, **options: Any) -> redis.Redis[bytes]:
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
     hosts, master_name, master, sentinel_kwargs = _sentinel_spec(url)
@@ -315,9 +365,151 @@ def _client(url: str, **options: Any) -> redis.Redis[bytes]:
             sentinel_kwargs.setdefault(name, options[name])
     sentinel = redis.sentinel.Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **master)
     client: redis.Redis[bytes] = sentinel.master_for(
-        master_name, connection_pool_class=_FollowingPool, **options
+        master_name, redis_class=redis_class, connection_pool_class=_FollowingPool, **options
     )
     return client
+
+
+#: Commands that write nothing, so wait for no replica. Any other command waits: a
+#: write the package adds later is covered without being listed.
+_READS = frozenset({
+    "AUTH", "CLIENT", "COMMAND", "CONFIG", "DBSIZE", "ECHO", "EVALSHA_RO", "EVAL_RO",
+    "EXISTS", "GET", "HELLO", "HEXISTS", "HGET", "HGETALL", "HKEYS", "HLEN", "HMGET",
+    "HSCAN", "HVALS", "INFO", "KEYS", "LINDEX", "LLEN", "LRANGE", "MEMORY", "MGET",
+    "OBJECT", "PING", "PTTL", "ROLE", "SCAN", "SCARD", "SELECT", "SENTINEL", "SISMEMBER",
+    "SMEMBERS", "SMISMEMBER", "SRANDMEMBER", "SSCAN", "STRLEN", "TIME", "TTL", "TYPE",
+    "WAIT", "ZCARD", "ZCOUNT", "ZRANGE", "ZRANGEBYSCORE", "ZRANK", "ZREVRANGE",
+    "ZREVRANGEBYSCORE", "ZSCAN", "ZSCORE",
+})  # fmt: skip
+
+
+def _writes(command: Any) -> bool:
+    name = command.decode() if isinstance(command, bytes) else str(command)
+    return name.split(" ", 1)[0].upper() not in _READS
+
+
+def replicated(pool: Any, connection: Any) -> None:
+    """Return once a replica has every write made on ``connection``, or the write may stand.
+
+    ``WAIT 1`` :data:`REPLICA_ACK_MS` on the connection that wrote. When no
+    replica acknowledges in time, the sentinels decide (:func:`stands`): the write
+    stands on the master they name when no failover is under way and no replica
+    of it is up; else it raises :class:`UnreplicatedWrite`, and the caller's retry
+    writes it again (every write of the package may run twice) on a new
+    connection, which asks the sentinels for the master: past the retries, the
+    task goes back to the broker as for any Redis outage.
+    """
+    try:
+        connection.send_command("WAIT", 1, REPLICA_ACK_MS)
+        acked = int(connection.read_response())
+    except redis.ResponseError:  # a demoted master, now a replica, refuses WAIT
+        acked = 0
+    if acked >= 1:
+        return
+    if stands(pool, (connection.host, connection.port)):
+        logger.info(
+            "no replica of the Sentinel master %s took a write within %d ms: it stands there",
+            getattr(pool, "service_name", "?"),
+            REPLICA_ACK_MS,
+        )
+        return
+    logger.info(
+        "a write on %s:%s was taken by no replica within the wait, and the sentinels of %s "
+        "name another master, are failing over or know a replica catching up: it is "
+        "written again",
+        connection.host,
+        connection.port,
+        getattr(pool, "service_name", "?"),
+    )
+    raise UnreplicatedWrite(
+        f"no replica took a write within {REPLICA_ACK_MS} ms, and the sentinels name another "
+        "master, are failing over or know a replica catching up: written again"
+    )
+
+
+def stands(pool: Any, address: tuple[Any, Any] | None = None, *, run_id: str | None = None) -> bool:
+    """Whether a write no replica acknowledged, made at ``address`` (or on the server
+    whose ``run_id`` is given), may stand there.
+
+    Only on the master the sentinels name, while none of them is failing over,
+    and when they know no live replica of it: a replica that is up but has not
+    caught up (a resync after a failover or a restart) is waited for, since a
+    failover now would promote it without the write. A master with no replica up
+    and replicating (all down, or an old master the sentinels have not yet turned
+    into one) takes writes alone: nothing better can be had, and the replica that
+    comes copies them in its first sync. With no sentinel answering, nothing better can be
+    known: it stands.
+    """
+    states = []
+    for sentinel in getattr(pool.sentinel_manager, "sentinels", ()):
+        with contextlib.suppress(redis.RedisError):
+            states.append((sentinel, sentinel.sentinel_master(pool.service_name)))
+    if not states:
+        return True
+    asked, current = max(states, key=lambda found: int(found[1].get("config-epoch") or 0))
+    failing_over = any("failover_in_progress" in str(s.get("flags", "")) for _, s in states)
+    if address is not None:
+        named = (str(current.get("ip")), int(current.get("port") or 0))
+        elsewhere = named != (str(address[0]), int(address[1] or 0))
+    else:
+        elsewhere = not run_id or str(current.get("runid") or "") != run_id
+    if failing_over or elsewhere:
+        return False
+    try:
+        replicas = asked.sentinel_slaves(pool.service_name)
+    except redis.RedisError:
+        return True
+    return not any(_live(replica) for replica in replicas)
+
+
+def _live(replica: Mapping[str, Any]) -> bool:
+    """Whether the sentinels see a replica up and replicating (if perhaps not caught up).
+
+    An old master not yet turned into a replica (the sentinels do it some seconds
+    after a failover) still reports ``master``: it holds nothing to wait for.
+    """
+    flags = str(replica.get("flags", ""))
+    down = "s_down" in flags or "o_down" in flags or "disconnected" in flags
+    return not down and str(replica.get("role-reported", "slave")) == "slave"
+
+
+class ReplicatedRedis(redis.Redis):  # type: ignore[type-arg]
+    """A client of a Sentinel-managed master whose every write waits for a replica.
+
+    The ``WAIT`` is sent inside the command's own retry, on the connection that
+    wrote: a write that must be made again is made again, with its ``WAIT``.
+    """
+
+    def _send_command_parse_response(
+        self, conn: Any, command_name: Any, *args: Any, **options: Any
+    ) -> Any:
+        reply = super()._send_command_parse_response(conn, command_name, *args, **options)  # type: ignore[misc]
+        if _writes(command_name):
+            replicated(self.connection_pool, conn)
+        return reply
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        return ReplicatedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+
+
+class ReplicatedPipeline(redis.client.Pipeline):  # type: ignore[type-arg]
+    """A pipeline of :class:`ReplicatedRedis`: one ``WAIT`` after the whole batch, if it wrote."""
+
+    def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        reply = super()._execute_transaction(connection, commands, raise_on_error)  # type: ignore[misc]
+        self._replicated(connection, commands)
+        return reply
+
+    def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+        reply = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[misc]
+        self._replicated(connection, commands)
+        return reply
+
+    def _replicated(self, connection: Any, commands: Any) -> None:
+        if any(_writes(args[0]) for args, _options in commands):
+            replicated(self.connection_pool, connection)
 
 
 def _sentinel_spec(

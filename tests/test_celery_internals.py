@@ -1,4 +1,4 @@
-"""Every private name of Celery, kombu, billiard and prometheus_client the package relies on.
+"""Every private name of Celery, kombu, billiard, redis-py and prometheus_client the package uses.
 
 Each row names one internal, the package module that uses it, and what it must
 look like (an attribute, a method with these parameters, or a name the class's
@@ -119,6 +119,18 @@ INTERNALS = [
         params=("self", "asynchronous"),
     ),
     Internal(
+        "kombu.transport.redis:Channel._get_client",
+        "worker/transport.py: the Sentinel channel's client waits for a replica",
+        kind="method",
+        params=("self",),
+    ),
+    Internal(
+        "kombu.transport.redis:SentinelChannel._get_pool",
+        "worker/transport.py: the Sentinel channel is the package's channel on kombu's",
+        kind="method",
+        params=("self", "asynchronous"),
+    ),
+    Internal(
         "kombu.transport.redis:Channel._do_restore_message",
         "worker/transport.py: a put-back message gets its own header",
         kind="method",
@@ -155,6 +167,33 @@ INTERNALS = [
         "kombu.transport.virtual.base:Channel.connection",
         "worker/transport.py: the connection that delivers a take",
         kind="assigned",
+    ),
+    # -- redis-py: the package's Sentinel client ------------------------------------------
+    Internal(
+        "redis.client:Redis._send_command_parse_response",
+        "_redis.py: a write's WAIT, on the connection that wrote, inside its retry",
+        kind="method",
+        params=("self", "conn", "command_name"),
+    ),
+    Internal(
+        "redis.client:Pipeline._execute_transaction",
+        "_redis.py: a pipeline's WAIT",
+        kind="method",
+        params=("self", "connection", "commands", "raise_on_error"),
+    ),
+    Internal(
+        "redis.client:Pipeline._execute_pipeline",
+        "_redis.py: a pipeline's WAIT",
+        kind="method",
+        params=("self", "connection", "commands", "raise_on_error"),
+    ),
+    Internal(
+        "redis.sentinel:SentinelManagedConnection.connect_check_health",
+        "_redis.py: a reconnect in place asks the sentinels for the master (before it, "
+        "connect() did, and still does)",
+        kind="method",
+        params=("self",),
+        since=("redis", "6.0"),
     ),
     # -- prometheus_client ----------------------------------------------------------------
     Internal("prometheus_client.values:ValueClass", "_metrics.py: multiprocess mode per process"),

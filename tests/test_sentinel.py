@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
+import redis
 
-from tasks._redis import redis_client, with_master_name
+from tasks._redis import STORE_ERRORS, ReplicatedRedis, redis_client, with_master_name
 from tests.conftest import REDIS_URL
-from tests.sentinel_topology import MASTER_NAME, SentinelTopology
+from tests.sentinel_topology import MASTER_NAME, SentinelCaller, SentinelTopology
 from tests.services import run_text
 from tests.workers import ROOT, WorkerProcess
 
@@ -50,26 +52,6 @@ def sentinel_env(topo: SentinelTopology, **more: str) -> dict[str, str]:
         "CELERY_BROKER_TRANSPORT_OPTIONS": topo.transport_options,
         **more,
     }
-
-
-class SentinelCaller:
-    """Sends tasks by name through the sentinels, as a partner's app configured for them would."""
-
-    def __init__(self, topo: SentinelTopology) -> None:
-        self.app = Celery("sentinel-caller", set_as_current=False)
-        self.app.conf.update(
-            broker_transport_options={"master_name": MASTER_NAME},
-            task_serializer="json",
-            accept_content=["json"],
-            task_publish_retry_policy={"max_retries": 20, "interval_step": 0.5, "interval_max": 2},
-        )
-        self.connection = self.app.connection_for_write(topo.url)
-
-    def send(self, name: str, **options: Any) -> str:
-        return str(self.app.send_task(name, connection=self.connection, queue=QUEUE, **options).id)
-
-    def close(self) -> None:
-        self.connection.release()
 
 
 def results(store, ids: dict[str, list[str]], timeout: float) -> dict[str, dict[str, Any]]:
@@ -132,7 +114,7 @@ def test_mints_run_through_a_failover_and_keep_their_ttl(topology, fake_sfox, tm
     worker = WorkerProcess(
         "sentinel", tmp_path, env=env, concurrency=4, queues=QUEUE, loglevel="INFO"
     )
-    caller = SentinelCaller(topology)
+    caller = SentinelCaller(topology, QUEUE)
     store = redis_client(with_master_name(topology.url, MASTER_NAME))
     try:
         worker.start()
@@ -142,7 +124,7 @@ def test_mints_run_through_a_failover_and_keep_their_ttl(topology, fake_sfox, tm
             # About 8 s of minting for 4 processes: results are stored all through the
             # failover, while the old master still takes writes it will throw away.
             batch = {
-                caller.send("sfox.mint_user_tokens", args=[ids]): ids
+                caller.send("sfox.mint_user_tokens", args=[ids]).id: ids
                 for ids in ([f"s{round_}-{n}-{i}" for i in range(50)] for n in range(32))
             }
             sent.update(batch)
@@ -157,9 +139,97 @@ def test_mints_run_through_a_failover_and_keep_their_ttl(topology, fake_sfox, tm
             ttl = store.ttl(f"celery-task-meta-{task_id}")
             assert 0 < ttl <= RESULT_TTL, (task_id, ttl)
         assert store.keys("sfox:ratelimit*"), "the limiter did not count on the master"
+        # The package's channel took them (take.lua remembers what it handed over).
+        assert store.keys("sfox:seen:*"), "the broker ran kombu's own Sentinel channel"
         assert worker.proc is not None and worker.proc.poll() is None, worker.log()
     finally:
         caller.close()
         worker.stop()
         store.close()
         fake_sfox.configure(latency=0.0)
+
+
+@pytest.fixture
+def books(topology):
+    """The package's own client of the topology's master, as the run books use it."""
+    client = redis_client(with_master_name(topology.url, MASTER_NAME))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_only_a_sentinel_client_waits_for_a_replica(books):
+    """Plain Redis gets redis-py's own client (no WAIT); a Sentinel master the waiting one."""
+    plain = redis_client(REDIS_URL)
+    assert type(plain) is redis.Redis
+    assert type(plain.pipeline()) is redis.client.Pipeline
+    assert isinstance(books, ReplicatedRedis)
+    plain.close()
+
+
+def test_a_write_a_cut_off_master_took_is_written_again_on_the_new(topology, books):
+    """A run-book write landing on a master the sentinels replaced is made again on the new one.
+
+    The master is stopped (SIGSTOP: cut off) until its replica is promoted, then
+    let go: for some seconds, until the sentinels turn it into a replica, it takes
+    writes as a master and throws them away at its first sync. A connection it
+    held through all this writes there; no replica acknowledges, and the write is
+    made again on the master the sentinels name.
+    """
+    held = books.client()  # one connection, held: nothing asks the sentinels before the write
+    held.set("sfox:drill:warm", "1")
+    old, new = topology.master_port(), topology.replica_port()
+    topology.signal(old, signal.SIGSTOP)
+    try:
+        topology.wait_master(new)
+    finally:
+        topology.signal(old, signal.SIGCONT)
+    try:
+        assert held.connection.port == old
+        for _attempt in range(10):  # as a task does: an outage past the retries, then again
+            try:
+                held.hset("sfox:drill:books", "chunk", "done")
+                break
+            except STORE_ERRORS:
+                continue
+        assert held.connection.port == new
+        assert redis.Redis(port=new).hget("sfox:drill:books", "chunk") == b"done"
+    finally:
+        held.close()
+        topology.wait_in_sync()
+
+
+def test_a_write_waits_for_a_replica_that_is_up(topology, books):
+    """A replica that is up but has not acknowledged (stopped 1 s) is waited for."""
+    replica = topology.replica_port()
+    resuming = threading.Event()
+
+    def resume() -> None:
+        time.sleep(1.0)
+        resuming.set()
+        topology.signal(replica, signal.SIGCONT)
+
+    topology.signal(replica, signal.SIGSTOP)
+    thread = threading.Thread(target=resume)
+    thread.start()
+    try:
+        books.set("sfox:drill:acked", "1")
+        assert resuming.is_set(), "the write stood before its replica could take it"
+    finally:
+        thread.join()
+        topology.signal(replica, signal.SIGCONT)
+    assert redis.Redis(port=replica).get("sfox:drill:acked") == b"1"
+
+
+def test_a_master_whose_replica_is_down_still_takes_writes(topology, books):
+    """With its only replica down (as the sentinels see it), a write stands on the master."""
+    master, replica = topology.master_port(), topology.replica_port()
+    topology.signal(replica, signal.SIGSTOP)
+    try:
+        topology.wait_replica_down()
+        assert books.set("sfox:drill:alone", "1")
+        assert redis.Redis(port=master).get("sfox:drill:alone") == b"1"
+    finally:
+        topology.signal(replica, signal.SIGCONT)
+        topology.wait_in_sync()

@@ -36,11 +36,13 @@ def batch_step(index: int) -> int:
 
 def _client() -> Any:
     # A partner's task that rides through dropped connections as the package does.
-    from tasks._redis import redis_client
+    from tasks._redis import redis_client, with_master_name
     from tasks._settings import redis_url_of
 
-    # The broker may be RabbitMQ: the results' Redis then.
-    return redis_client(redis_url_of(app.conf.broker_url, app.conf.result_backend) or "")
+    # The broker may be RabbitMQ: the results' Redis then; Sentinel: the broker's master.
+    url = redis_url_of(app.conf.broker_url, app.conf.result_backend) or ""
+    master = (app.conf.broker_transport_options or {}).get("master_name")
+    return redis_client(with_master_name(url, master))
 
 
 @app.task(name="tests.record_token")

@@ -29,11 +29,10 @@ import threading
 import time
 from typing import Any
 
-import redis
 from celery.backends.redis import RedisBackend
 from celery.exceptions import Reject
 
-from .._redis import OutOfMemoryError, masked_url, report_full
+from .._redis import REPLICA_ACK_MS, OutOfMemoryError, masked_url, report_full, stands
 
 __all__ = [
     "FULL_STORE_WAIT",
@@ -47,8 +46,6 @@ __all__ = [
 FULL_STORE_WAIT = 60.0
 #: Longest pause between two tries to store into a full Redis, seconds.
 FULL_STORE_PAUSE = 2.0
-#: Milliseconds a result stored through Sentinel waits for a replica to acknowledge it.
-REPLICA_ACK_MS = 100
 #: Seconds a result stored through Sentinel is written again while a failover is under way.
 FAILOVER_SETTLE = 15.0
 
@@ -171,27 +168,15 @@ def _written_to_master(pool: Any, server: Any, deadline: float) -> bool:
     Redis replicates asynchronously, and a failover promotes the replica while
     the old master goes on taking writes until the sentinels demote it (about
     ten seconds), then throws them away. So a write no replica took stands only
-    on the master the sentinels name, once no failover is under way (a master
-    whose replica is down). Written to a demoted master: the pool forgets its
-    connections, to find the new one, and the caller writes again (False).
-    During a failover: False, and the caller writes again shortly, up to
-    ``deadline``.
+    on the master the sentinels name, outside a failover, when no replica of it
+    is up (:func:`tasks._redis.stands`, the rule of the package's own writes).
+    Otherwise the pool forgets its connections, to ask the sentinels again, and
+    the caller writes it again shortly, up to ``deadline``.
     """
-    states = []
-    for sentinel in getattr(pool.sentinel_manager, "sentinels", ()):
-        try:
-            states.append(sentinel.sentinel_master(pool.service_name))
-        except redis.RedisError:
-            continue
-    if not states:
-        return True  # no sentinel answers: nothing better can be known
-    current = max(states, key=lambda state: int(state.get("config-epoch") or 0))
-    runid = str(current.get("runid") or "")
-    if runid and runid != str(server.get("run_id") or ""):
-        pool.disconnect()  # a demoted master: the next connection asks the sentinels
-        return False
-    failing_over = any("failover_in_progress" in str(s.get("flags", "")) for s in states)
-    return bool(runid) and not failing_over
+    if stands(pool, run_id=str(server.get("run_id") or "")):
+        return True
+    pool.disconnect()
+    return False
 
 
 class TokenRedisBackend(ResultTTL, RedisBackend):  # type: ignore[misc]

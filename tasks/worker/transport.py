@@ -52,9 +52,20 @@ transport knows nothing of what a task does: whether a user's work may run
 again is the business of the books that own it (a ``with_user_tokens`` run's,
 the nightly run's), never of which messages the transport hands over.
 
+Through Redis Sentinel (``sentinel://``), :class:`SentinelChannel` is this
+channel on kombu's Sentinel one, with one more rule: replication is
+asynchronous, and a failover throws away what the old master took that no
+replica had. So every write waits for a replica (``WAIT``, as the package's own
+clients do: :func:`tasks._redis.replicated`), the take included: a message taken
+from a master a failover is replacing is not handed over (it is still on the
+new master's queue, or in the inbox if the take stands), and a publish, an
+acknowledgement or a restore no replica took is written again on the master the
+sentinels name, or left to the sweep as for Redis away.
+
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
-``rediss://``); URLs, and what Flower reads from them, stay as they are.
+``rediss://``) and :class:`SentinelTransport` for ``sentinel://``; URLs, and
+what Flower reads from them, stay as they are.
 """
 
 from __future__ import annotations
@@ -74,7 +85,18 @@ from kombu.transport import virtual
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError, ResponseError
 
-from .._redis import STORE_ERRORS, OutOfMemoryError, lua, report_full, script
+from .._redis import (
+    STORE_ERRORS,
+    FollowingConnection,
+    FollowingSSLConnection,
+    OutOfMemoryError,
+    ReplicatedRedis,
+    UnreplicatedWrite,
+    lua,
+    replicated,
+    report_full,
+    script,
+)
 
 __all__ = [
     "AMQP",
@@ -85,6 +107,8 @@ __all__ = [
     "Channel",
     "Connection",
     "QoS",
+    "SentinelChannel",
+    "SentinelTransport",
     "Transport",
 ]
 
@@ -390,6 +414,8 @@ class Channel(kombu_redis.Channel):
                 self._waiting = False
                 raise Empty()
             self._take_cached = True
+            if reply is not None and reply[0] is not None and not self._take_stands():
+                raise Empty()  # taken on a master a failover replaces: not handed over
             taken = self._taken_payload(reply, inbox)
             if taken is None:
                 self._waiting = reply is None
@@ -403,6 +429,10 @@ class Channel(kombu_redis.Channel):
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
+
+    def _take_stands(self) -> bool:
+        """Whether the message just taken may be handed over: always, but on Sentinel."""
+        return True
 
     def maybe_refresh_binding_expiry(self) -> None:
         # kombu >= 5.7 refreshes its binding tables each second with a script a full
@@ -439,12 +469,59 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel` on kombu's Sentinel channel; every write waits for a replica.
+
+    Kombu's Sentinel channel adds only how the pools are made (through the
+    sentinels) to its Redis channel, so the two combine by inheritance. Publishes,
+    acknowledgements and restores go through :class:`~tasks._redis.ReplicatedRedis`;
+    a take, sent by hand on the consuming connection, waits in :meth:`_take_stands`.
+    """
+
+    #: Connections that ask the sentinels for the master at every connect, a reconnect
+    #: in place included (redis-py's return to the address they had).
+    connection_class: Any = FollowingConnection
+    connection_class_ssl: Any = FollowingSSLConnection
+
+    def _get_client(self) -> Any:
+        if self.global_keyprefix:  # kombu's prefixing client, and kombu's own take
+            return super()._get_client()  # type: ignore[no-untyped-call]
+        return ReplicatedRedis
+
+    def _take_stands(self) -> bool:
+        """Whether the take a replica may not have survives a failover; else drop the link.
+
+        Not handed over, the message stays where the master the sentinels name
+        has it: on its queue if the take was thrown away, else in this consumer's
+        inbox, which hands it over at the next take.
+        """
+        connection = self.client.connection
+        try:
+            replicated(self.client.connection_pool, connection)
+        except (UnreplicatedWrite, *self.connection_errors):
+            connection.disconnect()  # the next take connects to the master the sentinels name
+            return False
+        return True
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+#: Kombu's Redis transports, and the package's in their place.
+_TRANSPORTS: dict[Any, Any] = {
+    kombu_redis.Transport: Transport,
+    kombu_redis.SentinelTransport: SentinelTransport,
+}
+
+
 class Connection(KombuConnection):
-    """A kombu connection that uses :class:`Transport` in place of kombu's Redis one."""
+    """A kombu connection that uses :class:`Transport` (:class:`SentinelTransport`) in
+    place of kombu's Redis (Sentinel) one."""
 
     def get_transport_cls(self) -> Any:
         cls = super().get_transport_cls()  # type: ignore[no-untyped-call]
-        return Transport if cls is kombu_redis.Transport else cls
+        return _TRANSPORTS.get(cls, cls)
 
 
 class AMQP(CeleryAMQP):  # type: ignore[misc]
