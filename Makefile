@@ -1,5 +1,6 @@
 # One command each: `make demo` runs the main job, `make test` the whole suite,
-# `make bench` the benchmark (about 44 minutes, measured 2026-12-02; writes
+# `make bench` the benchmark (about 57 minutes: 44 measured 2026-12-02, plus 13 for the
+# lanes section measured 2026-12-05; writes
 # bench/RESULTS.md).
 # Both create .venv and install the project into it first when needed.
 # `make test-fast` runs the pure-logic tier in seconds. `make test-floors` runs the core end-to-end tests again with every direct dependency
