@@ -80,6 +80,8 @@ from typing import Any
 
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
+from kombu.connection import ConnectionPool as KombuConnectionPool
+from kombu.connection import PooledConnection as KombuPooledConnection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
@@ -106,6 +108,8 @@ __all__ = [
     "TAKE",
     "Channel",
     "Connection",
+    "ConnectionPool",
+    "PooledConnection",
     "QoS",
     "SentinelChannel",
     "SentinelTransport",
@@ -517,11 +521,32 @@ _TRANSPORTS: dict[Any, Any] = {
 
 class Connection(KombuConnection):
     """A kombu connection that uses :class:`Transport` (:class:`SentinelTransport`) in
-    place of kombu's Redis (Sentinel) one."""
+    place of kombu's Redis (Sentinel) one; so do the connections of its pools."""
 
     def get_transport_cls(self) -> Any:
         cls = super().get_transport_cls()  # type: ignore[no-untyped-call]
         return _TRANSPORTS.get(cls, cls)
+
+    def Pool(self, limit: int | None = None, **kwargs: Any) -> ConnectionPool:
+        return ConnectionPool(self, limit=limit, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class PooledConnection(Connection, KombuPooledConnection):
+    """A connection of a :class:`ConnectionPool`: kombu's pooled connection, on this transport."""
+
+
+class ConnectionPool(KombuConnectionPool):
+    """Kombu's pool of connections (Celery's ``app.pool``, which every publish of a worker
+    and of ``apply_async`` goes through), handing out :class:`PooledConnection`.
+
+    Kombu's own pool makes a ``kombu.connection.PooledConnection``, which picks kombu's
+    transport: on Sentinel its publishes waited for no replica, and one made to a master
+    a failover had just replaced stood there, and was thrown away when the sentinels
+    turned that master into a replica some seconds later.
+    """
+
+    def new(self) -> PooledConnection:
+        return PooledConnection(self, **dict(self.connection._info(resolve=False)))  # type: ignore[no-untyped-call]
 
 
 class AMQP(CeleryAMQP):  # type: ignore[misc]
