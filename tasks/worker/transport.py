@@ -223,17 +223,26 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        """Reject; if a full Redis refuses it, the message stays owed and a sweep finishes it.
+        """Reject; if Redis is away or refuses it, the message stays owed and a sweep finishes it.
 
         Requeued, it stays recorded as unacknowledged until a sweep puts it back;
-        dropped, its record goes at a sweep, as for an ack.
+        dropped, its record goes at a sweep, as for an ack. So too when the channel
+        closed with its connection while the task ran (a running task's message is
+        not put back then): a task that goes back to the broker after a reconnect
+        rejects it here, and the next channel's sweep puts it back.
         """
+        owed = _unrestored if requeue else _unremoved
+        if getattr(self.channel.connection, "client", None) is None:
+            owed.add(delivery_tag)  # its channel closed while the task ran
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
         try:
             super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
-        except OutOfMemoryError:
-            (_unrestored if requeue else _unremoved).add(delivery_tag)
+        except STORE_ERRORS as exc:  # a put-back that ran twice does nothing the second time
+            owed.add(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
-            _report_full(self.channel, "putting a message back on its queue")
+            if isinstance(exc, OutOfMemoryError):
+                _report_full(self.channel, "putting a message back on its queue")
 
     def restore_unacked(self, client: Any = None) -> None:
         running = _running_tags()
