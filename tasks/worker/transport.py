@@ -64,8 +64,10 @@ sentinels name, or left to the sweep as for Redis away.
 
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
-``rediss://``) and :class:`SentinelTransport` for ``sentinel://``; URLs, and
-what Flower reads from them, stay as they are.
+``rediss://``) and :class:`SentinelTransport` for ``sentinel://``, and so do the
+connections of its pool (:class:`ConnectionPool`, Celery's ``app.pool``, which
+every publish goes through); URLs, and what Flower reads from them, stay as they
+are.
 """
 
 from __future__ import annotations
