@@ -152,6 +152,36 @@ INTERNALS = [
     ),
     Internal("kombu.transport.virtual.base:QoS._delivered", "worker/transport.py", kind="assigned"),
     Internal(
+        "kombu.transport.redis:QoS.reject",
+        "worker/transport.py: a reject on a channel closed while its task ran is owed",
+        kind="method",
+        params=("self", "delivery_tag", "requeue"),
+    ),
+    Internal(
+        "kombu.connection:Connection.Pool",
+        "worker/transport.py: app.pool hands out connections on the package's transport",
+        kind="method",
+        params=("self", "limit"),
+    ),
+    Internal(
+        "kombu.connection:ConnectionPool.new",
+        "worker/transport.py: the pool's connections, made as kombu makes them",
+        kind="method",
+        params=("self",),
+    ),
+    Internal(
+        "kombu.connection:PooledConnection.__init__",
+        "worker/transport.py: a pooled connection on the package's transport",
+        kind="method",
+        params=("self", "pool"),
+    ),
+    Internal(
+        "kombu.connection:Connection._info",
+        "worker/transport.py: a pooled connection copies its pool's connection",
+        kind="method",
+        params=("self", "resolve"),
+    ),
+    Internal(
         "kombu.transport.virtual.base:QoS.append",
         "worker/transport.py",
         kind="method",

@@ -223,3 +223,38 @@ def test_the_same_bytes_pushed_twice_run_once_and_each_return_runs(take_queue, r
     message.ack()
     with pytest.raises(queue.Empty):
         queue.get(timeout=0.5)
+
+
+class _Running:
+    """A request in Celery's active requests (a weak set), as a running task's is."""
+
+    def __init__(self, message) -> None:
+        self.message = message
+
+
+def test_a_running_tasks_reject_after_its_channel_closed_is_put_back_by_a_sweep(
+    take_queue, redis_client
+):
+    """A task that goes back to the broker after a reconnect: owed, not a crash; put back."""
+    from celery.worker import state
+
+    from tasks.worker import transport
+
+    conn, queue = take_queue
+    queue.put({"n": 1})
+    consumer = conn.SimpleQueue(QUEUE, channel=conn.channel())
+    message = consumer.get(timeout=5)
+    running = _Running(message)
+    state.active_requests.add(running)  # its task runs: the close leaves its message alone
+    try:
+        message.channel.close()  # the consumer's connection was lost and made again
+    finally:
+        state.active_requests.discard(running)
+    assert redis_client.llen(QUEUE) == 0 and redis_client.hexists("unacked", message.delivery_tag)
+    message.reject(requeue=True)  # the task went back to the broker (Deferred, an outage)
+    assert message.delivery_tag in transport._unrestored
+    conn.default_channel.qos.restore_visible()  # the next channel's sweep
+    again = queue.get(timeout=5)
+    assert again.payload == {"n": 1}
+    again.ack()
+    assert redis_client.hlen("unacked") == 0

@@ -88,9 +88,9 @@ def check_workers(workers) -> None:
 
 @pytest.mark.skipif(
     not os.environ.get("SFOX_SENTINEL_FAILOVER_DRILL"),
-    reason="opt-in (SFOX_SENTINEL_FAILOVER_DRILL=1): more than one run in two loses a chunk or "
-    "a few downstream tasks in the ~10 s after a failover, while the old master resyncs "
-    "(the consumer restarts in a loop on refused binding writes); see docs/guides/redis.md",
+    reason="opt-in (SFOX_SENTINEL_FAILOVER_DRILL=1): around a failover a downstream task can "
+    "still run twice (a chunk task whose refused publishes had stood sends them again; a "
+    "message put back at a reconnect while its worker runs it); see docs/guides/redis.md",
 )
 def test_nothing_is_lost_through_two_failovers_and_a_master_kill(
     topology, drill, fake_sfox, tmp_path

@@ -64,8 +64,10 @@ sentinels name, or left to the sweep as for Redis away.
 
 ``tasks.app`` makes its broker connections with :class:`Connection`, which
 picks this transport wherever kombu would pick its Redis one (``redis://``,
-``rediss://``) and :class:`SentinelTransport` for ``sentinel://``; URLs, and
-what Flower reads from them, stay as they are.
+``rediss://``) and :class:`SentinelTransport` for ``sentinel://``, and so do the
+connections of its pool (:class:`ConnectionPool`, Celery's ``app.pool``, which
+every publish goes through); URLs, and what Flower reads from them, stay as they
+are.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ from typing import Any
 
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
+from kombu.connection import ConnectionPool as KombuConnectionPool
+from kombu.connection import PooledConnection as KombuPooledConnection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
@@ -106,6 +110,8 @@ __all__ = [
     "TAKE",
     "Channel",
     "Connection",
+    "ConnectionPool",
+    "PooledConnection",
     "QoS",
     "SentinelChannel",
     "SentinelTransport",
@@ -219,17 +225,26 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        """Reject; if a full Redis refuses it, the message stays owed and a sweep finishes it.
+        """Reject; if Redis is away or refuses it, the message stays owed and a sweep finishes it.
 
         Requeued, it stays recorded as unacknowledged until a sweep puts it back;
-        dropped, its record goes at a sweep, as for an ack.
+        dropped, its record goes at a sweep, as for an ack. So too when the channel
+        closed with its connection while the task ran (a running task's message is
+        not put back then): a task that goes back to the broker after a reconnect
+        rejects it here, and the next channel's sweep puts it back.
         """
+        owed = _unrestored if requeue else _unremoved
+        if getattr(self.channel.connection, "client", None) is None:
+            owed.add(delivery_tag)  # its channel closed while the task ran
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
         try:
             super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
-        except OutOfMemoryError:
-            (_unrestored if requeue else _unremoved).add(delivery_tag)
+        except STORE_ERRORS as exc:  # a put-back that ran twice does nothing the second time
+            owed.add(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
-            _report_full(self.channel, "putting a message back on its queue")
+            if isinstance(exc, OutOfMemoryError):
+                _report_full(self.channel, "putting a message back on its queue")
 
     def restore_unacked(self, client: Any = None) -> None:
         running = _running_tags()
@@ -517,11 +532,32 @@ _TRANSPORTS: dict[Any, Any] = {
 
 class Connection(KombuConnection):
     """A kombu connection that uses :class:`Transport` (:class:`SentinelTransport`) in
-    place of kombu's Redis (Sentinel) one."""
+    place of kombu's Redis (Sentinel) one; so do the connections of its pools."""
 
     def get_transport_cls(self) -> Any:
         cls = super().get_transport_cls()  # type: ignore[no-untyped-call]
         return _TRANSPORTS.get(cls, cls)
+
+    def Pool(self, limit: int | None = None, **kwargs: Any) -> ConnectionPool:
+        return ConnectionPool(self, limit=limit, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class PooledConnection(Connection, KombuPooledConnection):
+    """A connection of a :class:`ConnectionPool`: kombu's pooled connection, on this transport."""
+
+
+class ConnectionPool(KombuConnectionPool):
+    """Kombu's pool of connections (Celery's ``app.pool``, which every publish of a worker
+    and of ``apply_async`` goes through), handing out :class:`PooledConnection`.
+
+    Kombu's own pool makes a ``kombu.connection.PooledConnection``, which picks kombu's
+    transport: on Sentinel its publishes waited for no replica, and one made to a master
+    a failover had just replaced stood there, and was thrown away when the sentinels
+    turned that master into a replica some seconds later.
+    """
+
+    def new(self) -> PooledConnection:
+        return PooledConnection(self, **dict(self.connection._info(resolve=False)))  # type: ignore[no-untyped-call]
 
 
 class AMQP(CeleryAMQP):  # type: ignore[misc]

@@ -10,6 +10,7 @@ import sys
 import pytest
 from celery import Celery
 from celery.backends.redis import RedisBackend, SentinelBackend
+from kombu import pools
 
 from tasks._exceptions import ConfigurationError
 from tasks._redis import (
@@ -24,6 +25,7 @@ from tasks._redis import (
 from tasks._settings import Settings
 from tasks.cli.check import safe_url
 from tasks.worker.backend import ResultTTL, backend_with_ttl, ttl_backend_class
+from tasks.worker.transport import SentinelTransport, Transport
 
 SENTINELS = "sentinel://:secret@10.0.0.1:26379/2;sentinel://10.0.0.2:26380;sentinel://10.0.0.3"
 
@@ -62,6 +64,21 @@ def test_the_sentinel_client_is_built_without_connecting():
     assert pool.service_name == "main"
     assert [(c.connection_pool.connection_kwargs["host"]) for c in pool.sentinel_manager.sentinels]
     assert pool.connection_kwargs["socket_timeout"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [("redis://127.0.0.1:1/0", Transport), (SENTINELS, SentinelTransport)],
+)
+def test_the_apps_pooled_broker_connections_are_on_the_packages_transport(url, transport):
+    """Publishes go through app.pool: its connections pick the package's transport too."""
+    app = Celery("pooled", set_as_current=False, amqp="tasks.worker.transport:AMQP")
+    app.conf.broker_transport_options = {"master_name": "main"}
+    connection = app.connection_for_write(url)
+    pooled = pools.connections[connection].acquire()  # how Celery makes app.pool
+    assert connection.get_transport_cls() is transport
+    assert pooled.get_transport_cls() is transport
+    pooled.release()
 
 
 def test_masked_urls_keep_no_password_for_any_part():
