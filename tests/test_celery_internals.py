@@ -174,6 +174,7 @@ INTERNALS = [
         "worker/transport.py: a pooled connection on the package's transport",
         kind="method",
         params=("self", "pool"),
+        since=("kombu", "5.5.0"),
     ),
     Internal(
         "kombu.connection:Connection._info",

@@ -258,3 +258,13 @@ def test_a_running_tasks_reject_after_its_channel_closed_is_put_back_by_a_sweep(
     assert again.payload == {"n": 1}
     again.ack()
     assert redis_client.hlen("unacked") == 0
+
+
+def test_the_apps_publish_pool_hands_out_the_packages_transport():
+    """Every publish goes through ``app.pool``: its connections use the package's transport,
+    whether kombu's pool makes connections of its own class (5.5+) or clones (5.4)."""
+    from tasks import app
+    from tasks.worker.transport import Transport
+
+    with app.pool.acquire(block=True) as connection:
+        assert connection.get_transport_cls() is Transport

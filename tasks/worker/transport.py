@@ -80,10 +80,10 @@ from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import kombu.connection as kombu_connection
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
 from kombu.connection import ConnectionPool as KombuConnectionPool
-from kombu.connection import PooledConnection as KombuPooledConnection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
@@ -101,6 +101,12 @@ from .._redis import (
     report_full,
     script,
 )
+
+#: Kombu 5.5+: the class of a pool's connections, kombu's own whatever the pool's
+#: connection is. Kombu 5.4 has none: a pool clones its connection, class and all.
+_KOMBU_POOLED: Any = getattr(kombu_connection, "PooledConnection", None)
+#: Whether a pool of :class:`Connection` must be told to make the package's connections.
+POOLS_MAKE_THEIR_OWN = _KOMBU_POOLED is not None
 
 __all__ = [
     "AMQP",
@@ -538,11 +544,13 @@ class Connection(KombuConnection):
         cls = super().get_transport_cls()  # type: ignore[no-untyped-call]
         return _TRANSPORTS.get(cls, cls)
 
-    def Pool(self, limit: int | None = None, **kwargs: Any) -> ConnectionPool:
+    def Pool(self, limit: int | None = None, **kwargs: Any) -> Any:
+        if not POOLS_MAKE_THEIR_OWN:  # kombu 5.4: its clones are of this class already
+            return super().Pool(limit, **kwargs)  # type: ignore[no-untyped-call]
         return ConnectionPool(self, limit=limit, **kwargs)  # type: ignore[no-untyped-call]
 
 
-class PooledConnection(Connection, KombuPooledConnection):
+class PooledConnection(Connection, _KOMBU_POOLED or KombuConnection):  # type: ignore[misc]
     """A connection of a :class:`ConnectionPool`: kombu's pooled connection, on this transport."""
 
 
