@@ -154,6 +154,60 @@ def test_a_second_delivery_of_a_retried_publish_is_dropped(take_queue, redis_cli
     assert redis_client.hlen("unacked") == 0
 
 
+def test_the_same_task_sent_again_by_another_process_runs_once(take_queue, redis_client):
+    """One task id and body from two publishers (``origin``, ``reply_to``) is one message.
+
+    A chunk task that resumed in another process sends a user's downstream task again,
+    under its fixed id, when its first publish was refused but had landed.
+    """
+    conn, queue = take_queue
+    with conn.Producer() as producer:
+        for origin, reply_to in (("gen1@a", "r-1"), ("gen2@b", "r-2")):
+            producer.publish(
+                {"n": "task-e"},
+                routing_key=QUEUE,
+                headers={"id": "task-e", "retries": 0, "origin": origin},
+                reply_to=reply_to,
+                serializer="json",
+            )
+        producer.publish(  # another body under the same id is another message
+            {"n": "task-e", "user_token": "other"},
+            routing_key=QUEUE,
+            headers={"id": "task-e", "retries": 0, "origin": "gen1@a"},
+            reply_to="r-1",
+            serializer="json",
+        )
+    got = [queue.get(timeout=5) for _ in range(2)]
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)
+    assert [m.payload for m in got] == [{"n": "task-e"}, {"n": "task-e", "user_token": "other"}]
+    for message in got:
+        message.ack()
+
+
+def test_a_producer_whose_channel_was_closed_under_it_sends_again(take_queue, redis_client):
+    """A publish on a channel closed while its connection went on retries on a new one.
+
+    Kombu's Redis channel failed such a publish with ``AttributeError``, which no retry
+    catches: around a failover a chunk task failed so, and its run stalled.
+    """
+    _conn, queue = take_queue
+    with Connection(REDIS_URL, transport=Transport) as conn, conn.Producer() as producer:
+        producer.publish({"n": 1}, routing_key=QUEUE, serializer="json", retry=True)
+        conn.default_channel.close()
+        producer.publish(
+            {"n": 2},
+            routing_key=QUEUE,
+            serializer="json",
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0},
+        )
+    assert [m.payload for m in (queue.get(timeout=5), queue.get(timeout=5))] == [
+        {"n": 1},
+        {"n": 2},
+    ]
+
+
 def test_a_message_put_back_is_handed_over_again(take_queue, redis_client):
     """A requeued message keeps its delivery tag, so the duplicate check lets it through."""
     conn, queue = take_queue

@@ -242,3 +242,38 @@ def test_a_user_sent_again_on_purpose_runs_again(worker, fake_sfox, redis_client
         ),
         timeout=30,
     )
+
+
+def test_a_resumed_chunk_task_that_sends_a_user_again_runs_it_once(worker, fake_sfox, redis_client):
+    """A chunk task resumed with its tokens in hand sends the same messages: each runs once.
+
+    Around a failover, publishes refused as unreplicated can stand; the chunk task goes
+    back to the broker, resumes (perhaps in another process) and sends the users its
+    books do not record again. Each user's task has one id in a run, so the resend is
+    the same message, and the package's Redis transport hands it over once.
+    """
+    from tasks.fanout.store import Chunk
+    from tasks.fanout.tasks import downstream_task_id, jit_mint_chunk
+
+    ids = [f"same-{i}" for i in range(10)]
+    run_id = _finished_run(redis_client, "resumed", ids)
+    minted = {
+        "tokens": [{"partner_user_id": u, "token": "", "expires": ""} for u in ids],
+        "failed": [],
+    }
+    sent_users = JitRun(redis_client, run_id).sent_users
+    for resumes in range(2):
+        redis_client.delete(sent_users)  # its records refused
+        jit_mint_chunk.apply_async(  # a resume keeps its task id; its retry count goes up
+            (run_id, Chunk(0, ids).encode()),
+            kwargs={"_resume": {"minted": minted}},
+            task_id=f"{run_id}-chunk",
+            retries=resumes,
+        )
+        assert eventually(lambda: redis_client.scard(sent_users) == len(ids), timeout=30)
+    # The first run's tasks carried tokens: those are other messages, and ran before.
+    assert eventually(lambda: set(_attempts(redis_client, "resumed").values()) == {2}, timeout=30)
+    time.sleep(1.5)  # a second copy would run within this
+    assert set(_attempts(redis_client, "resumed").values()) == {2}
+    assert downstream_task_id(run_id, "same-1") == downstream_task_id(run_id, "same-1")
+    assert downstream_task_id(run_id, "same-1") != downstream_task_id(run_id, "same-2")

@@ -85,7 +85,7 @@ class FanOut:
         return len(chunks)
 
     def resend(self, user_ids: Iterable[str]) -> None:
-        """Send the downstream task of each of ``user_ids`` again, without a token.
+        """Send the downstream task of each of ``user_ids`` again, without a token, under a new id.
 
         For users whose task was lost: the downstream mints the user's token
         itself (it cannot open an empty seal).

@@ -4,10 +4,14 @@ The one record that keeps a chunk task that runs again from sending a user's
 downstream task twice: redelivered after its worker died, back from the broker
 after an outage, or a new chunk task that took over a chunk gone stale. A chunk
 task records each user right after publishing the user's task, and skips the
-users recorded already. Only a user whose publish landed and whose record did
-not (the worker died, or Redis stayed away past the retries in place, in
-between) is sent twice; a downstream task must be idempotent for that, as for
-any redelivery.
+users recorded already. A user whose publish landed and whose record did not
+(the worker died, or Redis stayed away past the retries in place, in between)
+is sent again. A chunk task that resumes with its tokens in hand sends the same
+message again (a user's task has one id in a run,
+:func:`~tasks.fanout.tasks.downstream_task_id`), which the package's Redis
+transport hands over once; after a crash, the tokens are minted anew and the
+task runs twice: a downstream task must be idempotent for that, as for any
+redelivery.
 
 The record is the run's, in the run's hash slot (``sfox:jit:{<run_id>}:sent-users``),
 and lives as long as the run's other books: no TTL while the run is active (a Redis on

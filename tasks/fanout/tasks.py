@@ -362,7 +362,8 @@ def send_unsent(app: Any, run: JitRun, chunk: Chunk, tokens: Sequence[Mapping[st
     for entry in tokens:
         user_id = str(entry["partner_user_id"])
         if user_id not in before:
-            send_downstream(run.run_id, downstream, entry, route)
+            task_id = downstream_task_id(run.run_id, user_id)
+            send_downstream(run.run_id, downstream, entry, route, task_id=task_id)
             sent.record(user_id)
     return len(tokens) - len(before)
 
@@ -373,15 +374,33 @@ def _done_signature(run_id: str, user_id: str) -> Signature:
     return done.set(queue=settings_for(done.app).queue)
 
 
+def downstream_task_id(run_id: str, user_id: str) -> str:
+    """The task id of ``user_id``'s downstream task in run ``run_id``: the same at every send.
+
+    A chunk task that sends a user's task again (its first publish was refused but had
+    landed, as around a failover) sends the same message, which the package's Redis
+    transport hands over once.
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sfox-jit:{run_id}:{user_id}"))
+
+
 def send_downstream(
-    run_id: str, downstream: Signature, entry: Mapping[str, Any], route: Mapping[str, Any]
+    run_id: str,
+    downstream: Signature,
+    entry: Mapping[str, Any],
+    route: Mapping[str, Any],
+    *,
+    task_id: str | None = None,
 ) -> None:
+    """Send ``entry``'s user its downstream task, under ``task_id`` (else a new one)."""
     user_id = str(entry["partner_user_id"])
     sig = downstream.clone(kwargs={"user_token": entry})
     done = _done_signature(run_id, user_id)
     sig.link(done)
     sig.link_error(done)
     sig.set(headers={DONE_HEADER: [run_id, user_id]}, **route)
+    if task_id is not None:
+        sig.set(task_id=task_id)
     sig.apply_async(kwargsrepr=f"{{user_token: <sealed token for {user_id}>}}")
 
 

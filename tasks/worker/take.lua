@@ -2,11 +2,22 @@
 -- KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] this consumer's inbox.
 -- ARGV[1] now, ARGV[2] tag of the message last received through this inbox ("" none),
 -- ARGV[3] prefix of the seen keys, ARGV[4] SEEN_TTL, ARGV[5] INBOX_TTL.
--- Only copies of one publish are dropped: what a task does, and whether it may run again,
+-- Only copies of one message are dropped: what a task does, and whether it may run again,
 -- is for the books that own that work, not for the transport.
 -- Returns nil (nothing waiting), or {queue key, message, tag, copies dropped, again}:
 -- ``again`` is 1 when this is the message of a take whose answer never arrived, and
 -- then ``message`` is its unacked record ``[message, exchange, routing key]``.
+-- A message's identity is its content less its delivery tag and less the fields that name
+-- who sent it (Celery's ``origin`` header, its ``reply_to``): the same task sent again by
+-- another process (a chunk task that resumed elsewhere) is the same message.
+local function without(item, value)
+  if type(value) ~= 'string' or value == '' then return item end
+  local quoted = '"' .. value .. '"'
+  local at = string.find(item, quoted, 1, true)
+  if not at then return item end
+  return item:sub(1, at - 1) .. item:sub(at + #quoted)
+end
+
 local prev = redis.call('HGET', KEYS[3], 'tag')
 if prev and prev ~= ARGV[2] then
   local record = redis.call('HGET', KEYS[1], prev)
@@ -26,8 +37,11 @@ for i = 4, #KEYS do
       redis.call('DEL', KEYS[3])
       return {KEYS[i], item, false, dropped, 0}
     end
-    local at = string.find(item, tag, 1, true)
-    local seen = ARGV[3] .. redis.sha1hex(item:sub(1, at - 1) .. item:sub(at + #tag))
+    local same = without(item, tag)
+    local headers = type(msg['headers']) == 'table' and msg['headers'] or {}
+    same = without(same, headers['origin'])
+    same = without(same, props['reply_to'])
+    local seen = ARGV[3] .. redis.sha1hex(same)
     if redis.call('SET', seen, tag, 'NX', 'EX', ARGV[4]) == false then
       dropped = dropped + 1
     else

@@ -87,6 +87,7 @@ from kombu.connection import ConnectionPool as KombuConnectionPool
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import (
@@ -478,6 +479,10 @@ class Channel(kombu_redis.Channel):
         return taken[0]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
+        if self.connection is None:
+            # Closed under the producer that holds it (its connection went on): a
+            # connection error, so that kombu's retry reconnects and sends again.
+            raise RedisConnectionError("the channel was closed")
         if asynchronous:
             return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
         client = self._sync_client
