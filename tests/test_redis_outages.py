@@ -10,9 +10,11 @@ the nightly summary adds up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,28 +40,43 @@ def private_redis(tmp_path):
     server.stop()
 
 
+@contextlib.contextmanager
+def drill_workers(tmp_path, name: str, env: dict[str, str]) -> Iterator[list[WorkerProcess]]:
+    """Two workers of three processes on the drills' queue, with ``env`` for the store.
+
+    Redelivery is slow (600 s): what comes back within a drill came back because of
+    what the drill did. Both workers stop, whatever the drill did.
+    """
+    env = {
+        "SFOX_QUEUE": QUEUE,
+        "SFOX_RATE_LIMIT": "5000/1s",
+        "SFOX_VISIBILITY_TIMEOUT": "600",
+        "SFOX_NIGHTLY_RESEND_AFTER": "8",
+        **env,
+    }
+    workers: list[WorkerProcess] = []
+    try:
+        for i in range(2):
+            worker = WorkerProcess(
+                f"{name}{i}", tmp_path, env=env, concurrency=3, queues=QUEUE, loglevel="INFO"
+            )
+            workers.append(worker)
+            worker.start()
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
 @pytest.fixture
 def outage_workers(private_redis, fake_sfox, tmp_path):
     env = {
         "CELERY_BROKER_URL": private_redis.url,
         "CELERY_RESULT_BACKEND": private_redis.url,
         "SFOX_API_URL": fake_sfox.url,
-        "SFOX_QUEUE": QUEUE,
-        "SFOX_RATE_LIMIT": "5000/1s",
-        # Long enough that nothing is redelivered for being slow: what comes back, came
-        # back because a connection dropped.
-        "SFOX_VISIBILITY_TIMEOUT": "600",
-        "SFOX_NIGHTLY_RESEND_AFTER": "8",
     }
-    workers = [
-        WorkerProcess(
-            f"outage{i}", tmp_path, env=env, concurrency=3, queues=QUEUE, loglevel="INFO"
-        ).start()
-        for i in range(2)
-    ]
-    yield workers
-    for worker in workers:
-        worker.stop()
+    with drill_workers(tmp_path, "outage", env) as workers:
+        yield workers
 
 
 def result_of(store, task_id: str, timeout: float, state=lambda: None) -> Any:

@@ -12,7 +12,6 @@ once; every order was placed once; and every run finished on its own.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 
@@ -20,12 +19,9 @@ import pytest
 
 from tasks._redis import redis_client, with_master_name
 from tests.sentinel_topology import MASTER_NAME, SentinelCaller, SentinelTopology
-from tests.test_redis_outages import check_nothing_lost, start_the_work
-from tests.workers import WorkerProcess
+from tests.test_redis_outages import QUEUE, check_nothing_lost, drill_workers, start_the_work
 
 pytestmark = pytest.mark.slow
-
-QUEUE = "outages"  # the queue the outage drills' work is routed to
 
 
 @pytest.fixture
@@ -45,29 +41,17 @@ def drill(topology, fake_sfox, tmp_path):
         "CELERY_RESULT_BACKEND": topology.url,
         "CELERY_BROKER_TRANSPORT_OPTIONS": topology.transport_options,
         "SFOX_API_URL": fake_sfox.url,
-        "SFOX_QUEUE": QUEUE,
-        "SFOX_RATE_LIMIT": "5000/1s",
-        # Long: what comes back within the drill came back because of the failover.
-        "SFOX_VISIBILITY_TIMEOUT": "600",
-        "SFOX_NIGHTLY_RESEND_AFTER": "8",
     }
-    workers = [
-        WorkerProcess(
-            f"sentinel{i}", tmp_path, env=env, concurrency=3, queues=QUEUE, loglevel="INFO"
-        ).start()
-        for i in range(2)
-    ]
-    caller = SentinelCaller(topology, QUEUE)
-    store = redis_client(with_master_name(topology.url, MASTER_NAME))
-    fake_sfox.configure(latency=0.05)
-    try:
-        yield caller, store, workers
-    finally:
-        fake_sfox.configure(latency=0.0)
-        caller.close()
-        store.close()
-        for worker in workers:
-            worker.stop()
+    with drill_workers(tmp_path, "sentinel", env) as workers:
+        caller = SentinelCaller(topology, QUEUE)
+        store = redis_client(with_master_name(topology.url, MASTER_NAME))
+        fake_sfox.configure(latency=0.05)
+        try:
+            yield caller, store, workers
+        finally:
+            fake_sfox.configure(latency=0.0)
+            caller.close()
+            store.close()
 
 
 def check_minted_once(work, fake_sfox, tag: str) -> None:
@@ -86,12 +70,6 @@ def check_workers(workers) -> None:
         assert "raised unexpected" not in worker.log()
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SFOX_SENTINEL_FAILOVER_DRILL"),
-    reason="opt-in (SFOX_SENTINEL_FAILOVER_DRILL=1): around a failover a downstream task can "
-    "still run twice (a chunk task whose refused publishes had stood sends them again; a "
-    "message put back at a reconnect while its worker runs it); see docs/guides/redis.md",
-)
 def test_nothing_is_lost_through_two_failovers_and_a_master_kill(
     topology, drill, fake_sfox, tmp_path
 ):
