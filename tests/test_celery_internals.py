@@ -93,6 +93,12 @@ INTERNALS = [
         "worker/transport.py: the pool process a job is being written to (celery's asynpool "
         "sets it)",
     ),
+    Internal(
+        "billiard.pool:ApplyResult._accepted",
+        "worker/transport.py: a written job marked started, so that the pool's flush at a "
+        "reconnect keeps it",
+        kind="assigned",
+    ),
     # -- kombu's Redis transport ------------------------------------------------------------
     Internal(
         "kombu.transport.redis:Channel._brpop_start",

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -194,3 +197,69 @@ def test_nothing_is_lost_across_a_redis_restart(private_redis, outage_workers, f
         caller.close()
     for worker in outage_workers:
         assert "raised unexpected" not in worker.log()
+
+
+def _pool_processes(worker: WorkerProcess) -> list[int]:
+    """The pids of the worker's pool processes."""
+    assert worker.proc is not None
+    found = subprocess.run(
+        ["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True, check=False
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_a_task_written_to_its_process_as_the_connection_drops_runs_once(
+    private_redis, fake_sfox, tmp_path
+):
+    """The pool process has the task when the consumer's connection drops: it runs once.
+
+    On a reconnect Celery's pool drops every job its process has not yet said it
+    started, and ignores that job's answers, although one written to a process runs:
+    its message was never acknowledged, and came back after the visibility timeout to
+    run again. The pool processes here are stopped (``SIGSTOP``) while the job is
+    written to one, and go on after the reconnect. Two of them: with one, the task
+    would use the worker's whole prefetch, and an idle consumer reconnects in place.
+    """
+    env = {
+        "CELERY_BROKER_URL": private_redis.url,
+        "CELERY_RESULT_BACKEND": private_redis.url,
+        "SFOX_API_URL": fake_sfox.url,
+        "SFOX_QUEUE": "written",
+        "SFOX_VISIBILITY_TIMEOUT": "10",
+    }
+    worker = WorkerProcess("written", tmp_path, env=env, concurrency=2, queues="written")
+    client = private_redis.client()
+    caller = Caller(private_redis.url, "written")
+    stopped: list[int] = []
+    try:
+        worker.start()
+        caller.send("tests.count_run", args=["warm"])
+        assert eventually(lambda: client.hlen("tests:runs:warm") == 1, timeout=30), worker.log()
+        processes = _pool_processes(worker)
+        assert len(processes) == 2, (processes, worker.log())
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        task = caller.send("tests.count_run", args=["written"])
+        assert eventually(lambda: f"[{task.id}] received" in worker.log(), timeout=10)
+        time.sleep(0.5)  # the job is written to a stopped process's pipe
+        lost = worker.log().count("Connection to broker lost")
+        client.execute_command("CLIENT KILL TYPE normal SKIPME yes")
+        assert eventually(
+            lambda: worker.log().count("Connection to broker lost") > lost, timeout=10
+        ), worker.log()
+        time.sleep(1.0)  # the consumer reconnects
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped = []
+        assert eventually(lambda: client.hget("tests:runs:written", task.id) == b"1", timeout=10)
+        # Acknowledged, its record goes at the next sweep; a message left unacknowledged
+        # comes back once the visibility timeout (10 s) has passed, and runs again.
+        assert eventually(lambda: client.hlen("unacked") == 0, timeout=30), worker.log()
+        time.sleep(3.0)
+        assert client.hgetall("tests:runs:written") == {task.id.encode(): b"1"}
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        caller.close()
+        worker.stop()

@@ -13,6 +13,7 @@ from tests.downstream_runs import note_run, runs_by_user
 
 __all__ = [
     "batch_step",
+    "count_run",
     "echo",
     "flaky_downstream",
     "note_run",
@@ -43,6 +44,12 @@ def _client() -> Any:
     url = redis_url_of(app.conf.broker_url, app.conf.result_backend) or ""
     master = (app.conf.broker_transport_options or {}).get("master_name")
     return redis_client(with_master_name(url, master))
+
+
+@app.task(bind=True, name="tests.count_run", ignore_result=True)
+def count_run(self: Any, tag: str) -> None:
+    """Counts its runs, by task id, in ``tests:runs:<tag>``."""
+    _client().hincrby(f"tests:runs:{tag}", self.request.id, 1)
 
 
 @app.task(name="tests.record_token")

@@ -13,7 +13,9 @@ every message it had delivered and not yet acknowledged back on its queue:
 the ones waiting in the worker (reserved, or counting down), which Celery
 forgets on a reconnect and must get again, but also the ones running at that
 moment, which then run a second time beside the first. :class:`QoS` puts back
-only the former. A running task's message stays among the unacknowledged
+only the former, and marks started a job already written to a pool process,
+which Celery's pool would otherwise drop at the reconnect although it runs
+(:func:`_running_tags`). A running task's message stays among the unacknowledged
 until the task ends and acknowledges it, or, if its worker dies instead, until
 the visibility timeout hands it to another worker, as for any crash. And when
 Redis is down at that moment (a restart), the messages it could not put back
@@ -154,28 +156,42 @@ _PROCESS = uuid.uuid4().hex
 _last_received: dict[str, str] = {}
 
 
-def _written_to_a_process(request: Any) -> bool:
-    """Whether the pool has begun writing ``request`` to a pool process (it will run there).
+def _written_job(request: Any) -> Any:
+    """The pool's job for ``request`` if the pool has begun writing it to a process, else None.
 
-    Requests still in the pool's outgoing buffer are dropped when the connection
-    is lost, and must be put back.
+    A job still in the pool's outgoing buffer is dropped when the connection is
+    lost: its message must be put back. One being written, or written, runs.
     """
     ref = getattr(request, "_apply_result", None)
     job = ref() if callable(ref) else None
-    return job is not None and getattr(job, "_write_to", None) is not None
+    if job is None or getattr(job, "_write_to", None) is None:
+        return None
+    return job
 
 
 def _running_tags() -> set[Any]:
     """Delivery tags of the messages whose tasks this worker runs, or is handing to a process.
 
-    A request written to a pool process runs although the pool has not yet said
-    it started: put back, it would run twice. Kept, it is acknowledged when it
-    ends, or comes back after the visibility timeout if its worker dies.
+    A request written to a pool process runs although the process has not yet
+    said it started: put back, it would run twice. Kept, it is acknowledged when
+    it ends, or comes back after the visibility timeout if its worker dies.
+
+    Called as the consumer's channel closes, before Celery's pool drops, for the
+    reconnect, every job whose process has not yet said it started: it would then
+    ignore that job's answers, and the message of a written one, which runs, would
+    never be acknowledged and would come back after the visibility timeout to run
+    again. So a written job is marked started here, as billiard marks it when its
+    process says so (``ApplyResult._accepted``): the pool keeps it, and its task
+    acknowledges its message when it ends.
     """
     from celery.worker import state
 
     requests = [*state.active_requests]
-    requests += [r for r in state.reserved_requests if _written_to_a_process(r)]
+    for request in state.reserved_requests:
+        job = _written_job(request)
+        if job is not None:
+            job._accepted = True
+            requests.append(request)
     tags = set()
     for request in requests:
         message = getattr(request, "message", None)
