@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -277,3 +278,36 @@ def test_a_resumed_chunk_task_that_sends_a_user_again_runs_it_once(worker, fake_
     assert set(_attempts(redis_client, "resumed").values()) == {2}
     assert downstream_task_id(run_id, "same-1") == downstream_task_id(run_id, "same-1")
     assert downstream_task_id(run_id, "same-1") != downstream_task_id(run_id, "same-2")
+
+
+def test_a_chunk_task_delivered_again_sends_the_tokens_it_minted(worker, fake_sfox, redis_client):
+    """A chunk task delivered again, without its progress, sends its first tokens: once each.
+
+    Around a failover a chunk task's publishes can stand while its records and its
+    return to the broker are refused: its message is put back as it was, with no
+    ``_resume``. Run again, it finds the mint result it kept, sends the same messages
+    (which the transport hands over once) and mints nothing.
+    """
+    from tasks import app
+    from tasks.fanout.store import Chunk
+    from tasks.fanout.tasks import jit_mint_chunk, run_spec
+
+    tag = "again-kept"
+    ids = [f"kept-{i}" for i in range(10)]
+    run_id = f"wut-{tag}-{time.time_ns()}"
+    run = JitRun(redis_client, run_id)
+    spec = run_spec(app, flaky_downstream.s(tag), total=len(ids), chunk_size=10, ahead=1)
+    [chunk] = run.stage(0, [Chunk(0, ids)], spec, sender="test")
+    for delivery in range(2):
+        jit_mint_chunk.apply_async(
+            (run_id, chunk.encode()), task_id=f"{run_id}-chunk", retries=delivery
+        )
+        assert eventually(lambda: redis_client.scard(run.sent_users) == len(ids), timeout=30)
+        assert eventually(lambda: set(_attempts(redis_client, tag)) == set(ids), timeout=30)
+        # Its records refused: the chunk is not finished, its users not recorded as sent.
+        redis_client.srem(run.finished_set, chunk.index)
+        redis_client.delete(run.sent_users)
+    time.sleep(1.5)  # a second copy would run within this
+    assert set(_attempts(redis_client, tag).values()) == {1}
+    minted = Counter(u for u, _ in fake_sfox.issued_tokens.values() if u.startswith("kept-"))
+    assert minted == dict.fromkeys(ids, 1)

@@ -6,10 +6,12 @@ after an outage, or a new chunk task that took over a chunk gone stale. A chunk
 task records each user right after publishing the user's task, and skips the
 users recorded already. A user whose publish landed and whose record did not
 (the worker died, or Redis stayed away past the retries in place, in between)
-is sent again. A chunk task that resumes with its tokens in hand sends the same
-message again (a user's task has one id in a run,
+is sent again. A chunk task that runs again with its tokens (in its progress,
+or kept in the run's books: :meth:`~tasks.fanout.store.JitRun.keep_minted`) sends
+the same message again (a user's task has one id in a run,
 :func:`~tasks.fanout.tasks.downstream_task_id`), which the package's Redis
-transport hands over once; after a crash, the tokens are minted anew and the
+transport hands over once; one that comes back after its tokens are no longer
+kept (a crash, redelivered after the visibility timeout) mints anew, and the
 task runs twice: a downstream task must be idempotent for that, as for any
 redelivery.
 

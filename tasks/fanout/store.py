@@ -144,6 +144,7 @@ class JitRun:
         #: Users whose downstream task was published (``tasks.fanout.dispatched``): no
         #: script touches it, but it lives and dies with the run's books.
         self.sent_users = f"{base}:sent-users"
+        self._base = base
 
     def keys(self) -> list[str]:
         """Every script's KEYS, in the order the scripts name them."""
@@ -268,6 +269,30 @@ class JitRun:
     def mortal_keys(self) -> list[str]:
         """Every key of the run's books: the scripts' and the published users'."""
         return [*self.keys(), self.sent_users]
+
+    def minted_key(self, index: int) -> str:
+        """Where chunk ``index``'s mint result is kept (see :meth:`keep_minted`)."""
+        return f"{self._base}:minted:{index}"
+
+    def keep_minted(self, chunk: Chunk, result: Mapping[str, Any], seconds: int) -> None:
+        """Keep ``chunk``'s mint result, its tokens sealed, for ``seconds``.
+
+        A chunk task that runs again within them (redelivered, or put back when its
+        return to the broker could not be sent) sends the same tokens, and so the
+        same messages, which the package's Redis transport hands over once, instead
+        of minting anew. Its own TTL: a key that goes early (evicted) costs only that.
+        """
+        self.client.set(self.minted_key(chunk.index), json.dumps(result), ex=max(1, seconds))
+
+    def kept_minted(self, chunk: Chunk) -> dict[str, Any] | None:
+        """``chunk``'s kept mint result, if still kept and of these users; else None."""
+        raw = self.client.get(self.minted_key(chunk.index))
+        if raw is None:
+            return None
+        result: dict[str, Any] = json.loads(raw)
+        users = {str(t["partner_user_id"]) for t in result.get("tokens", [])}
+        users |= {str(f["user_id"]) for f in result.get("failed", [])}
+        return result if users <= set(chunk.user_ids) else None
 
     def record_failed(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """Keep the refused users' entries (HSET: the same entries again change nothing).

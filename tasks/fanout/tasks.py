@@ -48,7 +48,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, cast
 
 from celery import Task, group, signals
 from celery.canvas import Signature
@@ -306,8 +306,11 @@ def jit_mint_chunk(
 
     ``_resume`` is the mint's progress while minting, then ``{"minted": result}``
     once minted: a return to the broker after that (an outage) mints nothing
-    again. Users whose downstream task the run's books record as sent are
-    skipped, whichever task sent it.
+    again. The result is kept in the run's books too, for half of
+    ``SFOX_TOKEN_RESULT_TTL``: a run of this task without it (redelivered, or put
+    back when its return to the broker could not be sent) sends the same tokens,
+    and so the same messages. Users whose downstream task the run's books record as
+    sent are skipped, whichever task sent it.
     """
     chunk = Chunk.decode(encoded)
     run = run_for(run_id, self.app)
@@ -322,7 +325,18 @@ def jit_mint_chunk(
                 chunk.index,
             )
             return {"run": run_id, "chunk": chunk.index, "sent": 0, "failed": [], "skipped": True}
-        result = get_runtime(self.app).minter().mint(chunk.user_ids, _resume)
+        result = cast("MintResult | None", run.kept_minted(chunk))
+        if result is None:
+            result = get_runtime(self.app).minter().mint(chunk.user_ids, _resume)
+            self.checkpoint({"minted": result})
+            run.keep_minted(chunk, result, settings_for(self.app).result_ttl // 2)
+        else:
+            logger.info(
+                "run %s: chunk %d was minted by an earlier run of its task: its tokens are "
+                "sent as they were",
+                run_id[:12],
+                chunk.index,
+            )
     self.checkpoint({"minted": result})
     tokens = result["tokens"]
     sent = send_unsent(self.app, run, chunk, tokens)
