@@ -44,13 +44,18 @@ def private_redis(tmp_path):
 
 
 @contextlib.contextmanager
-def drill_workers(tmp_path, name: str, env: dict[str, str]) -> Iterator[list[WorkerProcess]]:
-    """Two workers of three processes on the drills' queue, with ``env`` for the store.
+def drill_workers(
+    tmp_path, name: str, url: str, api_url: str, **env: str
+) -> Iterator[list[WorkerProcess]]:
+    """Two workers of three processes on the drills' queue, ``url`` their broker and store.
 
     Redelivery is slow (600 s): what comes back within a drill came back because of
     what the drill did. Both workers stop, whatever the drill did.
     """
     env = {
+        "CELERY_BROKER_URL": url,
+        "CELERY_RESULT_BACKEND": url,
+        "SFOX_API_URL": api_url,
         "SFOX_QUEUE": QUEUE,
         "SFOX_RATE_LIMIT": "5000/1s",
         "SFOX_VISIBILITY_TIMEOUT": "600",
@@ -73,12 +78,7 @@ def drill_workers(tmp_path, name: str, env: dict[str, str]) -> Iterator[list[Wor
 
 @pytest.fixture
 def outage_workers(private_redis, fake_sfox, tmp_path):
-    env = {
-        "CELERY_BROKER_URL": private_redis.url,
-        "CELERY_RESULT_BACKEND": private_redis.url,
-        "SFOX_API_URL": fake_sfox.url,
-    }
-    with drill_workers(tmp_path, "outage", env) as workers:
+    with drill_workers(tmp_path, "outage", private_redis.url, fake_sfox.url) as workers:
         yield workers
 
 

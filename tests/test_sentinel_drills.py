@@ -36,13 +36,8 @@ def topology(tmp_path):
 @pytest.fixture
 def drill(topology, fake_sfox, tmp_path):
     """Two workers on the topology, a caller, and the master's store, as a partner runs them."""
-    env = {
-        "CELERY_BROKER_URL": topology.url,
-        "CELERY_RESULT_BACKEND": topology.url,
-        "CELERY_BROKER_TRANSPORT_OPTIONS": topology.transport_options,
-        "SFOX_API_URL": fake_sfox.url,
-    }
-    with drill_workers(tmp_path, "sentinel", env) as workers:
+    options = {"CELERY_BROKER_TRANSPORT_OPTIONS": topology.transport_options}
+    with drill_workers(tmp_path, "sentinel", topology.url, fake_sfox.url, **options) as workers:
         caller = SentinelCaller(topology, QUEUE)
         store = redis_client(with_master_name(topology.url, MASTER_NAME))
         fake_sfox.configure(latency=0.05)
@@ -64,6 +59,17 @@ def check_minted_once(work, fake_sfox, tag: str) -> None:
     assert not twice, twice
 
 
+def kill_and_check(topology, drill, fake_sfox, work, tag: str) -> None:
+    """Kill the master (``SIGKILL``), then check that all of ``work`` ended, once each."""
+    _caller, store, workers = drill
+    started = time.monotonic()
+    topology.kill_master()
+    print(f"kill and recovery took {time.monotonic() - started:.1f} s")
+    check_nothing_lost(work, store, fake_sfox, tag)
+    check_minted_once(work, fake_sfox, tag)
+    check_workers(workers)
+
+
 def check_workers(workers) -> None:
     for worker in workers:
         assert worker.proc is not None and worker.proc.poll() is None, worker.log()
@@ -74,29 +80,17 @@ def test_nothing_is_lost_through_two_failovers_and_a_master_kill(
     topology, drill, fake_sfox, tmp_path
 ):
     """SENTINEL FAILOVER twice, then SIGKILL of the master, mid-run: all ends, once each."""
-    caller, store, workers = drill
-    work = start_the_work(caller, tmp_path, "sfail")
+    work = start_the_work(drill[0], tmp_path, "sfail")
     for _ in range(2):
         time.sleep(1.0)
         started = time.monotonic()
         topology.failover()
         print(f"failover took {time.monotonic() - started:.1f} s")
-    started = time.monotonic()
-    topology.kill_master()
-    print(f"kill and recovery took {time.monotonic() - started:.1f} s")
-    check_nothing_lost(work, store, fake_sfox, "sfail")
-    check_minted_once(work, fake_sfox, "sfail")
-    check_workers(workers)
+    kill_and_check(topology, drill, fake_sfox, work, "sfail")
 
 
 def test_nothing_is_lost_when_the_master_is_killed_mid_mint(topology, drill, fake_sfox, tmp_path):
     """SIGKILL of the master one second in, no failover asked: all ends, once each."""
-    caller, store, workers = drill
-    work = start_the_work(caller, tmp_path, "skill")
+    work = start_the_work(drill[0], tmp_path, "skill")
     time.sleep(1.0)
-    started = time.monotonic()
-    topology.kill_master()
-    print(f"kill and recovery took {time.monotonic() - started:.1f} s")
-    check_nothing_lost(work, store, fake_sfox, "skill")
-    check_minted_once(work, fake_sfox, "skill")
-    check_workers(workers)
+    kill_and_check(topology, drill, fake_sfox, work, "skill")
